@@ -1,0 +1,113 @@
+"""Model configuration: plain, frozen data."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+# The default engagement vocabulary, in model output order.
+DEFAULT_ACTIONS: tuple[str, ...] = (
+    "favorite",
+    "reply",
+    "repost",
+    "quote",
+    "share",
+    "follow_author",
+    "click",
+    "profile_click",
+    "video_view",
+    "photo_expand",
+    "dwell",
+    "not_interested",
+    "block_author",
+    "mute_author",
+    "report",
+)
+
+CandidatePositions = Literal["shared", "sequential"]
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and options shared by the ranker and the retrieval model.
+
+    The defaults are a small model that trains on a CPU in minutes.
+    """
+
+    # Transformer.
+    emb_size: int = 64
+    key_size: int = 16
+    num_q_heads: int = 4
+    num_kv_heads: int = 2
+    num_layers: int = 2
+    widening_factor: float = 2.0
+    attn_output_multiplier: float = 0.25
+    # Engagement actions, in output order.
+    actions: tuple[str, ...] = DEFAULT_ACTIONS
+    # Hash embeddings: rows per table (row 0 is padding) and hashes per ID.
+    user_vocab_rows: int = 4096
+    post_vocab_rows: int = 16384
+    author_vocab_rows: int = 4096
+    num_user_hashes: int = 2
+    num_post_hashes: int = 2
+    num_author_hashes: int = 2
+    product_surface_vocab_size: int = 16
+    # Sequence shapes the data pipeline produces ([user, S history, C candidates]).
+    history_len: int = 32
+    num_candidates: int = 8
+    # "shared": every candidate takes rotary position 1+S, so a score does not depend on
+    # the slot. "sequential": candidate j takes 1+S+j, as the original did.
+    candidate_positions: CandidatePositions = "shared"
+    # Compute dtype; parameters stay float32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Retrieval softmax temperature, and whether it is learned.
+    retrieval_temperature: float = 0.05
+    learn_temperature: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "actions", tuple(self.actions))
+        problems = []
+        if self.candidate_positions not in ("shared", "sequential"):
+            problems.append(
+                f"candidate_positions={self.candidate_positions!r}: expected 'shared' or 'sequential'"
+            )
+        if self.dtype not in _DTYPES:
+            problems.append(f"dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+        if self.num_q_heads % self.num_kv_heads:
+            problems.append(
+                f"num_q_heads={self.num_q_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.key_size % 2:
+            problems.append(f"key_size={self.key_size} must be even for rotary embeddings")
+        if not self.actions:
+            problems.append("actions is empty")
+        if len(set(self.actions)) != len(self.actions):
+            problems.append(f"actions has duplicates: {self.actions}")
+        for name in ("user_vocab_rows", "post_vocab_rows", "author_vocab_rows"):
+            if getattr(self, name) < 2:
+                problems.append(f"{name}={getattr(self, name)}: need at least 2 (row 0 is padding)")
+        for name in ("num_user_hashes", "num_post_hashes", "num_author_hashes", "emb_size",
+                     "num_layers", "product_surface_vocab_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.retrieval_temperature <= 0:
+            problems.append(f"retrieval_temperature={self.retrieval_temperature} must be positive")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.actions)
+
+    @property
+    def ffn_size(self) -> int:
+        """The original's FFN width: int(widening * D) * 2 // 3, rounded up to a multiple of 8."""
+        size = int(self.widening_factor * self.emb_size) * 2 // 3
+        return size + (8 - size) % 8
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]

@@ -1,0 +1,93 @@
+"""The Phoenix ranker: a transformer over [user, history, candidates] with isolated candidates."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phoenix_flax.config import ModelConfig
+from phoenix_flax.embeddings import (
+    Batch,
+    Embeddings,
+    HashEmbeddings,
+    UserHistoryBlocks,
+    flatten_hashes,
+    is_valid,
+)
+from phoenix_flax.layers import RMSNorm, Transformer, dense_init, param
+
+
+def ranker_attention_mask(prefix_valid: jax.Array, candidate_valid: jax.Array) -> jax.Array:
+    """[B, P] and [B, C] validity -> [B, T, T] bool mask (True = may attend), T = P + C.
+
+    Prefix positions (user and history) attend causally; each candidate attends to the whole
+    prefix and to itself only ("candidate isolation"); padded keys are never attended.
+    """
+    p, c = prefix_valid.shape[1], candidate_valid.shape[1]
+    idx = jnp.arange(p + c)
+    causal = idx[:, None] >= idx[None, :]
+    both_candidates = (idx[:, None] >= p) & (idx[None, :] >= p)
+    structure = causal & ~(both_candidates & (idx[:, None] != idx[None, :]))  # [T, T]
+    key_valid = jnp.concatenate([prefix_valid, candidate_valid], axis=1)  # [B, T]
+    return structure[None] & key_valid[:, None, :]
+
+
+def sequence_positions(prefix_len: int, num_candidates: int, candidate_positions: str) -> jax.Array:
+    """Rotary positions [T]: the prefix takes 0..P-1; candidates P..P+C-1 ("sequential") or all P ("shared")."""
+    prefix = jnp.arange(prefix_len)
+    if candidate_positions == "sequential":
+        candidates = prefix_len + jnp.arange(num_candidates)
+    else:
+        candidates = jnp.full((num_candidates,), prefix_len)
+    return jnp.concatenate([prefix, candidates])
+
+
+class PhoenixRanker(nnx.Module):
+    """Predicts one logit per engagement action for every candidate: `[B, C, A]`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, embeddings: HashEmbeddings | None = None):
+        d = cfg.emb_size
+        candidate_in = (cfg.num_post_hashes + cfg.num_author_hashes + 1) * d
+        self.candidate_positions = cfg.candidate_positions
+        self.dtype = cfg.compute_dtype
+        self.embeddings = embeddings if embeddings is not None else HashEmbeddings(cfg, rngs=rngs)
+        self.blocks = UserHistoryBlocks(cfg, rngs=rngs)
+        self.candidate_proj = param(rngs, dense_init, (candidate_in, d), ("proj_in", "embed"))
+        self.transformer = Transformer(cfg, rngs=rngs)
+        self.final_norm = RMSNorm(d, rngs=rngs)
+        self.unembed = param(rngs, dense_init, (d, cfg.num_actions), ("embed", "actions"))
+
+    def __call__(self, batch: Batch) -> jax.Array:
+        """Hashes in, logits `[B, C, A]` (float32) out."""
+        return self.logits_from_embeddings(batch, self.embeddings(batch))
+
+    def candidate_block(self, batch: Batch, emb: Embeddings) -> jax.Array:
+        """[post, author, surface emb] @ candidate_proj -> [B, C, D]."""
+        x = jnp.concatenate(
+            [
+                flatten_hashes(emb["candidate_post_embeddings"].astype(self.dtype)),
+                flatten_hashes(emb["candidate_author_embeddings"].astype(self.dtype)),
+                self.blocks.surface(batch["candidate_product_surface"]),
+            ],
+            axis=-1,
+        )
+        return x @ self.candidate_proj[...].astype(self.dtype)
+
+    def logits_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
+        """Already looked-up embeddings in (as the original took them), logits `[B, C, A]` out."""
+        user = self.blocks.user(emb)  # [B, 1, D]
+        history = self.blocks.history(batch, emb)  # [B, S, D]
+        candidates = self.candidate_block(batch, emb)  # [B, C, D]
+        prefix_len = 1 + history.shape[1]
+        num_candidates = candidates.shape[1]
+
+        prefix_valid = jnp.concatenate(
+            [is_valid(batch["user_hashes"])[:, None], is_valid(batch["history_post_hashes"])], axis=1
+        )
+        mask = ranker_attention_mask(prefix_valid, is_valid(batch["candidate_post_hashes"]))
+        positions = sequence_positions(prefix_len, num_candidates, self.candidate_positions)
+
+        h = self.transformer(jnp.concatenate([user, history, candidates], axis=1), positions, mask)
+        h = self.final_norm(h[:, prefix_len:])  # [B, C, D]
+        return (h @ self.unembed[...].astype(h.dtype)).astype(jnp.float32)

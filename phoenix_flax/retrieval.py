@@ -1,0 +1,151 @@
+"""Two-tower retrieval: a transformer user tower, an MLP candidate tower, chunked top-K."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phoenix_flax.config import ModelConfig
+from phoenix_flax.embeddings import (
+    Batch,
+    Embeddings,
+    HashEmbeddings,
+    UserHistoryBlocks,
+    flatten_hashes,
+    is_valid,
+)
+from phoenix_flax.layers import Transformer, dense_init, param
+
+L2_EPS = 1e-12
+# Bounds of a learned temperature, so the logits' scale cannot run away.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1.0
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / sqrt(max(sum(x^2), 1e-12)) over the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), L2_EPS))
+
+
+class CandidateTower(nnx.Module):
+    """`l2norm(silu(flatten([post, author]) @ proj_1) @ proj_2)`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d = cfg.emb_size
+        self.dtype = cfg.compute_dtype
+        tower_in = (cfg.num_post_hashes + cfg.num_author_hashes) * d
+        self.proj_1 = param(rngs, dense_init, (tower_in, 2 * d), ("proj_in", "mlp"))
+        self.proj_2 = param(rngs, dense_init, (2 * d, d), ("mlp", "embed"))
+
+    def __call__(self, post_emb: jax.Array, author_emb: jax.Array) -> jax.Array:
+        """[..., Hp, D] and [..., Ha, D] -> [..., D] unit vectors (float32)."""
+        x = jnp.concatenate(
+            [flatten_hashes(post_emb.astype(self.dtype)), flatten_hashes(author_emb.astype(self.dtype))],
+            axis=-1,
+        )
+        x = jax.nn.silu(x @ self.proj_1[...].astype(self.dtype))
+        return l2_normalize(x @ self.proj_2[...].astype(self.dtype))
+
+
+class PhoenixRetrieval(nnx.Module):
+    """User tower and candidate tower; both return L2-normalised `[..., D]` float32 vectors."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, embeddings: HashEmbeddings | None = None):
+        self.dtype = cfg.compute_dtype
+        self.embeddings = embeddings if embeddings is not None else HashEmbeddings(cfg, rngs=rngs)
+        self.blocks = UserHistoryBlocks(cfg, rngs=rngs)
+        self.transformer = Transformer(cfg, rngs=rngs)
+        self.candidate_tower = CandidateTower(cfg, rngs=rngs)
+        self.log_temperature = (
+            param(rngs, nnx.initializers.constant(jnp.log(cfg.retrieval_temperature)), (), ())
+            if cfg.learn_temperature
+            else None
+        )
+        self.fixed_temperature = cfg.retrieval_temperature
+
+    def temperature(self) -> jax.Array:
+        """The softmax temperature: a scalar, learned (within bounds) when the config says so."""
+        if self.log_temperature is None:
+            return jnp.float32(self.fixed_temperature)
+        log_t = jnp.clip(self.log_temperature[...], jnp.log(MIN_TEMPERATURE), jnp.log(MAX_TEMPERATURE))
+        return jnp.exp(log_t)
+
+    def user(self, batch: Batch) -> jax.Array:
+        """Hashes in, user vectors `[B, D]` out."""
+        return self.user_from_embeddings(batch, self.embeddings(batch))
+
+    def candidates(self, post_hashes: jax.Array, author_hashes: jax.Array) -> jax.Array:
+        """`[..., Hp]` and `[..., Ha]` hashes -> candidate vectors `[..., D]`."""
+        return self.candidate_tower(self.embeddings.post(post_hashes), self.embeddings.author(author_hashes))
+
+    def user_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
+        """Mean of the transformer's outputs over valid [user, history] positions, L2-normalised."""
+        x = jnp.concatenate([self.blocks.user(emb), self.blocks.history(batch, emb)], axis=1)  # [B, P, D]
+        valid = jnp.concatenate(
+            [is_valid(batch["user_hashes"])[:, None], is_valid(batch["history_post_hashes"])], axis=1
+        )  # [B, P]
+        p = x.shape[1]
+        causal = jnp.tril(jnp.ones((p, p), dtype=bool))
+        h = self.transformer(x, jnp.arange(p), causal[None] & valid[:, None, :]).astype(jnp.float32)
+        w = valid.astype(jnp.float32)[..., None]
+        mean = jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+        return l2_normalize(mean)
+
+    def candidates_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
+        """The batch's candidates as vectors `[B, C, D]`."""
+        del batch  # the candidate tower needs only the embeddings
+        return self.candidate_tower(emb["candidate_post_embeddings"], emb["candidate_author_embeddings"])
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
+def top_k(
+    users: jax.Array,
+    corpus: jax.Array,
+    k: int,
+    corpus_valid: jax.Array | None = None,
+    chunk_size: int = 65536,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact top-K of `users [B, D] @ corpus [N, D].T`, a chunk of the corpus at a time.
+
+    Memory is O(B * (chunk_size + k)) beside the corpus itself, whatever N is.
+
+    Args:
+      users: [B, D] query vectors.
+      corpus: [N, D] candidate vectors.
+      k: results per user, at most N.
+      corpus_valid: optional [N] bool; invalid items are never returned.
+      chunk_size: corpus rows scored at once.
+
+    Returns:
+      scores [B, k] (descending) and indices [B, k] into the corpus. Where fewer than k valid
+      items exist, the remaining slots have score -inf and index -1.
+    """
+    n = corpus.shape[0]
+    if not 0 < k <= n:
+        raise ValueError(f"k={k} must be in [1, corpus size {n}]")
+    chunk = min(chunk_size, n)
+    num_chunks = -(-n // chunk)
+    if corpus_valid is None:
+        corpus_valid = jnp.ones((n,), dtype=bool)
+    users = users.astype(jnp.float32)
+
+    def step(carry, i):
+        best_scores, best_idx = carry
+        # The last chunk is shifted back to stay in bounds; rows already seen are masked.
+        start = jnp.minimum(i * chunk, n - chunk)
+        rows = jax.lax.dynamic_slice_in_dim(corpus, start, chunk).astype(jnp.float32)
+        idx = start + jnp.arange(chunk)
+        keep = (idx >= i * chunk) & jax.lax.dynamic_slice_in_dim(corpus_valid, start, chunk)
+        scores = jnp.where(keep[None], users @ rows.T, -jnp.inf)  # [B, chunk]
+        all_scores = jnp.concatenate([best_scores, scores], axis=1)
+        all_idx = jnp.concatenate([best_idx, jnp.broadcast_to(idx, scores.shape)], axis=1)
+        best_scores, pos = jax.lax.top_k(all_scores, k)
+        return (best_scores, jnp.take_along_axis(all_idx, pos, axis=1)), None
+
+    b = users.shape[0]
+    init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
+    (scores, indices), _ = jax.lax.scan(step, init, jnp.arange(num_chunks))
+    return scores, jnp.where(jnp.isneginf(scores), -1, indices)

@@ -1,0 +1,46 @@
+"""The final score: a weighted sum of action probabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Positive actions count fully, passive ones a little, negative ones against.
+DEFAULT_ACTION_WEIGHTS: dict[str, float] = {
+    "favorite": 1.0,
+    "reply": 2.0,
+    "repost": 1.0,
+    "quote": 1.5,
+    "share": 1.0,
+    "follow_author": 2.0,
+    "click": 0.1,
+    "profile_click": 0.1,
+    "video_view": 0.1,
+    "photo_expand": 0.1,
+    "dwell": 0.2,
+    "not_interested": -2.0,
+    "block_author": -10.0,
+    "mute_author": -5.0,
+    "report": -20.0,
+}
+
+
+def action_weights(actions: Sequence[str], overrides: Mapping[str, float] | None = None) -> np.ndarray:
+    """Weights `[A]` in the order of `actions`: the defaults, replaced by `overrides`."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(actions))
+    if unknown:
+        raise ValueError(f"weights given for actions not in the vocabulary: {unknown}; vocabulary: {list(actions)}")
+    weights = {**DEFAULT_ACTION_WEIGHTS, **overrides}
+    missing = [a for a in actions if a not in weights]
+    if missing:
+        raise ValueError(f"no default weight for actions {missing}: give one for each")
+    return np.array([weights[a] for a in actions], dtype=np.float32)
+
+
+def weighted_score(probs: jax.Array, weights: jax.Array) -> jax.Array:
+    """`[..., A]` probabilities and `[A]` weights -> `[...]` scores."""
+    return jnp.einsum("...a,a->...", probs.astype(jnp.float32), jnp.asarray(weights, jnp.float32))

@@ -1,0 +1,153 @@
+"""Ranker properties: candidate isolation, slot independence with shared positions, padding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from phoenix_flax.batch import random_batch
+from phoenix_flax.config import ModelConfig
+from phoenix_flax.embeddings import BATCH_SHAPES
+from phoenix_flax.ranker import PhoenixRanker, ranker_attention_mask
+
+TOL = dict(atol=1e-5, rtol=0)
+SMALL = ModelConfig(
+    emb_size=32, key_size=8, num_q_heads=4, num_kv_heads=2, num_layers=2, actions=("a", "b", "c", "d", "e"),
+    user_vocab_rows=64, post_vocab_rows=256, author_vocab_rows=64, history_len=6, num_candidates=5,
+)  # fmt: skip
+CANDIDATE_FIELDS = ("candidate_post_hashes", "candidate_author_hashes", "candidate_product_surface")
+
+
+@pytest.fixture(scope="module", params=["shared", "sequential"])
+def ranker(request):
+    model = PhoenixRanker(dataclasses.replace(SMALL, candidate_positions=request.param), rngs=nnx.Rngs(0))
+    forward = nnx.jit(lambda m, batch: m(batch))
+    return request.param, lambda batch: np.asarray(forward(model, {k: batch[k] for k in BATCH_SHAPES}))
+
+
+def full_batch(seed, b=3, c=5):
+    """No padded candidates, so that any candidate may be picked as the one under test."""
+    batch = random_batch(SMALL, b, np.random.default_rng(seed), num_candidates=c)
+    fresh = random_batch(SMALL, b, np.random.default_rng(seed + 100), num_candidates=c)
+    for k in CANDIDATE_FIELDS:
+        batch[k] = fresh[k]
+    batch["candidate_post_hashes"][..., 0] = np.maximum(batch["candidate_post_hashes"][..., 0], 1)
+    return batch
+
+
+def with_candidates(batch, index):
+    """The batch with its candidates replaced by `batch[..., index]` along the candidate axis."""
+    out = dict(batch)
+    for k in CANDIDATE_FIELDS:
+        out[k] = np.take(batch[k], index, axis=1)
+    return out
+
+
+def test_mask_isolates_candidates():
+    prefix_valid = jnp.array([[True, True, False]])
+    mask = np.asarray(ranker_attention_mask(prefix_valid, jnp.array([[True, True]])))[0]
+    expected = np.array(
+        [  # keys: user, h0, h1 (padding), c0, c1
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 1, 0],
+            [1, 1, 0, 0, 1],
+        ],
+        dtype=bool,
+    )
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_other_candidates_do_not_matter(ranker):
+    """Changing, adding, removing or padding the other candidates leaves candidate 2's logits.
+
+    Candidate 2 has candidates on both sides, so a causal or a full mask would both fail here.
+    """
+    _, forward = ranker
+    batch = full_batch(1)
+    base = forward(batch)[:, 2]
+    other = full_batch(2)
+
+    changed = dict(batch)
+    for k in CANDIDATE_FIELDS:
+        changed[k] = other[k].copy()
+        changed[k][:, 2] = batch[k][:, 2]
+    np.testing.assert_allclose(forward(changed)[:, 2], base, **TOL)
+
+    added = dict(batch)
+    for k in CANDIDATE_FIELDS:
+        added[k] = np.concatenate([batch[k], other[k][:, :3]], axis=1)
+    np.testing.assert_allclose(forward(added)[:, 2], base, **TOL)
+
+    np.testing.assert_allclose(forward(with_candidates(batch, [0, 1, 2]))[:, 2], base, **TOL)
+
+    padded = dict(batch)
+    padded["candidate_post_hashes"] = batch["candidate_post_hashes"].copy()
+    padded["candidate_post_hashes"][:, [0, 1, 3, 4], 0] = 0
+    np.testing.assert_allclose(forward(padded)[:, 2], base, **TOL)
+
+
+def test_shared_positions_make_scores_slot_independent(ranker):
+    setting, forward = ranker
+    batch = full_batch(3)
+    base = forward(batch)
+    perm = np.array([3, 0, 4, 1, 2])
+    permuted = forward(with_candidates(batch, perm))
+    alone = np.stack([forward(with_candidates(batch, [j]))[:, 0] for j in range(5)], axis=1)
+    if setting == "shared":
+        np.testing.assert_allclose(permuted, base[:, perm], **TOL)
+        np.testing.assert_allclose(alone, base, **TOL)
+    else:  # the original's positions: the slot changes the score, so the check above is real
+        assert not np.allclose(permuted, base[:, perm], atol=1e-3)
+        np.testing.assert_allclose(alone[:, 0], base[:, 0], **TOL)
+
+
+def test_padded_history_and_candidates_have_no_effect(ranker):
+    """What padded slots hold (beyond the zero first hash) does not change valid outputs."""
+    _, forward = ranker
+    batch = full_batch(4)
+    batch["history_post_hashes"][:, 3:, 0] = 0
+    batch["candidate_post_hashes"][:, 3:, 0] = 0
+    base = forward(batch)
+
+    junk = dict(batch)
+    rng = np.random.default_rng(5)
+    for k in ("history_post_hashes", "history_author_hashes", "history_actions", "history_product_surface"):
+        junk[k] = batch[k].copy()
+        junk[k][:, 3:] = rng.integers(0, 4, size=junk[k][:, 3:].shape)
+    for k in CANDIDATE_FIELDS:
+        junk[k] = batch[k].copy()
+        junk[k][:, 3:] = rng.integers(0, 4, size=junk[k][:, 3:].shape)
+    junk["history_post_hashes"][:, 3:, 0] = 0
+    junk["candidate_post_hashes"][:, 3:, 0] = 0
+    np.testing.assert_allclose(forward(junk)[:, :3], base[:, :3], **TOL)
+
+    # The same content in a valid slot does change the outputs: the check above can fail.
+    unpadded = dict(junk)
+    unpadded["history_post_hashes"] = junk["history_post_hashes"].copy()
+    unpadded["history_post_hashes"][:, 3:, 0] = 1
+    assert not np.allclose(forward(unpadded)[:, :3], base[:, :3], atol=1e-3)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    batch = {k: v for k, v in full_batch(6).items() if k in BATCH_SHAPES}
+    f32 = PhoenixRanker(SMALL, rngs=nnx.Rngs(0))
+    bf16 = PhoenixRanker(dataclasses.replace(SMALL, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    params = nnx.state(bf16, nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    out32, out16 = np.asarray(f32(batch)), np.asarray(bf16(batch))
+    assert out16.dtype == np.float32
+    assert np.abs(out16 - out32).max() < 0.1 * max(1.0, np.abs(out32).max())
+    assert not np.array_equal(out16, out32)  # bfloat16 really was used
+
+
+def test_every_parameter_has_logical_axis_names():
+    model = PhoenixRanker(SMALL, rngs=nnx.Rngs(0))
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            names = var.get_metadata()["out_sharding"]
+            assert len(names) == var[...].ndim, (path, names)
