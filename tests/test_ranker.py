@@ -12,6 +12,8 @@ from phoenix_flax.batch import random_batch
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.embeddings import BATCH_SHAPES
 from phoenix_flax.ranker import PhoenixRanker, ranker_attention_mask
+from phoenix_flax.retrieval import PhoenixRetrieval
+from phoenix_flax.sharding import DEFAULT_RULES
 
 TOL = dict(atol=1e-5, rtol=0)
 SMALL = ModelConfig(
@@ -145,9 +147,24 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert not np.array_equal(out16, out32)  # bfloat16 really was used
 
 
-def test_every_parameter_has_logical_axis_names():
-    model = PhoenixRanker(SMALL, rngs=nnx.Rngs(0))
+def test_every_parameter_has_logical_axis_names_with_rules():
+    ruled = {name for name, _ in DEFAULT_RULES}
+    model = nnx.List([PhoenixRanker(SMALL, rngs=nnx.Rngs(0)), PhoenixRetrieval(SMALL, rngs=nnx.Rngs(0))])
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
             names = var.get_metadata()["out_sharding"]
             assert len(names) == var[...].ndim, (path, names)
+            assert set(names) <= ruled, (path, names)
+
+
+def test_parameters_are_created_sharded_under_a_mesh():
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        model = PhoenixRanker(SMALL, rngs=nnx.Rngs(0))
+    table = model.embeddings.post.table[...]
+    assert table.sharding.spec == P(("model", "fsdp"), None)
+    assert len(table.addressable_shards) == 8 and table.addressable_shards[0].data.shape == (256 // 4, 32)
+    assert model.transformer.layers[0].ffn.gate[...].sharding.spec == P("fsdp", "model")
