@@ -1,0 +1,54 @@
+"""Input pipeline throughput: sessions per second with 0, 1 and 2 worker processes.
+
+Synthesizes and prepares a world (or reuses --data-dir), then times the grain pipeline at the
+default model shapes. Measured side by side in one run.
+    python bench/pipeline.py [--sessions 20000] [--batch 256] [--batches 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+from phoenix_flax.config import ModelConfig
+from phoenix_flax.data import prepare, synth
+from phoenix_flax.data.pipeline import PipelineConfig, make_dataset
+
+
+def sessions_per_second(cfg: ModelConfig, pipeline: PipelineConfig, batches: int) -> float:
+    it = iter(make_dataset(cfg, pipeline))
+    for _ in range(5):  # warm-up: worker start-up and first reads
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * pipeline.batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", help="a prepared dataset to reuse")
+    parser.add_argument("--sessions", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=60)
+    args = parser.parse_args()
+    cfg = ModelConfig()
+    data_dir = args.data_dir
+    if data_dir is None:
+        tmp = tempfile.mkdtemp(prefix="phoenix-bench-")
+        world = synth.World(synth.WorldConfig(sessions=args.sessions))
+        files = synth.write_world(world, synth.simulate(world, progress=False), os.path.join(tmp, "raw"))
+        data_dir = os.path.join(tmp, "prepared")
+        prepare.prepare(data_dir, {"train": prepare.SplitSource((files["train"],))})
+    print(f"batch {args.batch}, S={cfg.history_len}, C={cfg.num_candidates}, {os.cpu_count()} CPUs")
+    rates = {}
+    for workers in (0, 1, 2):
+        pipeline = PipelineConfig(data_dir, batch_size=args.batch, worker_count=workers)
+        rates[workers] = sessions_per_second(cfg, pipeline, args.batches)
+        print(f"workers={workers}: {rates[workers]:10,.0f} sessions/s ({rates[workers] / rates[0]:.2f}x of 0 workers)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Session data: raw format, preparation into TFDS ArrayRecord, synthetic world, grain pipeline."""

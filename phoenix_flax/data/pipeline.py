@@ -1,0 +1,198 @@
+"""The grain pipeline: prepared sessions -> hashed, fixed-shape, per-process numpy batches.
+
+    source (tfds.data_source) -> global shuffle per epoch -> repeat -> this process's 1/P
+    -> session to examples of C candidates -> batch -> hash IDs -> [worker processes]
+
+A session with more than C candidates becomes several examples (candidates never attend to
+each other, so splitting them changes no score); none is dropped. `global_batch` turns a
+process's batch into a sharded global `jax.Array` batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import grain
+from absl import flags
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from jax.sharding import NamedSharding, PartitionSpec
+
+from phoenix_flax.config import ModelConfig
+from phoenix_flax.data.prepare import DATASET_NAME, PhoenixSessions  # noqa: F401  (registers the builder)
+from phoenix_flax.embeddings import BATCH_SHAPES
+from phoenix_flax.hashing import hash_ids
+
+# Fields a training or evaluation step reads, besides the model inputs (BATCH_SHAPES).
+TARGET_FIELDS = {
+    "candidate_actions": "[B, C, A] labels",
+    "labeled": "[B] the session's candidates carry labels",
+    "positive_post_hashes": "[B, Hp] the retrieval positive",
+    "positive_author_hashes": "[B, Ha]",
+    "positive_id": "[B] int32 fingerprint of its post ID (accidental hits)",
+    "positive_valid": "[B] the example has a retrieval positive",
+}
+DEVICE_FIELDS = (*BATCH_SHAPES, *TARGET_FIELDS)
+FINGERPRINT_ROWS = 2**31 - 1  # fingerprints in [1, 2^31 - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    data_dir: str
+    split: str = "train"
+    batch_size: int = 64  # per process
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    worker_count: int = 0  # 0: map in the main process
+    positive_actions: tuple[str, ...] = ("favorite",)  # the retrieval positive: first candidate with one
+    drop_remainder: bool = True  # False: the last partial batch is padded with empty rows
+
+
+def dataset_actions(data_dir: str) -> tuple[str, ...]:
+    """The action vocabulary the dataset's bitmasks refer to."""
+    return tuple(tfds.builder(DATASET_NAME, data_dir=data_dir).info.metadata["actions"])
+
+
+def open_source(data_dir: str, split: str):
+    return tfds.data_source(DATASET_NAME, data_dir=data_dir, split=split)
+
+
+def _bit_positions(model_actions: Sequence[str], data_actions: Sequence[str], what: str) -> np.ndarray:
+    missing = [a for a in model_actions if a not in data_actions]
+    if missing:
+        raise ValueError(f"{what} {missing} are not in the dataset's vocabulary {list(data_actions)}")
+    return np.array([data_actions.index(a) for a in model_actions], np.int64)
+
+
+def _multi_hot(masks: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """[...] int64 bitmasks -> [..., A] int32 over the actions at `bits`."""
+    return ((masks[..., None] >> bits) & 1).astype(np.int32)
+
+
+class SessionToExamples(grain.experimental.FlatMapTransform):
+    """One session -> ceil(#candidates / C) examples of raw IDs with fixed shapes."""
+
+    max_fan_out = 1024
+
+    def __init__(self, cfg: ModelConfig, data_actions: Sequence[str], positive_actions: Sequence[str]):
+        self.s, self.c = cfg.history_len, cfg.num_candidates
+        self.bits = _bit_positions(cfg.actions, data_actions, "the model's actions")
+        positive_bits = _bit_positions(positive_actions, data_actions, "positive_actions")
+        self.positive_mask = np.int64(np.bitwise_or.reduce(np.int64(1) << positive_bits))
+
+    def flat_map(self, session: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        s, c = self.s, self.c
+        n = min(len(session["history_post_id"]), s)  # the most recent S items, oldest first
+        history = {}
+        for key in ("history_post_id", "history_author_id", "history_product_surface"):
+            x = np.zeros(s, session[key].dtype)
+            x[:n] = session[key][len(session[key]) - n :]
+            history[key] = x
+        history_masks = np.zeros(s, np.int64)
+        history_masks[:n] = session["history_actions"][len(session["history_actions"]) - n :]
+        history["history_actions"] = _multi_hot(history_masks, self.bits)
+        history["history_valid"] = np.arange(s) < n
+
+        labeled = bool(session["labeled"])
+        cand_masks = session["candidate_actions"]
+        hits = np.nonzero((cand_masks & self.positive_mask) != 0)[0] if labeled else []
+        m = len(session["candidate_post_id"])
+        examples = []
+        for start in range(0, m, c):
+            k = min(c, m - start)
+            ex = {"session_id": np.int64(session["session_id"]), "candidate_offset": np.int32(start)}
+            ex["user_id"] = np.int64(session["user_id"])
+            ex.update(history)
+            for key in ("candidate_post_id", "candidate_author_id", "candidate_product_surface"):
+                x = np.zeros(c, session[key].dtype)
+                x[:k] = session[key][start : start + k]
+                ex[key] = x
+            masks = np.zeros(c, np.int64)
+            masks[:k] = cand_masks[start : start + k]
+            ex["candidate_actions"] = _multi_hot(masks, self.bits)
+            ex["candidate_valid"] = np.arange(c) < k
+            ex["labeled"] = np.bool_(labeled)
+            first = start == 0 and len(hits) > 0  # the session's positive, in its first example
+            j = hits[0] if first else 0
+            ex["positive_post_id"] = np.int64(session["candidate_post_id"][j] if first else 0)
+            ex["positive_author_id"] = np.int64(session["candidate_author_id"][j] if first else 0)
+            ex["positive_valid"] = np.bool_(first)
+            examples.append(ex)
+        return examples
+
+
+class HashBatch(grain.transforms.Map):
+    """A batch of raw-ID examples -> model inputs and targets; short batches padded to full size."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int):
+        self.cfg, self.batch_size = cfg, batch_size
+
+    def map(self, ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+
+        def hashed(ids, valid, num_hashes, rows):
+            return hash_ids(ids, num_hashes, rows) * valid[..., None].astype(np.int32)
+
+        hv, cv, pv = ex["history_valid"], ex["candidate_valid"], ex["positive_valid"]
+        out = {
+            "user_hashes": hash_ids(ex["user_id"], cfg.num_user_hashes, cfg.user_vocab_rows),
+            "history_post_hashes": hashed(ex["history_post_id"], hv, cfg.num_post_hashes, cfg.post_vocab_rows),
+            "history_author_hashes": hashed(ex["history_author_id"], hv, cfg.num_author_hashes, cfg.author_vocab_rows),
+            "history_actions": ex["history_actions"] * hv[..., None],
+            "history_product_surface": (ex["history_product_surface"] * hv).astype(np.int32),
+            "candidate_post_hashes": hashed(ex["candidate_post_id"], cv, cfg.num_post_hashes, cfg.post_vocab_rows),
+            "candidate_author_hashes": hashed(ex["candidate_author_id"], cv, cfg.num_author_hashes, cfg.author_vocab_rows),
+            "candidate_product_surface": (ex["candidate_product_surface"] * cv).astype(np.int32),
+            "candidate_actions": ex["candidate_actions"],
+            "labeled": ex["labeled"],
+            "positive_post_hashes": hashed(ex["positive_post_id"], pv, cfg.num_post_hashes, cfg.post_vocab_rows),
+            "positive_author_hashes": hashed(ex["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows),
+            "positive_id": hash_ids(ex["positive_post_id"], 1, FINGERPRINT_ROWS)[..., 0] * pv,
+            "positive_valid": pv,
+            "session_id": ex["session_id"],
+            "candidate_offset": ex["candidate_offset"],
+            "candidate_post_id": ex["candidate_post_id"],
+        }  # fmt: skip
+        rows = len(ex["user_id"])
+        if rows < self.batch_size:  # padding rows: no user, history, candidates or positive
+            out = {k: np.concatenate([v, np.zeros((self.batch_size - rows, *v.shape[1:]), v.dtype)]) for k, v in out.items()}
+        return out
+
+
+def make_dataset(
+    cfg: ModelConfig,
+    pipeline: PipelineConfig,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """This process's stream of batches. Iterate it; `iter(...)` state is checkpointable."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    source = open_source(pipeline.data_dir, pipeline.split)
+    ds = grain.MapDataset.source(source)
+    if pipeline.shuffle:
+        ds = ds.shuffle(seed=pipeline.seed)  # a new global order each epoch
+    ds = ds.repeat(pipeline.num_epochs)
+    ds = ds[process_index::process_count]  # disjoint, and together complete, each epoch
+    to_examples = SessionToExamples(cfg, dataset_actions(pipeline.data_dir), pipeline.positive_actions)
+    # A short read-ahead: grain's default (16 threads, 500 records) costs more in bookkeeping and
+    # GIL contention than local ArrayRecord reads take (bench/pipeline.py).
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
+    it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(read), to_examples)
+    it = it.batch(pipeline.batch_size, drop_remainder=pipeline.drop_remainder)
+    it = it.map(HashBatch(cfg, pipeline.batch_size))
+    if pipeline.worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; ours are not an absl app
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=pipeline.worker_count))
+    return it
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, batch_axes=("data", "fsdp")) -> dict:
+    """This process's batch -> global `jax.Array`s sharded over `batch_axes` (device fields only)."""
+    sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+    return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in DEVICE_FIELDS if k in local}

@@ -1,0 +1,255 @@
+"""`phoenix-prepare`: raw session files -> a TFDS dataset in ArrayRecord format.
+
+The dataset keeps raw int64 IDs and variable lengths; actions are int64 bitmasks over the
+vocabulary saved in the dataset's metadata. Generation streams the inputs, and TFDS's writer
+spills its shuffle buffer to disk, so memory stays bounded for inputs larger than RAM. The
+same inputs give the same dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from phoenix_flax.config import DEFAULT_ACTIONS
+from phoenix_flax.data.raw import Session, SessionFormatError, SkipReport, expand_paths, read_sessions
+
+DATASET_NAME = "phoenix_sessions"
+STATISTICS_FILE = "statistics.json"
+
+
+def _sequence(dtype) -> tfds.features.Tensor:
+    return tfds.features.Tensor(shape=(None,), dtype=dtype)
+
+
+FEATURES = {
+    "session_id": np.int64,
+    "user_id": np.int64,
+    "history_post_id": _sequence(np.int64),
+    "history_author_id": _sequence(np.int64),
+    "history_product_surface": _sequence(np.int32),
+    "history_actions": _sequence(np.int64),
+    "candidate_post_id": _sequence(np.int64),
+    "candidate_author_id": _sequence(np.int64),
+    "candidate_product_surface": _sequence(np.int32),
+    "candidate_actions": _sequence(np.int64),
+    "labeled": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSource:
+    """Where a split's sessions come from: files, and optionally a hashed fraction of them."""
+
+    paths: tuple[str, ...]
+    lo: float = 0.0  # keep sessions whose hash falls in [lo, hi)
+    hi: float = 1.0
+    seed: int = 0
+
+    def keeps(self, key: str) -> bool:
+        if (self.lo, self.hi) == (0.0, 1.0):
+            return True
+        u = zlib.crc32(f"{self.seed}:{key}".encode()) / 2**32
+        return self.lo <= u < self.hi
+
+
+class SplitStatistics:
+    """Sessions, mean lengths and per-action rates of one split."""
+
+    def __init__(self, actions: Sequence[str]):
+        self.actions = tuple(actions)
+        self.bits = np.int64(1) << np.arange(len(actions), dtype=np.int64)
+        self.sessions = self.labeled = self.history_items = self.candidates = self.labeled_candidates = 0
+        self.history_counts = np.zeros(len(actions), np.int64)
+        self.candidate_counts = np.zeros(len(actions), np.int64)
+
+    def add(self, s: Session) -> None:
+        self.sessions += 1
+        self.history_items += len(s.history_post_id)
+        self.candidates += len(s.candidate_post_id)
+        self.history_counts += ((s.history_actions[:, None] & self.bits) != 0).sum(0)
+        if s.labeled:
+            self.labeled += 1
+            self.labeled_candidates += len(s.candidate_post_id)
+            self.candidate_counts += ((s.candidate_actions[:, None] & self.bits) != 0).sum(0)
+
+    def to_dict(self) -> dict:
+        def rates(counts, n):
+            return {a: float(c) / n if n else 0.0 for a, c in zip(self.actions, counts)}
+
+        n = max(self.sessions, 1)
+        return {
+            "sessions": self.sessions,
+            "labeled_sessions": self.labeled,
+            "mean_history_length": self.history_items / n,
+            "mean_candidates": self.candidates / n,
+            "history_action_rates": rates(self.history_counts, self.history_items),
+            "candidate_action_rates": rates(self.candidate_counts, self.labeled_candidates),
+        }
+
+
+class PhoenixSessions(tfds.core.GeneratorBasedBuilder):
+    """Engagement sessions: a user, their history, the candidates shown and what they did."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(
+        self,
+        *,
+        sources: dict[str, SplitSource] | None = None,
+        actions: Sequence[str] = DEFAULT_ACTIONS,
+        skip_invalid: bool = False,
+        **kwargs,
+    ):
+        self._sources = sources or {}
+        self._actions = tuple(actions)
+        self._skip_invalid = skip_invalid
+        self.statistics: dict[str, dict] = {}
+        self.skip_reports: dict[tuple[str, ...], SkipReport] = {}  # one per distinct input set
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict(FEATURES),
+            metadata=tfds.core.MetadataDict(actions=list(self._actions)),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # local files only
+        return {split: self._generate_examples(split) for split in self._sources}
+
+    def _generate_examples(self, split: str):
+        source = self._sources[split]
+        report = self.skip_reports[source.paths] = SkipReport()  # each pass over the inputs recounts
+        stats = SplitStatistics(self._actions)
+        for key, session in read_sessions(
+            source.paths, self._actions, skip_invalid=self._skip_invalid, report=report
+        ):
+            if source.keeps(key):
+                stats.add(session)
+                yield key, dataclasses.asdict(session)
+        self.statistics[split] = stats.to_dict()
+
+
+def dataset_dir(data_dir: str) -> str:
+    return os.path.join(data_dir, DATASET_NAME, str(PhoenixSessions.VERSION))
+
+
+def prepare(
+    data_dir: str,
+    sources: dict[str, SplitSource],
+    *,
+    actions: Sequence[str] = DEFAULT_ACTIONS,
+    skip_invalid: bool = False,
+    overwrite: bool = False,
+) -> tuple[dict[str, dict], SkipReport]:
+    """Writes the dataset under `data_dir`; returns per-split statistics and the skip report."""
+    target = dataset_dir(data_dir)
+    if os.path.exists(target):
+        if not overwrite:
+            raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+        shutil.rmtree(target)
+    builder = PhoenixSessions(data_dir=data_dir, sources=sources, actions=actions, skip_invalid=skip_invalid)
+    with tempfile.TemporaryDirectory() as downloads:  # TFDS wants one; nothing is downloaded
+        try:
+            builder.download_and_prepare(download_dir=downloads, file_format="array_record")
+        except AssertionError as e:
+            if "No examples were yielded" not in str(e):
+                raise
+            empty = [s for s in sources if s not in builder.statistics or not builder.statistics[s]["sessions"]]
+            raise ValueError(f"split {empty[0] if empty else '?'!r} has no valid sessions: {e}") from None
+    report = SkipReport()
+    for r in builder.skip_reports.values():
+        for reason, n in r.counts.items():
+            report.counts[reason] += n
+            report.examples.setdefault(reason, r.examples[reason])
+    with open(os.path.join(target, STATISTICS_FILE), "w") as f:
+        json.dump({"splits": builder.statistics, "skipped": dict(report.counts)}, f, indent=2)
+    return builder.statistics, report
+
+
+def load_statistics(data_dir: str) -> dict:
+    with open(os.path.join(dataset_dir(data_dir), STATISTICS_FILE)) as f:
+        return json.load(f)
+
+
+def _parse_fractions(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad fraction {part!r}: expected name=number") from None
+    if abs(sum(out.values()) - 1.0) > 1e-6 or min(out.values()) <= 0:
+        raise argparse.ArgumentTypeError(f"fractions must be positive and sum to 1, got {text!r}")
+    return out
+
+
+def _print_statistics(stats: dict[str, dict]) -> None:
+    for split, s in stats.items():
+        print(f"{split}: {s['sessions']:,} sessions ({s['labeled_sessions']:,} labeled), "
+              f"mean history {s['mean_history_length']:.1f}, mean candidates {s['mean_candidates']:.1f}")  # fmt: skip
+        rates = " ".join(f"{a}={r:.3f}" for a, r in s["candidate_action_rates"].items())
+        print(f"  candidate action rates: {rates}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="phoenix-prepare", description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", required=True, help="output directory (the dataset goes in a subfolder)")
+    p.add_argument("--train", nargs="+", metavar="FILE", help="raw files or globs (.jsonl, .parquet)")
+    p.add_argument("--validation", nargs="+", metavar="FILE")
+    p.add_argument("--test", nargs="+", metavar="FILE")
+    p.add_argument("--input", nargs="+", metavar="FILE", help="one input, split by --fractions")
+    p.add_argument("--fractions", type=_parse_fractions, default="train=0.8,validation=0.1,test=0.1")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split by fractions")
+    p.add_argument("--actions", default=",".join(DEFAULT_ACTIONS), help="the action vocabulary, comma-separated")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report them")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    args = p.parse_args(argv)
+
+    try:
+        if args.input:
+            if args.train or args.validation or args.test:
+                p.error("give either --input or --train/--validation/--test")
+            paths = tuple(expand_paths(args.input))
+            sources, lo = {}, 0.0
+            for name, fraction in args.fractions.items():
+                sources[name] = SplitSource(paths, lo, lo + fraction, args.seed)
+                lo += fraction
+            sources[name] = dataclasses.replace(sources[name], hi=1.0)  # no gap from rounding
+        elif args.train:
+            sources = {
+                name: SplitSource(tuple(expand_paths(files)))
+                for name, files in (("train", args.train), ("validation", args.validation), ("test", args.test))
+                if files
+            }
+        else:
+            p.error("give --train FILES (with optional --validation/--test) or --input FILES")
+        actions = tuple(a.strip() for a in args.actions.split(",") if a.strip())
+        stats, report = prepare(
+            args.data_dir, sources, actions=actions, skip_invalid=args.skip_invalid, overwrite=args.overwrite
+        )
+    except (SessionFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"phoenix-prepare: error: {e}", file=sys.stderr)
+        return 2
+    _print_statistics(stats)
+    print(report.summary())
+    print(f"dataset written to {dataset_dir(args.data_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

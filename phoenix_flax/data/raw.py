@@ -1,0 +1,237 @@
+"""The raw session format: JSON Lines or Parquet, one session per line or row.
+
+```
+{"user_id": 123,
+ "history":    [{"post_id": 9, "author_id": 4, "product_surface": 1, "actions": ["favorite"]}, ...],
+ "candidates": [{"post_id": 7, "author_id": 2, "product_surface": 0, "actions": ["dwell"]}, ...]}
+```
+IDs are int64; `history` is oldest first; `actions` name actions of the vocabulary (empty: shown,
+no action). Candidate `actions` are labels and may be absent (inference), for all candidates of
+a session or for none. `session_id` (int64) is optional and kept. Other fields are ignored.
+
+Sessions are parsed into `Session`s whose actions are bitmasks over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+MAX_ACTIONS = 63  # actions are stored as int64 bitmasks
+
+
+class SessionFormatError(ValueError):
+    """A record that does not follow the raw format, located by file, line and field."""
+
+    def __init__(self, path: str, line: int, field: str | None, problem: str):
+        self.path, self.line, self.field, self.problem = path, line, field, problem
+        where = f"{path}:{line}" + (f": field '{field}'" if field else "")
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclasses.dataclass
+class Session:
+    """One parsed session. Arrays are per item; `*_actions` are bitmasks over the vocabulary."""
+
+    session_id: int
+    user_id: int
+    history_post_id: np.ndarray  # [n] int64
+    history_author_id: np.ndarray
+    history_product_surface: np.ndarray  # [n] int32
+    history_actions: np.ndarray  # [n] int64
+    candidate_post_id: np.ndarray  # [m] int64
+    candidate_author_id: np.ndarray
+    candidate_product_surface: np.ndarray
+    candidate_actions: np.ndarray  # [m] int64, zeros when unlabeled
+    labeled: bool
+
+
+class _Invalid(Exception):
+    def __init__(self, field: str | None, problem: str):
+        self.field, self.problem = field, problem
+
+
+def _int64(value, field: str) -> int:
+    if type(value) is not int:  # bool is an int subclass: rejected too
+        raise _Invalid(field, f"expected an integer: got {type(value).__name__} {value!r}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise _Invalid(field, f"out of the int64 range: {value}")
+    return value
+
+
+def _surface(value, field: str) -> int:
+    if type(value) is not int:
+        raise _Invalid(field, f"expected an integer: got {type(value).__name__} {value!r}")
+    if not 0 <= value <= INT32_MAX:
+        raise _Invalid(field, f"out of range [0, {INT32_MAX}]: {value}")
+    return value
+
+
+class SessionParser:
+    """Validates raw records against an action vocabulary."""
+
+    def __init__(self, actions: Sequence[str]):
+        if len(actions) > MAX_ACTIONS:
+            raise ValueError(f"at most {MAX_ACTIONS} actions are supported, got {len(actions)}")
+        self.actions = tuple(actions)
+        self._bit = {name: 1 << i for i, name in enumerate(self.actions)}
+
+    def _actions(self, value, field: str) -> int:
+        if not isinstance(value, (list, tuple, np.ndarray)):
+            raise _Invalid(field, f"expected a list of action names: got {type(value).__name__} {value!r}")
+        mask = 0
+        for j, name in enumerate(value):
+            bit = self._bit.get(name) if isinstance(name, str) else None
+            if bit is None:
+                raise _Invalid(f"{field}[{j}]", f"unknown action: {name!r} (known: {', '.join(self.actions)})")
+            mask |= bit
+        return mask
+
+    def _items(self, record: dict, key: str, labels_optional: bool):
+        items = record.get(key)
+        if items is None:
+            raise _Invalid(key, "missing")
+        if not isinstance(items, (list, tuple, np.ndarray)):
+            raise _Invalid(key, f"expected a list: got {type(items).__name__}")
+        cols = ([], [], [], [])
+        labeled = None
+        for i, item in enumerate(items):
+            f = f"{key}[{i}]"
+            if not isinstance(item, dict):
+                raise _Invalid(f, f"expected an object: got {type(item).__name__}")
+            for name in ("post_id", "author_id", "product_surface"):
+                if item.get(name) is None:
+                    raise _Invalid(f"{f}.{name}", "missing")
+            cols[0].append(_int64(item["post_id"], f"{f}.post_id"))
+            cols[1].append(_int64(item["author_id"], f"{f}.author_id"))
+            cols[2].append(_surface(item["product_surface"], f"{f}.product_surface"))
+            has = item.get("actions") is not None
+            if not has and not labels_optional:
+                raise _Invalid(f"{f}.actions", "missing")
+            if labeled is not None and has != labeled:
+                raise _Invalid(f"{f}.actions", "present for some candidates of the session and absent for others")
+            labeled = has
+            cols[3].append(self._actions(item["actions"], f"{f}.actions") if has else 0)
+        arrays = (
+            np.array(cols[0], np.int64),
+            np.array(cols[1], np.int64),
+            np.array(cols[2], np.int32),
+            np.array(cols[3], np.int64),
+        )
+        return arrays, bool(labeled)
+
+    def parse(self, record, default_session_id: int) -> Session:
+        """A decoded record -> Session; raises `_Invalid(field, problem)`."""
+        if not isinstance(record, dict):
+            raise _Invalid(None, f"expected a JSON object: got {type(record).__name__}")
+        if record.get("user_id") is None:
+            raise _Invalid("user_id", "missing")
+        user_id = _int64(record["user_id"], "user_id")
+        sid = record.get("session_id")
+        session_id = default_session_id if sid is None else _int64(sid, "session_id")
+        history, _ = self._items(record, "history", labels_optional=False)
+        candidates, labeled = self._items(record, "candidates", labels_optional=True)
+        if len(candidates[0]) == 0:
+            raise _Invalid("candidates", "empty: a session shows at least one candidate")
+        return Session(session_id, user_id, *history, *candidates, labeled)
+
+
+class SkipReport:
+    """Counts of records skipped with `--skip-invalid`, by reason, with the first example of each."""
+
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, str] = {}
+
+    def add(self, error: SessionFormatError) -> None:
+        # Group by field with list indices dropped ('history[].post_id') and the problem's gist.
+        field = re.sub(r"\[\d+\]", "[]", error.field) if error.field else "record"
+        reason = f"{field}: {error.problem.split(':')[0]}"
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, str(error))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no invalid records"
+        lines = [f"skipped {self.total} invalid record(s):"]
+        for reason, n in self.counts.most_common():
+            lines.append(f"  {n} x {reason} (first: {self.examples[reason]})")
+        return "\n".join(lines)
+
+
+def expand_paths(patterns: Sequence[str]) -> list[str]:
+    """Globs -> sorted, de-duplicated file list; a pattern matching nothing is an error."""
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise FileNotFoundError(f"no input file matches {pattern!r}")
+        paths.extend(m for m in matches if m not in paths)
+    return paths
+
+
+def _records(path: str) -> Iterator[tuple[int, object, SessionFormatError | None]]:
+    """(line number, decoded record, decoding error) of a JSON Lines or Parquet file."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        line = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                line += 1
+                yield line, record, None
+        return
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield line, json.loads(text), None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                problem = f"not valid JSON: {getattr(e, 'msg', e)}"
+                yield line, None, SessionFormatError(path, line, None, problem)
+
+
+def read_sessions(
+    paths: Sequence[str],
+    actions: Sequence[str],
+    *,
+    skip_invalid: bool = False,
+    report: SkipReport | None = None,
+) -> Iterator[tuple[str, Session]]:
+    """Streams `(key, Session)` from raw files, in file and line order.
+
+    `key` ('<file index>:<line>') is unique and stable for the same inputs. A bad record raises
+    SessionFormatError, or with `skip_invalid` is counted in `report` and skipped.
+    """
+    parser = SessionParser(actions)
+    report = report if report is not None else SkipReport()
+    ordinal = 0
+    for file_index, path in enumerate(paths):
+        for line, record, error in _records(path):
+            if error is None:
+                try:
+                    session = parser.parse(record, default_session_id=ordinal)
+                except _Invalid as e:
+                    error = SessionFormatError(path, line, e.field, e.problem)
+            if error is not None:
+                if not skip_invalid:
+                    raise error
+                report.add(error)
+                continue
+            ordinal += 1
+            yield f"{file_index}:{line}", session

@@ -1,0 +1,325 @@
+"""Raw format, preparation, the synthetic world and the grain pipeline."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from phoenix_flax.config import DEFAULT_ACTIONS, ModelConfig
+from phoenix_flax.data import prepare as prep
+from phoenix_flax.data.pipeline import (
+    DEVICE_FIELDS,
+    FINGERPRINT_ROWS,
+    PipelineConfig,
+    SessionToExamples,
+    global_batch,
+    make_dataset,
+)
+from phoenix_flax.data.raw import SessionFormatError, SkipReport, read_sessions
+from phoenix_flax.data.synth import ACTIONS, VIDEO, PHOTO, World, WorldConfig, simulate, write_world
+from phoenix_flax.hashing import hash_ids
+
+CFG = ModelConfig(history_len=4, num_candidates=3, user_vocab_rows=97, post_vocab_rows=101, author_vocab_rows=89)
+
+
+def item(post, author=7, surface=1, actions=("click",)):
+    return {"post_id": post, "author_id": author, "product_surface": surface, "actions": list(actions)}
+
+
+def session(i, n_history=6, n_candidates=4):
+    """Session i: history posts i*100+1.. (oldest first), candidates i*100+50.., one favorite."""
+    return {
+        "user_id": 10_000 + i,
+        "session_id": i,
+        "history": [item(i * 100 + k + 1, actions=("favorite",) if k % 2 else ()) for k in range(n_history)],
+        "candidates": [
+            item(i * 100 + 50 + k, author=k, actions=("favorite", "reply") if k == 1 else ("dwell",))
+            for k in range(n_candidates)
+        ],
+        "ignored_field": "anything",
+    }
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """40 sessions, split 30/10, prepared once."""
+    root = tmp_path_factory.mktemp("data")
+    train = write_jsonl(root / "train.jsonl", [session(i, n_history=i % 9, n_candidates=1 + i % 7) for i in range(30)])
+    valid = write_jsonl(root / "valid.jsonl", [session(i) for i in range(30, 40)])
+    sources = {"train": prep.SplitSource((train,)), "validation": prep.SplitSource((valid,))}
+    stats, report = prep.prepare(str(root / "prepared"), sources)
+    return {"root": root, "data_dir": str(root / "prepared"), "train": train, "stats": stats, "report": report}
+
+
+# --- raw format -------------------------------------------------------------------------------
+
+BAD_RECORDS = [
+    ("{not json", r"bad.jsonl:2: not valid JSON"),
+    ('{"history": [], "candidates": []}', r"bad.jsonl:2: field 'user_id': missing"),
+    ('{"user_id": "12", "history": [], "candidates": []}', r"field 'user_id': expected an integer: got str '12'"),
+    ('{"user_id": true, "history": [], "candidates": []}', r"field 'user_id': expected an integer: got bool"),
+    ('{"user_id": 9223372036854775808, "history": [], "candidates": []}', r"field 'user_id': out of the int64 range"),
+    ('{"user_id": 1, "history": {}, "candidates": []}', r"field 'history': expected a list"),
+    ('{"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "product_surface": 0}], "candidates": []}',
+     r"field 'history\[0\].actions': missing"),
+    ('{"user_id": 1, "history": [], "candidates": [{"post_id": 1.5, "author_id": 2, "product_surface": 0}]}',
+     r"field 'candidates\[0\].post_id': expected an integer: got float"),
+    ('{"user_id": 1, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": 0, '
+     '"actions": ["favourite"]}]}', r"field 'candidates\[0\].actions\[0\]': unknown action: 'favourite'"),
+    ('{"user_id": 1, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": -1}]}',
+     r"field 'candidates\[0\].product_surface': out of range"),
+    ('{"user_id": 1, "history": [], "candidates": []}', r"field 'candidates': empty"),
+    ('{"user_id": 1, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": 0, '
+     '"actions": []}, {"post_id": 1, "author_id": 2, "product_surface": 0}]}',
+     r"field 'candidates\[1\].actions': present for some candidates"),
+    ("[1, 2]", r"bad.jsonl:2: expected a JSON object"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("line,message", BAD_RECORDS)
+def test_bad_input_names_file_line_and_field(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [session(0), line])
+    with pytest.raises(SessionFormatError, match=message):
+        list(read_sessions([path], DEFAULT_ACTIONS))
+
+
+def test_skip_invalid_counts_each_reason_and_keeps_every_valid_record(tmp_path):
+    lines = [session(0), BAD_RECORDS[0][0], session(1), BAD_RECORDS[2][0], BAD_RECORDS[2][0], session(2), ""]
+    path = write_jsonl(tmp_path / "mixed.jsonl", lines)
+    report = SkipReport()
+    kept = list(read_sessions([path], DEFAULT_ACTIONS, skip_invalid=True, report=report))
+    assert [s.user_id for _, s in kept] == [10_000, 10_001, 10_002]
+    assert report.total == 3
+    assert report.counts == {"record: not valid JSON": 1, "user_id: expected an integer": 2}
+    assert "mixed.jsonl:4: field 'user_id'" in report.summary()
+
+
+def test_prepare_cli_reports_errors_and_skips(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [session(0), session(1), BAD_RECORDS[8][0], session(2)])
+    rc = prep.main(["--data-dir", str(tmp_path / "a"), "--train", path])
+    assert rc == 2 and "in.jsonl:3: field 'candidates[0].actions[0]'" in capsys.readouterr().err
+    assert not os.path.exists(prep.dataset_dir(str(tmp_path / "a")))  # nothing half-written
+
+    rc = prep.main(["--data-dir", str(tmp_path / "b"), "--train", path, "--skip-invalid"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "train: 3 sessions" in out and "skipped 1 invalid record" in out
+    assert prep.load_statistics(str(tmp_path / "b"))["skipped"] == {"candidates[].actions[]: unknown action": 1}
+
+    rc = prep.main(["--data-dir", str(tmp_path / "b"), "--train", path, "--skip-invalid"])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    assert prep.main(["--data-dir", str(tmp_path / "c"), "--train", str(tmp_path / "nothing*.jsonl")]) == 2
+
+
+def test_parquet_reads_like_jsonl(tmp_path):
+    records = [session(i, n_history=i, n_candidates=2) for i in range(4)]
+    jsonl = write_jsonl(tmp_path / "s.jsonl", records)
+    parquet = str(tmp_path / "s.parquet")
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "ignored_field"} for r in records]), parquet)
+    a = [s for _, s in read_sessions([jsonl], DEFAULT_ACTIONS)]
+    b = [s for _, s in read_sessions([parquet], DEFAULT_ACTIONS)]
+    for x, y in zip(a, b, strict=True):
+        for field in x.__dataclass_fields__:
+            np.testing.assert_array_equal(getattr(x, field), getattr(y, field))
+
+    bad = [dict(records[1])]
+    bad[0]["history"] = [dict(bad[0]["history"][0], post_id=None)]
+    pq.write_table(pa.Table.from_pylist([records[0] | {"history": []}] + bad), str(tmp_path / "bad.parquet"))
+    with pytest.raises(SessionFormatError, match=r"bad.parquet:2: field 'history\[0\].post_id': missing"):
+        list(read_sessions([str(tmp_path / "bad.parquet")], DEFAULT_ACTIONS))
+
+
+# --- preparation ------------------------------------------------------------------------------
+
+
+def test_statistics_match_the_raw_records(dataset):
+    s = dataset["stats"]["train"]
+    raw = [session(i, n_history=i % 9, n_candidates=1 + i % 7) for i in range(30)]
+    assert s["sessions"] == 30
+    assert s["mean_history_length"] == pytest.approx(np.mean([len(r["history"]) for r in raw]))
+    cands = [c for r in raw for c in r["candidates"]]
+    for action in ("favorite", "dwell", "report"):
+        want = np.mean([action in c["actions"] for c in cands])
+        assert s["candidate_action_rates"][action] == pytest.approx(want)
+    assert dataset["report"].total == 0
+
+
+def test_preparing_twice_gives_the_same_dataset(dataset, tmp_path):
+    prep.prepare(str(tmp_path), {"train": prep.SplitSource((dataset["train"],))})
+    for name in ("phoenix_sessions-train.array_record-00000-of-00001",):
+        a = pathlib.Path(prep.dataset_dir(dataset["data_dir"]), name).read_bytes()
+        b = pathlib.Path(prep.dataset_dir(str(tmp_path)), name).read_bytes()
+        assert a == b
+
+
+def test_split_by_fraction_is_a_partition(tmp_path):
+    path = write_jsonl(tmp_path / "all.jsonl", [session(i, 2, 2) for i in range(60)])
+    rc = prep.main(["--data-dir", str(tmp_path / "d"), "--input", path, "--fractions", "train=0.5,test=0.5", "--seed", "3"])
+    assert rc == 0
+    stats = prep.load_statistics(str(tmp_path / "d"))["splits"]
+    assert stats["train"]["sessions"] + stats["test"]["sessions"] == 60
+    assert 15 < stats["train"]["sessions"] < 45
+
+
+# --- pipeline ---------------------------------------------------------------------------------
+
+
+def examples(sess, cfg=CFG, data_actions=DEFAULT_ACTIONS, positive=("favorite",)):
+    from phoenix_flax.data.raw import SessionParser
+    import dataclasses
+
+    record = dataclasses.asdict(SessionParser(data_actions).parse(sess, 0))
+    return SessionToExamples(cfg, data_actions, positive).flat_map(record)
+
+
+def test_truncation_keeps_the_most_recent_history_and_pads_at_the_end():
+    ex = examples(session(1, n_history=6))[0]
+    np.testing.assert_array_equal(ex["history_post_id"], [103, 104, 105, 106])  # S=4 most recent, oldest first
+    short = examples(session(1, n_history=2))[0]
+    np.testing.assert_array_equal(short["history_post_id"], [101, 102, 0, 0])
+    np.testing.assert_array_equal(short["history_valid"], [True, True, False, False])
+    fav = DEFAULT_ACTIONS.index("favorite")
+    np.testing.assert_array_equal(short["history_actions"][:, fav], [0, 1, 0, 0])
+    assert short["history_actions"][2:].sum() == 0
+
+
+def test_every_candidate_lands_in_exactly_one_example_and_the_positive_is_the_first_favorite():
+    exs = examples(session(2, n_candidates=7))  # C=3: examples of 3, 3, 1
+    assert [int(e["candidate_valid"].sum()) for e in exs] == [3, 3, 1]
+    posts = np.concatenate([e["candidate_post_id"][e["candidate_valid"]] for e in exs])
+    np.testing.assert_array_equal(posts, 250 + np.arange(7))
+    assert [bool(e["positive_valid"]) for e in exs] == [True, False, False]
+    assert exs[0]["positive_post_id"] == 251 and exs[0]["positive_author_id"] == 1
+    reply = DEFAULT_ACTIONS.index("reply")
+    np.testing.assert_array_equal(exs[0]["candidate_actions"][:, reply], [0, 1, 0])
+
+
+def test_model_vocabulary_may_reorder_a_subset_of_the_datasets():
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, actions=("reply", "dwell"))
+    ex = examples(session(3), cfg=cfg)[0]
+    np.testing.assert_array_equal(ex["candidate_actions"], [[0, 1], [1, 0], [0, 1]])
+    with pytest.raises(ValueError, match="not in the dataset's vocabulary"):
+        examples(session(3), cfg=dataclasses.replace(CFG, actions=("favorite", "bookmark")))
+    ex = examples(session(3), positive=("dwell",))[0]
+    assert ex["positive_post_id"] == 350
+
+
+def pipeline(dataset, **kw):
+    kw = {"batch_size": 4, "num_epochs": 1, "shuffle": False, "drop_remainder": False} | kw
+    return PipelineConfig(dataset["data_dir"], **kw)
+
+
+def test_batches_hash_every_id_with_the_models_function(dataset):
+    batch = next(iter(make_dataset(CFG, pipeline(dataset), process_index=0, process_count=1)))
+    assert set(DEVICE_FIELDS) <= set(batch)
+    ids = batch["candidate_post_id"]
+    valid = batch["candidate_post_hashes"][..., 0] != 0
+    want = hash_ids(ids, CFG.num_post_hashes, CFG.post_vocab_rows) * valid[..., None]
+    np.testing.assert_array_equal(batch["candidate_post_hashes"], want)
+    np.testing.assert_array_equal(batch["user_hashes"], hash_ids(10_000 + batch["session_id"], 2, CFG.user_vocab_rows))
+    pv = batch["positive_valid"]
+    assert (batch["positive_id"][pv] >= 1).all() and (batch["positive_id"][pv] < FINGERPRINT_ROWS).all()
+    assert (batch["positive_id"][~pv] == 0).all()
+
+
+def session_ids(dataset, process_index=0, process_count=1, **kw):
+    out = []
+    for b in make_dataset(CFG, pipeline(dataset, **kw), process_index=process_index, process_count=process_count):
+        valid = b["candidate_post_hashes"][:, :, 0].any(1)
+        first = b["candidate_offset"] == 0
+        out.extend(b["session_id"][valid & first].tolist())
+    return out
+
+
+def test_process_shards_are_disjoint_and_complete(dataset):
+    shards = [session_ids(dataset, process_index=p, process_count=3) for p in range(3)]
+    assert sum(len(s) for s in shards) == 30
+    assert set().union(*map(set, shards)) == set(range(30))
+
+
+def test_shuffle_is_global_and_changes_each_epoch(dataset):
+    two = session_ids(dataset, shuffle=True, num_epochs=2, seed=1)
+    first, second = two[:30], two[30:]
+    assert sorted(first) == sorted(second) == list(range(30))
+    assert first != second and first != sorted(first)
+    assert two == session_ids(dataset, shuffle=True, num_epochs=2, seed=1)  # the seed fixes it
+
+
+def resumed_equals_uninterrupted(dataset, **kw):
+    cfg = pipeline(dataset, num_epochs=None, shuffle=True, drop_remainder=True, **kw)
+    it = iter(make_dataset(CFG, cfg, process_index=0, process_count=1))
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    rest = [next(it) for _ in range(7)]
+    fresh = iter(make_dataset(CFG, cfg, process_index=0, process_count=1))
+    fresh.set_state(state)
+    for want in rest:
+        got = next(fresh)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_resumed_iterator_yields_exactly_what_an_uninterrupted_one_would(dataset):
+    resumed_equals_uninterrupted(dataset)
+
+
+@pytest.mark.slow
+def test_resume_with_worker_processes(dataset):
+    resumed_equals_uninterrupted(dataset, worker_count=2)
+
+
+def test_global_batch_is_sharded_over_data_and_fsdp(dataset):
+    batch = next(iter(make_dataset(CFG, pipeline(dataset, batch_size=8), process_index=0, process_count=1)))
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"))
+    arrays = global_batch(batch, mesh)
+    assert set(arrays) == set(DEVICE_FIELDS)
+    x = arrays["candidate_post_hashes"]
+    assert x.shape == (8, 3, 2) and x.addressable_shards[0].data.shape == (2, 3, 2)
+    np.testing.assert_array_equal(np.asarray(x), batch["candidate_post_hashes"])
+
+
+# --- synthetic world --------------------------------------------------------------------------
+
+
+def test_synthetic_world_is_deterministic_and_its_probabilities_follow_the_rules(tmp_path):
+    cfg = WorldConfig(seed=5, users=60, authors=12, posts=300, sessions=400, history=16)
+    files = [write_world(World(cfg), simulate(World(cfg), progress=False), str(tmp_path / d)) for d in "ab"]
+    for split in ("train", "test"):
+        assert pq.read_table(files[0][split]).equals(pq.read_table(files[1][split]))
+    truth = np.load(tmp_path / "a" / "test_truth.npz")
+    n_test = pq.read_table(files[0]["test"]).num_rows
+    assert len(truth["session_id"]) == n_test and truth["probs"].shape == (truth["offsets"][-1], len(ACTIONS))
+
+    world = World(cfg)
+    posts = np.arange(cfg.posts)
+    user = int(np.argmax(world.interest.max(1)))  # the most focused user
+    users = np.full_like(posts, user)
+    p = world.probabilities(users, posts, np.zeros_like(posts), np.zeros_like(posts))
+    media = world.post_media
+    assert (p[media != VIDEO, ACTIONS.index("video_view")] == 0).all()
+    assert (p[media != PHOTO, ACTIONS.index("photo_expand")] == 0).all()
+    liked = world.post_topic == np.argmax(world.interest[user])
+    assert 0 < liked.sum() < cfg.posts
+    fav, report = ACTIONS.index("favorite"), ACTIONS.index("report")
+    assert p[liked, fav].mean() > 2 * p[~liked, fav].mean()
+    assert p[liked, report].mean() < p[~liked, report].mean()
+    spam = world.author_spam[world.post_author]
+    if spam.any():
+        assert p[spam, report].mean() > 3 * p[~spam, report].mean()
+    familiar = world.probabilities(users, posts, np.zeros_like(posts), np.full_like(posts, 5))
+    follow = ACTIONS.index("follow_author")
+    assert (familiar[:, follow] > p[:, follow]).all()
