@@ -34,3 +34,46 @@ def golden():
         "embeddings": section("embeddings/"),
         "expected": section("expected/"),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small synthetic world, prepared once: {'raw': files by split, 'data_dir', 'truth', 'corpus'}."""
+    from phoenix_flax.data import prepare, synth
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    cfg = synth.WorldConfig(seed=0, users=120, authors=20, posts=400, sessions=1600, candidates=8, history=16)
+    world = synth.World(cfg)
+    files = synth.write_world(world, synth.simulate(world, progress=False), str(root / "raw"))
+    data_dir = str(root / "prepared")
+    prepare.prepare(data_dir, {split: prepare.SplitSource((path,)) for split, path in files.items()})
+    return {
+        "raw": files,
+        "data_dir": data_dir,
+        "truth": str(root / "raw" / "test_truth.npz"),
+        "corpus": str(root / "raw" / "corpus.jsonl"),
+    }
+
+
+def tiny_experiment(data_dir: str, **sections):
+    """A small joint experiment on `data_dir`; `sections` replace fields: tiny_experiment(d, train={"steps": 3})."""
+    from phoenix_flax.config import ModelConfig
+    from phoenix_flax.experiment import ExperimentConfig, replace_fields
+    from phoenix_flax.experiment import (
+        CheckpointConfig, DataConfig, EvalConfig, LossConfig, OptimizerConfig, TrainConfig,
+    )  # fmt: skip
+
+    cfg = ExperimentConfig(
+        name="tiny",
+        model=ModelConfig(
+            emb_size=16, key_size=4, num_q_heads=4, num_kv_heads=2, num_layers=1, history_len=8,
+            num_candidates=8, user_vocab_rows=256, post_vocab_rows=1024, author_vocab_rows=64,
+        ),  # fmt: skip
+        data=DataConfig(data_dir=data_dir, batch_size=16),
+        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
+        loss=LossConfig(ranking_weight=1.0, retrieval_weight=0.5, logq="estimated", frequency_buckets=4096),
+        checkpoint=CheckpointConfig(every_steps=3, keep=2, asynchronous=False),
+        eval=EvalConfig(every_steps=1000, batches=2),
+        train=TrainConfig(steps=6, log_every=1),
+    )
+    return replace_fields(cfg, **sections)

@@ -155,6 +155,7 @@ class HashBatch(grain.transforms.Map):
             "session_id": ex["session_id"],
             "candidate_offset": ex["candidate_offset"],
             "candidate_post_id": ex["candidate_post_id"],
+            "positive_post_id": ex["positive_post_id"],
         }  # fmt: skip
         rows = len(ex["user_id"])
         if rows < self.batch_size:  # padding rows: no user, history, candidates or positive

@@ -1,0 +1,34 @@
+"""The demo: ranking and retrieval together on the synthetic world, on a CPU, in minutes."""
+
+from phoenix_flax.config import ModelConfig
+from phoenix_flax.experiment import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    LossConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
+
+
+def get_config() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="demo",
+        model=ModelConfig(
+            emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2,
+            user_vocab_rows=8192, post_vocab_rows=16384, author_vocab_rows=2048,
+            history_len=32, num_candidates=8,
+        ),  # fmt: skip
+        data=DataConfig(
+            data_dir="runs/demo/prepared",
+            batch_size=256,
+            truth_file="runs/demo/world/test_truth.npz",
+            corpus_file="runs/demo/world/corpus.jsonl",
+        ),
+        optimizer=OptimizerConfig(learning_rate=2e-3, table_learning_rate=0.05, warmup_steps=100),
+        loss=LossConfig(ranking_weight=1.0, retrieval_weight=0.2, logq="estimated", frequency_buckets=1 << 16),
+        checkpoint=CheckpointConfig(every_steps=500, keep=2),
+        eval=EvalConfig(every_steps=500, batches=8),
+        train=TrainConfig(steps=3000, log_every=50),
+    )

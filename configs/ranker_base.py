@@ -1,0 +1,12 @@
+"""The ranker alone (multi-action BCE), at a single-host GPU scale."""
+
+import dataclasses
+
+import joint_base
+
+from phoenix_flax.experiment import replace_fields
+
+
+def get_config():
+    cfg = replace_fields(joint_base.get_config(), loss={"ranking_weight": 1.0, "retrieval_weight": 0.0})
+    return dataclasses.replace(cfg, name="ranker_base")

@@ -1,0 +1,33 @@
+"""A multi-host deployment: 256 chips as data 8 x fsdp 16 x model 2, production batch and tables.
+
+Launch one process per host (e.g. 64 hosts of 4 chips), each with --num-processes,
+--process-id and --coordinator-address (or the JAX_* environment variables).
+"""
+
+import dataclasses
+
+import joint_base
+
+from phoenix_flax.experiment import MeshConfig, replace_fields
+
+NUM_CHIPS = 256
+NUM_HOSTS = 64
+
+
+def get_config():
+    cfg = joint_base.get_config()
+    cfg = replace_fields(
+        cfg,
+        model={
+            "emb_size": 512, "key_size": 64, "num_q_heads": 16, "num_kv_heads": 8, "num_layers": 8,
+            "user_vocab_rows": 1 << 27, "post_vocab_rows": 1 << 28, "author_vocab_rows": 1 << 25,
+            "history_len": 256, "num_candidates": 64,
+        },
+        data={"data_dir": "gs://phoenix/prepared", "batch_size": 65536, "worker_count": 16},
+        optimizer={"learning_rate": 3e-4, "table_learning_rate": 0.01, "warmup_steps": 5000},
+        loss={"frequency_buckets": 1 << 26},
+        checkpoint={"every_steps": 5000, "keep": 5},
+        eval={"every_steps": 5000, "batches": 100},
+        train={"steps": 1_000_000, "log_every": 200},
+    )  # fmt: skip
+    return dataclasses.replace(cfg, name="tpu_pod", mesh=MeshConfig(data=8, fsdp=16, model=2))

@@ -1,0 +1,88 @@
+"""Orbax checkpoints of a run: model, optimizer, data-iterator position and config.
+
+Each step's checkpoint holds the items `model`, `optimizer`, `data` (grain.checkpoint) and
+`config` (JSON). Saves are asynchronous; the latest K are kept, and the best by an evaluation
+metric beside them. Restoring places arrays with the shardings of the target given, so a
+checkpoint restores onto any mesh or device count.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from phoenix_flax.experiment import CheckpointConfig, ExperimentConfig, from_dict, to_dict
+
+ITEMS = ("model", "optimizer", "data", "config")
+
+
+def _target(state):
+    """An abstract pytree with the shapes, dtypes and shardings of `state`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, cfg: CheckpointConfig | None = None, *, read_only: bool = False):
+        cfg = cfg or CheckpointConfig()
+        policies = [ocp.checkpoint_managers.preservation_policy.LatestN(cfg.keep)]
+        if cfg.best_metric:
+            policies.append(
+                ocp.checkpoint_managers.preservation_policy.BestN(
+                    get_metric_fn=lambda metrics: metrics[cfg.best_metric],
+                    reverse=cfg.best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.asynchronous,
+            preservation_policy=ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies),
+            read_only=read_only,
+            create=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, model, optimizer, data_iterator, config: ExperimentConfig, metrics=None) -> None:
+        args = ocp.args.Composite(
+            model=ocp.args.StandardSave(nnx.state(model)),
+            optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(to_dict(config)),
+        )
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def restore(self, step: int, model, optimizer=None, data_iterator=None) -> None:
+        """Restores into `model` (and `optimizer`, `data_iterator`) in place, on their shardings."""
+        items = {"model": ocp.args.StandardRestore(_target(nnx.state(model)))}
+        if optimizer is not None:
+            items["optimizer"] = ocp.args.StandardRestore(_target(nnx.state(optimizer)))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        nnx.update(model, restored["model"])
+        if optimizer is not None:
+            nnx.update(optimizer, restored["optimizer"])
+
+    def config(self, step: int) -> ExperimentConfig:
+        restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return from_dict(restored["config"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

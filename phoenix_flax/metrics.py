@@ -1,0 +1,33 @@
+"""Evaluation metrics in numpy: AUC, normalized entropy, recall@k."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties averaged); NaN without both classes."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(scores, np.float64))
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def normalized_entropy(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean log loss divided by the entropy of the base rate (1.0 = no better than the rate)."""
+    y = np.asarray(labels, np.float64)
+    p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
+    rate = np.clip(y.mean(), eps, 1 - eps) if len(y) else float("nan")
+    log_loss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    base = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+    return float(log_loss / base)
+
+
+def recall_at_k(rank_of_positive: np.ndarray, ks=(1, 10, 100)) -> dict[str, float]:
+    """rank_of_positive: [N] 0-based rank of each row's positive (inf where not retrieved)."""
+    r = np.asarray(rank_of_positive, np.float64)
+    return {f"recall@{k}": float(np.mean(r < k)) if len(r) else float("nan") for k in ks}

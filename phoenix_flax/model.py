@@ -1,0 +1,38 @@
+"""What a run trains: hash tables shared by the ranker and the retrieval model."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from phoenix_flax.config import ModelConfig
+from phoenix_flax.embeddings import HashEmbeddings
+from phoenix_flax.losses import FrequencyEstimator
+from phoenix_flax.ranker import PhoenixRanker
+from phoenix_flax.retrieval import PhoenixRetrieval
+
+
+class PhoenixModel(nnx.Module):
+    """The ranker and/or the retrieval model over one set of hash tables.
+
+    `frequency` (streaming item frequencies for the logQ correction) is present when the
+    retrieval model is trained with estimated logQ.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        ranker: bool = True,
+        retrieval: bool = True,
+        frequency_buckets: int | None = None,
+        frequency_alpha: float = 0.01,
+    ):
+        if not (ranker or retrieval):
+            raise ValueError("a PhoenixModel needs the ranker, the retrieval model or both")
+        self.embeddings = HashEmbeddings(cfg, rngs=rngs)
+        self.ranker = PhoenixRanker(cfg, rngs=rngs, embeddings=self.embeddings) if ranker else None
+        self.retrieval = PhoenixRetrieval(cfg, rngs=rngs, embeddings=self.embeddings) if retrieval else None
+        self.frequency = (
+            FrequencyEstimator(frequency_buckets, frequency_alpha) if retrieval and frequency_buckets else None
+        )

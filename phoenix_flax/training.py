@@ -1,0 +1,139 @@
+"""Optimizer, losses of a batch, sharded creation of the train state, and the jitted steps."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from phoenix_flax.embeddings import is_valid
+from phoenix_flax.experiment import ExperimentConfig, LossConfig, OptimizerConfig
+from phoenix_flax.losses import ranking_bce, sampled_softmax_loss
+from phoenix_flax.model import PhoenixModel
+from phoenix_flax.sharding import DEFAULT_RULES, check_divisible
+
+
+def param_labels(params) -> object:
+    """'tables' for the hash-embedding tables, 'dense' for everything else."""
+
+    def label(path, _):
+        return "tables" if any(getattr(k, "key", None) == "embeddings" for k in path) else "dense"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with warmup and cosine decay for dense weights and
+    Adagrad (or AdamW) for the hash tables."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.end_learning_rate_fraction,
+    )
+    dense = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    if cfg.table_optimizer == "adagrad":
+        tables = optax.adagrad(cfg.table_learning_rate)
+    else:
+        tables = optax.adamw(cfg.table_learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=0.0)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip_norm),
+        optax.multi_transform({"dense": dense, "tables": tables}, param_labels),
+    )
+
+
+def build_model(cfg: ExperimentConfig, seed: int | None = None) -> PhoenixModel:
+    """The model a config trains (unsharded; call under a mesh and rules to shard)."""
+    loss = cfg.loss
+    return PhoenixModel(
+        cfg.model,
+        rngs=nnx.Rngs(cfg.train.seed if seed is None else seed),
+        ranker=loss.ranking_weight > 0,
+        retrieval=loss.retrieval_weight > 0,
+        frequency_buckets=loss.frequency_buckets if loss.logq == "estimated" else None,
+        frequency_alpha=loss.frequency_alpha,
+    )
+
+
+def _check_fits(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> None:
+    """Before allocating anything: every sharded parameter dimension divides over the mesh."""
+    check_divisible(nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param), mesh)
+
+
+def create_train_state(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> tuple[PhoenixModel, nnx.Optimizer]:
+    """Model and optimizer, created inside jit directly in their shards (never whole on one device)."""
+
+    def create():
+        model = build_model(cfg)
+        return model, nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        _check_fits(cfg, mesh)
+        return nnx.jit(create)()
+
+
+def create_model(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> PhoenixModel:
+    """The model alone, sharded (for evaluation and serving)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        _check_fits(cfg, mesh)
+        return nnx.jit(lambda: build_model(cfg))()
+
+
+def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict, dict]:
+    """-> (total loss, scalar metrics, outputs). Outputs: ranker `logits [B, C, A]`, retrieval
+    `users [B, D]` and `positives [B, D]`."""
+    metrics, outputs = {}, {}
+    total = jnp.float32(0.0)
+    if model.ranker is not None:
+        logits = model.ranker(batch)
+        valid = is_valid(batch["candidate_post_hashes"]) & batch["labeled"][:, None]
+        weights = None if cfg.action_weights is None else jnp.asarray(cfg.action_weights, jnp.float32)
+        rank = ranking_bce(logits, batch["candidate_actions"], valid, weights)
+        total = total + cfg.ranking_weight * rank
+        metrics["ranking_loss"] = rank
+        outputs["logits"] = logits
+    if model.retrieval is not None:
+        users = model.retrieval.user(batch)
+        positives = model.retrieval.candidates(batch["positive_post_hashes"], batch["positive_author_hashes"])
+        log_q = None if model.frequency is None else model.frequency.log_q(batch["positive_id"])
+        temperature = model.retrieval.temperature()
+        ret = sampled_softmax_loss(
+            users, positives, batch["positive_id"], batch["positive_valid"], temperature, log_q
+        )
+        total = total + cfg.retrieval_weight * ret
+        metrics["retrieval_loss"] = ret
+        metrics["temperature"] = temperature
+        outputs["users"], outputs["positives"] = users, positives
+    metrics["loss"] = total
+    return total, metrics, outputs
+
+
+def make_train_step(cfg: LossConfig):
+    """`step(model, optimizer, batch) -> metrics`: one update, model and optimizer donated."""
+
+    def train_step(model: PhoenixModel, optimizer: nnx.Optimizer, batch: dict) -> dict:
+        def loss_fn(m):
+            loss, metrics, _ = compute_losses(m, batch, cfg)
+            return loss, metrics
+
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        optimizer.update(model, grads)
+        if model.frequency is not None:  # after the loss: a batch's logQ never counts the batch itself
+            model.frequency.update(batch["positive_id"], batch["positive_valid"])
+        return metrics
+
+    return nnx.jit(train_step, donate_argnums=(0, 1))
+
+
+def make_eval_step(cfg: LossConfig):
+    """`step(model, batch) -> (metrics, outputs)` without updates."""
+
+    def eval_step(model: PhoenixModel, batch: dict):
+        _, metrics, outputs = compute_losses(model, batch, cfg)
+        return metrics, outputs
+
+    return nnx.jit(eval_step)

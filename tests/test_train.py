@@ -1,0 +1,229 @@
+"""Training, checkpoints, evaluation and configs, end to end on a tiny synthetic world."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, tiny_experiment
+from flax import nnx
+
+from phoenix_flax.checkpoint import Checkpointer
+from phoenix_flax.experiment import ConfigError, apply_overrides, from_dict, load, to_dict
+from phoenix_flax.metrics import auc, normalized_entropy, recall_at_k
+from phoenix_flax.sharding import make_mesh
+from phoenix_flax.training import create_model
+from train.evaluate import evaluate, format_table
+from train.train import NonFiniteLossError, train
+
+
+def losses(logged):
+    return [(m["step"], m["loss"]) for m in logged if "loss" in m]
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_losses(tiny_world, tmp_path):
+    cfg = tiny_experiment(tiny_world["data_dir"])
+    full = losses(train(cfg, str(tmp_path / "full")))
+    first = losses(train(cfg, str(tmp_path / "split"), stop_after=4))
+    rest = losses(train(cfg, str(tmp_path / "split")))
+    assert [s for s, _ in first] == [1, 2, 3, 4] and [s for s, _ in rest] == [5, 6]
+    np.testing.assert_allclose([l for _, l in first + rest], [l for _, l in full], rtol=1e-6)
+    assert Checkpointer(str(tmp_path / "split")).all_steps() == [4, 6]  # keep=2
+
+
+def test_a_non_finite_loss_stops_the_run_and_saves_nothing_after_it(tiny_world, tmp_path):
+    cfg = tiny_experiment(
+        tiny_world["data_dir"],
+        optimizer={"learning_rate": 1e30, "warmup_steps": 1},
+        checkpoint={"every_steps": 1, "keep": 10},
+        train={"steps": 20},
+    )
+    with pytest.raises(NonFiniteLossError) as error:
+        train(cfg, str(tmp_path))
+    bad = error.value.step
+    assert 1 < bad < 20 and "next_index" in str(error.value.position)
+    saved = Checkpointer(str(tmp_path)).all_steps()
+    assert saved and max(saved) < bad
+
+
+def test_checkpoint_restores_onto_another_mesh_and_evaluates(tiny_world, tmp_path):
+    cfg = tiny_experiment(tiny_world["data_dir"], mesh={"data": 2, "fsdp": 2, "model": 2},
+                          data={"truth_file": tiny_world["truth"], "corpus_file": tiny_world["corpus"]})  # fmt: skip
+    train(cfg, str(tmp_path))
+    checkpoints = Checkpointer(str(tmp_path))
+    assert checkpoints.config(6) == cfg
+    trained = create_model(cfg, make_mesh({"data": 2, "fsdp": 2, "model": 2}))
+    checkpoints.restore(6, trained)
+    single = create_model(cfg, make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1]))
+    checkpoints.restore(6, single)
+    table = single.embeddings.post.table[...]
+    assert len(table.sharding.device_set) == 1
+    np.testing.assert_array_equal(np.asarray(table), np.asarray(trained.embeddings.post.table[...]))
+
+    result = evaluate(str(tmp_path), split="test")  # all 8 devices, data=8: another mesh again
+    assert result["step"] == 6 and result["candidates"] > 100
+    for row in result["actions"].values():
+        for key in ("auc", "popularity_auc", "oracle_auc"):
+            assert np.isnan(row[key]) or 0 <= row[key] <= 1
+    assert result["actions"]["favorite"]["oracle_auc"] > 0.6
+    assert set(result["retrieval_corpus"]) == {"recall@1", "recall@10", "recall@100"}
+    assert "favorite" in format_table(result)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
+    cfg = tiny_experiment(tiny_world["data_dir"], train={"steps": 100000}, checkpoint={"every_steps": 100000})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.train", "--config", str(REPO / "configs" / "demo.py"),
+         "--workdir", str(tmp_path), *cli_overrides(cfg)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted" in err
+    last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert Checkpointer(str(tmp_path)).latest_step() == last_logged >= 3
+
+
+def cli_overrides(cfg, base=None) -> list[str]:
+    """`--config.a.b=v` arguments turning configs/demo.py into `cfg`."""
+    base = to_dict(load(str(REPO / "configs" / "demo.py")) if base is None else base)
+
+    def walk(target, current, prefix):
+        for k, v in target.items():
+            if isinstance(v, dict):
+                yield from walk(v, current[k], f"{prefix}{k}.")
+            elif v != current[k]:
+                text = "none" if v is None else ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+                yield f"--config.{prefix}{k}={text}"
+
+    args = list(walk(to_dict(cfg), base, ""))
+    assert apply_overrides(load(str(REPO / "configs" / "demo.py")), args) == cfg
+    return args
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_losses_of_one(tiny_world, tmp_path):
+    """jax.distributed on 127.0.0.1 with gloo: 2 processes x 2 CPU devices against 1 x 4."""
+    cfg = tiny_experiment(tiny_world["data_dir"], train={"steps": 3})
+    args = ["-m", "train.train", "--config", str(REPO / "configs" / "demo.py"), *cli_overrides(cfg)]
+
+    def env(devices):
+        e = dict(os.environ, JAX_PLATFORMS="cpu")
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        return e
+
+    single = subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / "one")], cwd=REPO, env=env(4),
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args, "--workdir", str(tmp_path / "two"), "--num-processes", "2",
+             "--process-id", str(i), "--coordinator-address", f"127.0.0.1:{port}"],
+            cwd=REPO, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+
+    def read(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [m for m in map(json.loads, lines) if "loss" in m]  # training lines, not eval_*
+
+    one, two = read("one"), read("two")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for k in ("loss", "ranking_loss", "retrieval_loss"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4)
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_loads_and_round_trips(name):
+    cfg = load(str(REPO / "configs" / f"{name}.py"))
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+def test_config_overrides_are_typed():
+    cfg = load(str(REPO / "configs" / "demo.py"))
+    out = apply_overrides(cfg, ["--config.model.emb_size=32", "--config.data.positive_actions=favorite,reply",
+                                "--config.loss.logq", "none", "--config.data.truth_file=none"])  # fmt: skip
+    assert out.model.emb_size == 32 and out.data.positive_actions == ("favorite", "reply")
+    assert out.loss.logq == "none" and out.data.truth_file is None
+    for bad, message in [
+        ("--config.model.emb=3", "unknown config key 'model.emb'"),
+        ("--config.model.emb_size=large", "model.emb_size='large': expected int"),
+        ("--config.loss.logq=sometimes", "expected one of"),
+        ("--config.model.num_kv_heads=3", "not a multiple"),
+        ("--config.model=3", "is a section"),
+        ("--mesh.data=2", "unrecognised argument"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(cfg, [bad])
+
+
+def test_tpu_pod_config_is_consistent_for_256_chips():
+    """Checked without running: mesh, batch over hosts and mesh, parameters over the mesh."""
+    import flax.linen as nn
+    from jax.sharding import AbstractMesh
+
+    from phoenix_flax.sharding import DEFAULT_RULES, MESH_AXES, check_divisible, mesh_shape
+    from phoenix_flax.training import build_model
+
+    sys.path.insert(0, str(REPO / "configs"))
+    import tpu_pod
+
+    cfg = load(str(REPO / "configs" / "tpu_pod.py"))
+    shape = mesh_shape(dataclasses.asdict(cfg.mesh), tpu_pod.NUM_CHIPS)
+    assert shape == (8, 16, 2)
+    data, fsdp, model = shape
+    assert cfg.data.batch_size % (data * fsdp) == 0 and cfg.data.batch_size % tpu_pod.NUM_HOSTS == 0
+    assert cfg.model.num_kv_heads % model == 0 and cfg.model.num_q_heads % model == 0
+    abstract = nnx.eval_shape(lambda: build_model(cfg))
+    mesh = AbstractMesh(shape, MESH_AXES)
+    with nn.logical_axis_rules(DEFAULT_RULES):
+        check_divisible(nnx.state(abstract, nnx.Param), mesh)
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert params > 1e11  # production-size tables: 2^28 posts x 512
+    assert os.path.exists(cfg.data.data_dir) is False  # a remote path, not this machine's
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def test_auc_matches_pairwise_counting():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(300), 1)  # many ties
+    labels = rng.random(300) < 0.3
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert auc(scores, labels) == pytest.approx(pairwise)
+    assert np.isnan(auc(scores, np.zeros(300, bool)))
+
+
+def test_normalized_entropy_and_recall():
+    y = np.array([1, 0, 0, 1, 0])
+    assert normalized_entropy(np.full(5, 0.4), y) == pytest.approx(1.0)
+    assert normalized_entropy(np.array([0.9, 0.1, 0.1, 0.9, 0.1]), y) < 0.5
+    assert recall_at_k(np.array([0, 5, 50, np.inf])) == {"recall@1": 0.25, "recall@10": 0.5, "recall@100": 0.75}
