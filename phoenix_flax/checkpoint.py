@@ -43,6 +43,9 @@ class Checkpointer:
                 )
             )
         options = ocp.CheckpointManagerOptions(
+            # best_fn makes Orbax write each checkpoint's metrics and read them back on resume.
+            best_fn=(lambda metrics: metrics[cfg.best_metric]) if cfg.best_metric else None,
+            best_mode=cfg.best_mode,
             enable_async_checkpointing=cfg.asynchronous,
             preservation_policy=ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies),
             read_only=read_only,
@@ -50,8 +53,35 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
+    @classmethod
+    def open_run(cls, workdir: str) -> Checkpointer:
+        """A run's checkpoints, read-only, with its own checkpoint config (for 'best')."""
+        plain = cls(workdir, read_only=True)
+        latest = plain.latest_step()
+        if latest is None:
+            return plain
+        return cls(workdir, plain.config(latest).checkpoint, read_only=True)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the best `best_metric` (None when no checkpoint has metrics)."""
+        return self.manager.best_step()
+
+    def resolve(self, step: int | str | None) -> int:
+        """An int, 'latest' (or None) or 'best' -> a saved step; an error naming what exists."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        if step in (None, "latest"):
+            return self.latest_step()
+        if step == "best":
+            best = self.best_step()
+            return self.latest_step() if best is None else best
+        if int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.manager.directory}; saved: {steps}")
+        return int(step)
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())

@@ -134,9 +134,33 @@ class DecoderLayer(nnx.Module):
         self.ffn = FeedForward(cfg, rngs=rngs)
         self.post_ffn_norm = RMSNorm(d, rngs=rngs)
 
-    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        h = h + self.post_attn_norm(self.attn(self.pre_attn_norm(h), positions, mask))
+    def _after_attention(self, h: jax.Array, attn_out: jax.Array) -> jax.Array:
+        h = h + self.post_attn_norm(attn_out)
         return h + self.post_ffn_norm(self.ffn(self.pre_ffn_norm(h)))
+
+    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.with_keys_values(h, positions, mask)[0]
+
+    def with_keys_values(self, h, positions, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """As __call__, also returning this layer's rotated keys and values [B, T, Hkv, K]."""
+        x = self.pre_attn_norm(h)
+        k, v = self.attn.keys_values(x, positions)
+        return self._after_attention(h, self.attn.attend(self.attn.queries(x, positions), k, v, mask)), k, v
+
+    def isolated(self, h, position, context_k, context_v, context_valid) -> jax.Array:
+        """Items that each attend to their own cached context and to themselves only.
+
+        h: [N, D]; position: [] rotary position of every item; context_k, context_v:
+        [N, P, Hkv, K]; context_valid: [N, P] -> [N, D].
+        """
+        x = self.pre_attn_norm(h)[:, None]  # [N, 1, D]
+        positions = jnp.reshape(position, (1,))
+        k, v = self.attn.keys_values(x, positions)
+        keys = jnp.concatenate([context_k, k.astype(context_k.dtype)], axis=1)  # [N, P+1, Hkv, K]
+        values = jnp.concatenate([context_v, v.astype(context_v.dtype)], axis=1)
+        mask = jnp.concatenate([context_valid, jnp.ones_like(context_valid[:, :1])], axis=1)[:, None]
+        out = self.attn.attend(self.attn.queries(x, positions), keys, values, mask)
+        return self._after_attention(h, out[:, 0])
 
 
 class Transformer(nnx.Module):
@@ -147,4 +171,18 @@ class Transformer(nnx.Module):
         """h: [B, T, D], positions: [T] or [B, T], mask: [B, T, T] -> [B, T, D]."""
         for layer in self.layers:
             h = layer(h, positions, mask)
+        return h
+
+    def with_keys_values(self, h, positions, mask) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+        """As __call__, also returning every layer's keys and values."""
+        cache = []
+        for layer in self.layers:
+            h, k, v = layer.with_keys_values(h, positions, mask)
+            cache.append((k, v))
+        return h, cache
+
+    def isolated(self, h, position, cache, context_valid) -> jax.Array:
+        """h: [N, D] items over per-layer cached contexts `cache` ([N, P, Hkv, K] pairs) -> [N, D]."""
+        for layer, (k, v) in zip(self.layers, cache, strict=True):
+            h = layer.isolated(h, position, k, v, context_valid)
         return h

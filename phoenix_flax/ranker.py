@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,6 +18,14 @@ from phoenix_flax.embeddings import (
     is_valid,
 )
 from phoenix_flax.layers import RMSNorm, Transformer, dense_init, param
+
+
+class UserContext(NamedTuple):
+    """Per layer, the keys and values `[B, P, Hkv, K]` of [user, history]; `valid [B, P]`."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
 
 
 def ranker_attention_mask(prefix_valid: jax.Array, candidate_valid: jax.Array) -> jax.Array:
@@ -62,23 +72,30 @@ class PhoenixRanker(nnx.Module):
         """Hashes in, logits `[B, C, A]` (float32) out."""
         return self.logits_from_embeddings(batch, self.embeddings(batch))
 
-    def candidate_block(self, batch: Batch, emb: Embeddings) -> jax.Array:
-        """[post, author, surface emb] @ candidate_proj -> [B, C, D]."""
+    def candidate_block(self, post_emb: jax.Array, author_emb: jax.Array, surface: jax.Array) -> jax.Array:
+        """[post, author, surface emb] @ candidate_proj: [..., Hp, D], [..., Ha, D], [...] -> [..., D]."""
         x = jnp.concatenate(
             [
-                flatten_hashes(emb["candidate_post_embeddings"].astype(self.dtype)),
-                flatten_hashes(emb["candidate_author_embeddings"].astype(self.dtype)),
-                self.blocks.surface(batch["candidate_product_surface"]),
+                flatten_hashes(post_emb.astype(self.dtype)),
+                flatten_hashes(author_emb.astype(self.dtype)),
+                self.blocks.surface(surface),
             ],
             axis=-1,
         )
         return x @ self.candidate_proj[...].astype(self.dtype)
 
+    def _head(self, h: jax.Array) -> jax.Array:
+        """Final norm and unembedding: [..., D] -> float32 logits [..., A]."""
+        h = self.final_norm(h)
+        return (h @ self.unembed[...].astype(h.dtype)).astype(jnp.float32)
+
     def logits_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
         """Already looked-up embeddings in (as the original took them), logits `[B, C, A]` out."""
         user = self.blocks.user(emb)  # [B, 1, D]
         history = self.blocks.history(batch, emb)  # [B, S, D]
-        candidates = self.candidate_block(batch, emb)  # [B, C, D]
+        candidates = self.candidate_block(
+            emb["candidate_post_embeddings"], emb["candidate_author_embeddings"], batch["candidate_product_surface"]
+        )  # [B, C, D]
         prefix_len = 1 + history.shape[1]
         num_candidates = candidates.shape[1]
 
@@ -89,5 +106,40 @@ class PhoenixRanker(nnx.Module):
         positions = sequence_positions(prefix_len, num_candidates, self.candidate_positions)
 
         h = self.transformer(jnp.concatenate([user, history, candidates], axis=1), positions, mask)
-        h = self.final_norm(h[:, prefix_len:])  # [B, C, D]
-        return (h @ self.unembed[...].astype(h.dtype)).astype(jnp.float32)
+        return self._head(h[:, prefix_len:])
+
+    def user_context(self, batch: Batch) -> UserContext:
+        """The [user, history] part of the sequence, computed once: every layer's keys and values.
+
+        It is the same for every candidate of a session: candidates never attend to each other
+        and, with shared positions, not one depends on its slot.
+        """
+        if self.candidate_positions != "shared":
+            raise ValueError("a cached user context needs candidate_positions='shared'")
+        emb = self.embeddings({k: batch[k] for k in ("user_hashes", "history_post_hashes", "history_author_hashes")})
+        x = jnp.concatenate([self.blocks.user(emb), self.blocks.history(batch, emb)], axis=1)  # [B, P, D]
+        valid = jnp.concatenate(
+            [is_valid(batch["user_hashes"])[:, None], is_valid(batch["history_post_hashes"])], axis=1
+        )
+        p = x.shape[1]
+        mask = jnp.tril(jnp.ones((p, p), dtype=bool))[None] & valid[:, None, :]
+        _, cache = self.transformer.with_keys_values(x, jnp.arange(p), mask)
+        return UserContext(tuple(k for k, _ in cache), tuple(v for _, v in cache), valid)
+
+    def score_candidates(
+        self,
+        context: UserContext,
+        rows: jax.Array,
+        post_hashes: jax.Array,
+        author_hashes: jax.Array,
+        surface: jax.Array,
+    ) -> jax.Array:
+        """Logits `[N, A]` of N candidates, candidate n scored against session `rows[n]` of `context`.
+
+        post_hashes [N, Hp], author_hashes [N, Ha], surface [N]. Equals the full-sequence model's
+        logits for the same candidates; any N, in any chunks.
+        """
+        h = self.candidate_block(self.embeddings.post(post_hashes), self.embeddings.author(author_hashes), surface)
+        cache = [(k[rows], v[rows]) for k, v in zip(context.keys, context.values, strict=True)]
+        position = context.valid.shape[1]  # shared: right after the history
+        return self._head(self.transformer.isolated(h, position, cache, context.valid[rows]))

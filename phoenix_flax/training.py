@@ -111,8 +111,8 @@ def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[j
     return total, metrics, outputs
 
 
-def make_train_step(cfg: LossConfig):
-    """`step(model, optimizer, batch) -> metrics`: one update, model and optimizer donated."""
+def train_step_fn(cfg: LossConfig):
+    """The step's body, not jitted: `step(model, optimizer, batch) -> metrics`, updating both."""
 
     def train_step(model: PhoenixModel, optimizer: nnx.Optimizer, batch: dict) -> dict:
         def loss_fn(m):
@@ -126,7 +126,12 @@ def make_train_step(cfg: LossConfig):
             model.frequency.update(batch["positive_id"], batch["positive_valid"])
         return metrics
 
-    return nnx.jit(train_step, donate_argnums=(0, 1))
+    return train_step
+
+
+def make_train_step(cfg: LossConfig):
+    """`step(model, optimizer, batch) -> metrics`: one update, model and optimizer donated."""
+    return nnx.jit(train_step_fn(cfg), donate_argnums=(0, 1))
 
 
 def make_eval_step(cfg: LossConfig):

@@ -320,6 +320,9 @@ def test_synthetic_world_is_deterministic_and_its_probabilities_follow_the_rules
     spam = world.author_spam[world.post_author]
     if spam.any():
         assert p[spam, report].mean() > 3 * p[~spam, report].mean()
+    for seed in range(5):  # no author dominates the world, whatever the seed
+        w = World(WorldConfig(seed=seed, users=200, authors=50, posts=2000))
+        assert np.bincount(w.post_author).max() / 2000 < 0.2
     familiar = world.probabilities(users, posts, np.zeros_like(posts), np.full_like(posts, 5))
     follow = ACTIONS.index("follow_author")
     assert (familiar[:, follow] > p[:, follow]).all()

@@ -227,3 +227,16 @@ def test_normalized_entropy_and_recall():
     assert normalized_entropy(np.full(5, 0.4), y) == pytest.approx(1.0)
     assert normalized_entropy(np.array([0.9, 0.1, 0.1, 0.9, 0.1]), y) < 0.5
     assert recall_at_k(np.array([0, 5, 50, np.inf])) == {"recall@1": 0.25, "recall@10": 0.5, "recall@100": 0.75}
+
+
+def test_the_best_checkpoint_is_kept_and_found_after_reopening(tiny_world, tmp_path):
+    cfg = tiny_experiment(tiny_world["data_dir"], eval={"every_steps": 2, "batches": 2},
+                          checkpoint={"every_steps": 2, "keep": 1}, optimizer={"learning_rate": 3e-2})  # fmt: skip
+    logged = train(cfg, str(tmp_path))
+    evals = {m["step"]: m["eval_loss"] for m in logged if "eval_loss" in m}
+    best = min(evals, key=evals.get)
+    checkpoints = Checkpointer.open_run(str(tmp_path))
+    assert checkpoints.all_steps() == sorted({best, 6})  # the latest 1, and the best beside it
+    assert checkpoints.resolve("best") == best and checkpoints.resolve("latest") == 6
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 3"):
+        checkpoints.resolve(3)

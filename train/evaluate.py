@@ -22,7 +22,7 @@ import numpy as np
 
 from phoenix_flax.checkpoint import Checkpointer
 from phoenix_flax.data.pipeline import PipelineConfig, dataset_actions, global_batch, make_dataset, open_source
-from phoenix_flax.experiment import ExperimentConfig
+from phoenix_flax.experiment import ExperimentConfig, replace_fields
 from phoenix_flax.hashing import hash_ids
 from phoenix_flax.metrics import auc, normalized_entropy, recall_at_k
 from phoenix_flax.retrieval import top_k
@@ -131,22 +131,18 @@ def corpus_ranks(model, cfg: ExperimentConfig, corpus_file: str, users: np.ndarr
 def evaluate(
     workdir: str,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     split: str = "test",
     data_dir: str | None = None,
     truth_file: str | None = None,
     corpus_file: str | None = None,
     batch_size: int | None = None,
 ) -> dict:
-    checkpoints = Checkpointer(workdir, read_only=True)
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
-        raise SystemExit(f"no checkpoint in {workdir}")
+    checkpoints = Checkpointer.open_run(workdir)
+    step = checkpoints.resolve(step)
     cfg = checkpoints.config(step)
     if data_dir is not None:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
+        cfg = replace_fields(cfg, data={"data_dir": data_dir})
     truth_file = truth_file or (cfg.data.truth_file if split == "test" else None)
     corpus_file = corpus_file or cfg.data.corpus_file
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
@@ -209,7 +205,7 @@ def format_table(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="phoenix-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--step", type=int, help="default: the latest checkpoint")
+    p.add_argument("--step", default="latest", help="a step, 'latest' or 'best' (by the run's best_metric)")
     p.add_argument("--split", default="test")
     p.add_argument("--output", required=True, help="metrics JSON file")
     p.add_argument("--data-dir", help="default: the checkpoint's config")
@@ -217,8 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--corpus", help="posts for corpus retrieval (JSON Lines of post_id, author_id)")
     p.add_argument("--batch-size", type=int)
     args = p.parse_args(argv)
+    try:
+        step = int(args.step)
+    except ValueError:
+        step = args.step
     result = evaluate(
-        args.workdir, step=args.step, split=args.split, data_dir=args.data_dir, truth_file=args.truth,
+        args.workdir, step=step, split=args.split, data_dir=args.data_dir, truth_file=args.truth,
         corpus_file=args.corpus, batch_size=args.batch_size,
     )  # fmt: skip
     with open(args.output, "w") as f:

@@ -72,6 +72,35 @@ def _multi_hot(masks: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return ((masks[..., None] >> bits) & 1).astype(np.int32)
 
 
+def recent_history(session: Mapping[str, np.ndarray], s: int, bits: np.ndarray) -> dict[str, np.ndarray]:
+    """The S most recent history items (oldest first), padded at the end, actions as multi-hot."""
+    n = min(len(session["history_post_id"]), s)
+    out = {}
+    for key in ("history_post_id", "history_author_id", "history_product_surface", "history_actions"):
+        x = np.zeros(s, session[key].dtype)
+        x[:n] = session[key][len(session[key]) - n :]
+        out[key] = x
+    out["history_actions"] = _multi_hot(out["history_actions"], bits)
+    out["history_valid"] = np.arange(s) < n
+    return out
+
+
+def hash_prefix(ex: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Raw user and history IDs `[B, ...]` -> the model's user and history inputs."""
+    hv = ex["history_valid"]
+    return {
+        "user_hashes": hash_ids(ex["user_id"], cfg.num_user_hashes, cfg.user_vocab_rows),
+        "history_post_hashes": _hashed(ex["history_post_id"], hv, cfg.num_post_hashes, cfg.post_vocab_rows),
+        "history_author_hashes": _hashed(ex["history_author_id"], hv, cfg.num_author_hashes, cfg.author_vocab_rows),
+        "history_actions": ex["history_actions"] * hv[..., None],
+        "history_product_surface": (ex["history_product_surface"] * hv).astype(np.int32),
+    }
+
+
+def _hashed(ids, valid, num_hashes, rows):
+    return hash_ids(ids, num_hashes, rows) * valid[..., None].astype(np.int32)
+
+
 class SessionToExamples(grain.experimental.FlatMapTransform):
     """One session -> ceil(#candidates / C) examples of raw IDs with fixed shapes."""
 
@@ -84,17 +113,8 @@ class SessionToExamples(grain.experimental.FlatMapTransform):
         self.positive_mask = np.int64(np.bitwise_or.reduce(np.int64(1) << positive_bits))
 
     def flat_map(self, session: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        s, c = self.s, self.c
-        n = min(len(session["history_post_id"]), s)  # the most recent S items, oldest first
-        history = {}
-        for key in ("history_post_id", "history_author_id", "history_product_surface"):
-            x = np.zeros(s, session[key].dtype)
-            x[:n] = session[key][len(session[key]) - n :]
-            history[key] = x
-        history_masks = np.zeros(s, np.int64)
-        history_masks[:n] = session["history_actions"][len(session["history_actions"]) - n :]
-        history["history_actions"] = _multi_hot(history_masks, self.bits)
-        history["history_valid"] = np.arange(s) < n
+        c = self.c
+        history = recent_history(session, self.s, self.bits)
 
         labeled = bool(session["labeled"])
         cand_masks = session["candidate_actions"]
@@ -132,24 +152,16 @@ class HashBatch(grain.transforms.Map):
 
     def map(self, ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.cfg
-
-        def hashed(ids, valid, num_hashes, rows):
-            return hash_ids(ids, num_hashes, rows) * valid[..., None].astype(np.int32)
-
-        hv, cv, pv = ex["history_valid"], ex["candidate_valid"], ex["positive_valid"]
+        cv, pv = ex["candidate_valid"], ex["positive_valid"]
         out = {
-            "user_hashes": hash_ids(ex["user_id"], cfg.num_user_hashes, cfg.user_vocab_rows),
-            "history_post_hashes": hashed(ex["history_post_id"], hv, cfg.num_post_hashes, cfg.post_vocab_rows),
-            "history_author_hashes": hashed(ex["history_author_id"], hv, cfg.num_author_hashes, cfg.author_vocab_rows),
-            "history_actions": ex["history_actions"] * hv[..., None],
-            "history_product_surface": (ex["history_product_surface"] * hv).astype(np.int32),
-            "candidate_post_hashes": hashed(ex["candidate_post_id"], cv, cfg.num_post_hashes, cfg.post_vocab_rows),
-            "candidate_author_hashes": hashed(ex["candidate_author_id"], cv, cfg.num_author_hashes, cfg.author_vocab_rows),
+            **hash_prefix(ex, cfg),
+            "candidate_post_hashes": _hashed(ex["candidate_post_id"], cv, cfg.num_post_hashes, cfg.post_vocab_rows),
+            "candidate_author_hashes": _hashed(ex["candidate_author_id"], cv, cfg.num_author_hashes, cfg.author_vocab_rows),
             "candidate_product_surface": (ex["candidate_product_surface"] * cv).astype(np.int32),
             "candidate_actions": ex["candidate_actions"],
             "labeled": ex["labeled"],
-            "positive_post_hashes": hashed(ex["positive_post_id"], pv, cfg.num_post_hashes, cfg.post_vocab_rows),
-            "positive_author_hashes": hashed(ex["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows),
+            "positive_post_hashes": _hashed(ex["positive_post_id"], pv, cfg.num_post_hashes, cfg.post_vocab_rows),
+            "positive_author_hashes": _hashed(ex["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows),
             "positive_id": hash_ids(ex["positive_post_id"], 1, FINGERPRINT_ROWS)[..., 0] * pv,
             "positive_valid": pv,
             "session_id": ex["session_id"],

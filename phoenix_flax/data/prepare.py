@@ -198,7 +198,7 @@ def _parse_fractions(text: str) -> dict[str, float]:
     return out
 
 
-def _print_statistics(stats: dict[str, dict]) -> None:
+def print_statistics(stats: dict[str, dict]) -> None:
     for split, s in stats.items():
         print(f"{split}: {s['sessions']:,} sessions ({s['labeled_sessions']:,} labeled), "
               f"mean history {s['mean_history_length']:.1f}, mean candidates {s['mean_candidates']:.1f}")  # fmt: skip
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SessionFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"phoenix-prepare: error: {e}", file=sys.stderr)
         return 2
-    _print_statistics(stats)
+    print_statistics(stats)
     print(report.summary())
     print(f"dataset written to {dataset_dir(args.data_dir)}")
     return 0

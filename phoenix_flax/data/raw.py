@@ -79,7 +79,8 @@ def _surface(value, field: str) -> int:
 class SessionParser:
     """Validates raw records against an action vocabulary."""
 
-    def __init__(self, actions: Sequence[str]):
+    def __init__(self, actions: Sequence[str], require_candidates: bool = True):
+        self.require_candidates = require_candidates
         if len(actions) > MAX_ACTIONS:
             raise ValueError(f"at most {MAX_ACTIONS} actions are supported, got {len(actions)}")
         self.actions = tuple(actions)
@@ -139,8 +140,10 @@ class SessionParser:
         sid = record.get("session_id")
         session_id = default_session_id if sid is None else _int64(sid, "session_id")
         history, _ = self._items(record, "history", labels_optional=False)
+        if not self.require_candidates and record.get("candidates") is None:
+            record = {**record, "candidates": []}
         candidates, labeled = self._items(record, "candidates", labels_optional=True)
-        if len(candidates[0]) == 0:
+        if self.require_candidates and len(candidates[0]) == 0:
             raise _Invalid("candidates", "empty: a session shows at least one candidate")
         return Session(session_id, user_id, *history, *candidates, labeled)
 
@@ -212,13 +215,15 @@ def read_sessions(
     *,
     skip_invalid: bool = False,
     report: SkipReport | None = None,
+    require_candidates: bool = True,
 ) -> Iterator[tuple[str, Session]]:
     """Streams `(key, Session)` from raw files, in file and line order.
 
     `key` ('<file index>:<line>') is unique and stable for the same inputs. A bad record raises
-    SessionFormatError, or with `skip_invalid` is counted in `report` and skipped.
+    SessionFormatError, or with `skip_invalid` is counted in `report` and skipped. Without
+    `require_candidates` (retrieval input) `candidates` may be absent or empty.
     """
-    parser = SessionParser(actions)
+    parser = SessionParser(actions, require_candidates)
     report = report if report is not None else SkipReport()
     ordinal = 0
     for file_index, path in enumerate(paths):
@@ -235,3 +240,25 @@ def read_sessions(
                 continue
             ordinal += 1
             yield f"{file_index}:{line}", session
+
+
+def read_corpus(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A corpus of posts, JSON Lines of {"post_id", "author_id", ...} -> (post_ids, author_ids) int64.
+
+    A bad line raises SessionFormatError naming the file, line and field.
+    """
+    post_ids, author_ids = [], []
+    for line, record, error in _records(path):
+        if error is not None:
+            raise error
+        try:
+            if not isinstance(record, dict):
+                raise _Invalid(None, f"expected a JSON object: got {type(record).__name__}")
+            for name in ("post_id", "author_id"):
+                if record.get(name) is None:
+                    raise _Invalid(name, "missing")
+            post_ids.append(_int64(record["post_id"], "post_id"))
+            author_ids.append(_int64(record["author_id"], "author_id"))
+        except _Invalid as e:
+            raise SessionFormatError(path, line, e.field, e.problem) from None
+    return np.array(post_ids, np.int64), np.array(author_ids, np.int64)

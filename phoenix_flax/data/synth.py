@@ -77,7 +77,7 @@ class World:
         self.author_topic = rng.integers(0, k, cfg.authors)
         self.author_spam = rng.random(cfg.authors) < cfg.spam_fraction
         self.author_quality = rng.normal(0, 1, cfg.authors) - 1.5 * self.author_spam
-        author_weight = rng.zipf(1.6, cfg.authors).astype(np.float64)
+        author_weight = rng.lognormal(0, 0.75, cfg.authors)  # prolific and rare authors; none dominates
         self.post_author = rng.choice(cfg.authors, cfg.posts, p=author_weight / author_weight.sum())
         on_topic = rng.random(cfg.posts) < 0.85
         self.post_topic = np.where(on_topic, self.author_topic[self.post_author], rng.integers(0, k, cfg.posts))
@@ -295,7 +295,10 @@ def write_world(world: World, splits: dict[str, Sessions], out: str, fmt: str = 
             }) + "\n")  # fmt: skip
     with open(os.path.join(out, "world.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(world.cfg), "actions": list(ACTIONS),
-                   "sessions": {k: len(v.session_id) for k, v in splits.items()}}, f, indent=2)  # fmt: skip
+                   "sessions": {k: len(v.session_id) for k, v in splits.items()},
+                   "spam_authors": int(world.author_spam.sum()),
+                   "largest_author_share": float(np.bincount(world.post_author).max() / world.cfg.posts)},
+                  f, indent=2)  # fmt: skip
     return files
 
 

@@ -1,0 +1,100 @@
+"""Training-step throughput at the demo shapes, and the framework's overhead.
+
+Times the project's step (`nnx.jit` through `nnx.cached_partial`, as `phoenix-train` runs it)
+against a plain functional `jax.jit` step over the same split state, side by side in one run,
+on a fixed batch (no input pipeline). Prints sessions/s of each and their ratio.
+    python bench/train_step.py [--config configs/demo.py] [--steps 30] [--rounds 5] [--config.k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from phoenix_flax.batch import random_batch
+from phoenix_flax.data.pipeline import FINGERPRINT_ROWS, global_batch
+from phoenix_flax.experiment import apply_overrides, load
+from phoenix_flax.hashing import hash_ids
+from phoenix_flax.sharding import make_mesh
+from phoenix_flax.training import create_train_state, make_train_step, train_step_fn
+
+
+def demo_batch(cfg, batch_size: int) -> dict:
+    """A random batch with every field a training step reads."""
+    rng = np.random.default_rng(0)
+    b = random_batch(cfg.model, batch_size, rng)
+    b["labeled"] = np.ones(batch_size, bool)
+    b["positive_post_hashes"] = b["candidate_post_hashes"][:, 0]
+    b["positive_author_hashes"] = b["candidate_author_hashes"][:, 0]
+    b["positive_id"] = hash_ids(rng.integers(0, 1 << 40, batch_size), 1, FINGERPRINT_ROWS)[:, 0]
+    b["positive_valid"] = np.ones(batch_size, bool)
+    return b
+
+
+def timed(step, steps: int) -> float:
+    jax.block_until_ready(step())  # compile, warm up
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    jax.block_until_ready(out)
+    return time.perf_counter() - start
+
+
+def project_step_rate(cfg, steps: int = 20, rounds: int = 3) -> float:
+    """Sessions/s of the project's training step on a fixed batch (no input pipeline)."""
+    mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+    batch = global_batch(demo_batch(cfg, cfg.data.batch_size), mesh)
+    model, optimizer = create_train_state(cfg, mesh)
+    step = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
+    return steps * cfg.data.batch_size / min(timed(lambda: step(batch), steps) for _ in range(rounds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/demo.py")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5)
+    args, overrides = parser.parse_known_args()
+    cfg = apply_overrides(load(args.config), overrides)
+    mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+    batch = global_batch(demo_batch(cfg, cfg.data.batch_size), mesh)
+
+    model, optimizer = create_train_state(cfg, mesh)
+    project = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
+
+    # Its own copy of the state: each path donates its buffers.
+    graphdef, state = nnx.split(create_train_state(cfg, mesh))
+    body = train_step_fn(cfg.loss)
+
+    def functional(state, batch):
+        m, o = nnx.merge(graphdef, state)
+        metrics = body(m, o, batch)
+        return nnx.state((m, o)), metrics
+
+    functional = jax.jit(functional, donate_argnums=0)
+    holder = {"state": state}
+
+    def functional_step():
+        holder["state"], metrics = functional(holder["state"], batch)
+        return metrics
+
+    print(f"{args.config}: batch {cfg.data.batch_size}, S={cfg.model.history_len}, C={cfg.model.num_candidates}, "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s)")  # fmt: skip
+    ours, plain = [], []
+    for _ in range(args.rounds):  # interleaved rounds: both see the same machine load
+        ours.append(timed(lambda: project(batch), args.steps))
+        plain.append(timed(functional_step, args.steps))
+    sessions = args.steps * cfg.data.batch_size
+    best_ours, best_plain = min(ours), min(plain)
+    print(f"project step (nnx.jit, cached_partial): {sessions / best_ours:10,.0f} sessions/s")
+    print(f"plain functional jax.jit step:          {sessions / best_plain:10,.0f} sessions/s")
+    print(f"overhead: {best_ours / best_plain - 1:+.1%} (best of {args.rounds} rounds of {args.steps} steps)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""`phoenix-retrieve`: the top-K posts of a corpus for each session, optionally then ranked.
+
+    phoenix-retrieve --workdir DIR --corpus posts.jsonl --input sessions.jsonl --top-k K --output out.jsonl
+                     [--include-seen] [--then-rank [--weights a=w,...]]
+
+Builds the corpus's candidate-tower vectors once and saves them beside the checkpoint
+(`WORKDIR/index/`), reused while the checkpoint and the corpus are unchanged. Top-K is exact, by
+dot product, over the corpus in chunks. Posts in a session's history are excluded unless
+--include-seen. Writes one line per session, in input order:
+{"user_id": ..., "candidates": [{"post_id": ..., "author_id": ..., "retrieval_score": s}, ...]}
+and with --then-rank each candidate also has "probs" and "score", sorted by score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from phoenix_flax.data.raw import SessionFormatError, read_corpus
+from phoenix_flax.scoring import action_weights
+from train.rank import add_input_args, parse_weights, ranked, read_input, step_arg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="phoenix-retrieve", description=__doc__.split("\n\n")[0])
+    add_input_args(p)
+    p.add_argument("--corpus", required=True, help="JSON Lines of {post_id, author_id}")
+    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("--include-seen", action="store_true", help="keep posts already in the history")
+    p.add_argument("--then-rank", action="store_true", help="rank the retrieved posts with the ranker")
+    p.add_argument("--weights", help="score weights for --then-rank")
+    args = p.parse_args(argv)
+    if args.top_k < 1:
+        p.error("--top-k must be positive")
+
+    from phoenix_flax.serving import CachedRanker, CorpusIndex, restore, retrieve  # JAX starts here
+
+    try:
+        cfg, step, model = restore(args.workdir, step_arg(args.step))
+        actions = cfg.model.actions
+        sessions, report = read_input(args, actions, require_candidates=False)
+        index, rebuilt = CorpusIndex.load_or_build(args.workdir, step, model, cfg.model, args.corpus, read_corpus)
+        print(f"{'built' if rebuilt else 'reused'} the index of {len(index.post_ids):,} posts "
+              f"({CorpusIndex.path(args.workdir, step)})", file=sys.stderr)  # fmt: skip
+        hits = retrieve(model, cfg.model, index, sessions, args.top_k, include_seen=args.include_seen,
+                        batch_size=args.batch_size)  # fmt: skip
+        if args.then_rank:
+            weights = action_weights(actions, parse_weights(args.weights)).astype(np.float64)
+            retrieved = [
+                dataclasses.replace(
+                    s,
+                    candidate_post_id=index.post_ids[[j for j, _ in h]],
+                    candidate_author_id=index.author_ids[[j for j, _ in h]],
+                    candidate_product_surface=np.zeros(len(h), np.int32),
+                    candidate_actions=np.zeros(len(h), np.int64),
+                    labeled=False,
+                )
+                for s, h in zip(sessions, hits)
+            ]
+            probs = CachedRanker(model, cfg.model, args.batch_size).probabilities(retrieved)
+    except (SessionFormatError, FileNotFoundError, ValueError) as e:
+        print(f"phoenix-retrieve: error: {e}", file=sys.stderr)
+        return 2
+    with open(args.output, "w") as f:
+        for i, (session, h) in enumerate(zip(sessions, hits, strict=True)):
+            cands = [{"post_id": int(index.post_ids[j]), "author_id": int(index.author_ids[j]),
+                      "retrieval_score": round(s, 6)} for j, s in h]  # fmt: skip
+            if args.then_rank:
+                by_post = {c["post_id"]: c for c in cands}
+                cands = [{**by_post[c["post_id"]], **c} for c in ranked(retrieved[i], probs[i], actions, weights)]
+            f.write(json.dumps({"user_id": session.user_id, "candidates": cands}) + "\n")
+    print(f"retrieved top {args.top_k} for {len(sessions):,} sessions with step {step}; {report.summary()}",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
