@@ -16,6 +16,7 @@ import time
 
 from train_step import project_step_rate  # bench/train_step.py
 
+from phoenix_flax.config import ModelConfig
 from phoenix_flax.data import prepare, synth
 from phoenix_flax.data.pipeline import PipelineConfig, make_dataset
 from phoenix_flax.experiment import load

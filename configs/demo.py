@@ -17,7 +17,9 @@ def get_config() -> ExperimentConfig:
         name="demo",
         model=ModelConfig(
             emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2,
-            user_vocab_rows=8192, post_vocab_rows=16384, author_vocab_rows=2048,
+            # Tables well above the world's IDs (2000 users, 5000 posts, 200 authors), so that few
+            # rows are shared: a per-post attribute such as media type stays sharp.
+            user_vocab_rows=32768, post_vocab_rows=65536, author_vocab_rows=4096,
             history_len=16, num_candidates=8,
         ),  # fmt: skip
         data=DataConfig(

@@ -1,12 +1,10 @@
 """Sharded training on 8 simulated CPU devices: rules, parity with one device."""
 
-import dataclasses
 
 import jax
 import numpy as np
 import pytest
 from conftest import tiny_experiment
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from phoenix_flax.data.pipeline import global_batch, make_dataset
