@@ -103,10 +103,6 @@ class Attention(nnx.Module):
         out = jnp.einsum("bngts,bsnk->btngk", weights, v).reshape(b, t, hq, kd)
         return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(out.dtype))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        k, v = self.keys_values(x, positions)
-        return self.attend(self.queries(x, positions), k, v, mask)
-
 
 class FeedForward(nnx.Module):
     """Gated GELU: `(gelu(x @ gate) * (x @ up)) @ down`, tanh-approximate GELU."""

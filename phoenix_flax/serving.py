@@ -14,7 +14,7 @@ from flax import nnx
 from phoenix_flax.checkpoint import Checkpointer
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.data.pipeline import hash_prefix, recent_history
-from phoenix_flax.data.raw import Session
+from phoenix_flax.data.raw import Session, read_corpus
 from phoenix_flax.experiment import ExperimentConfig
 from phoenix_flax.hashing import hash_ids
 from phoenix_flax.model import PhoenixModel
@@ -23,12 +23,15 @@ from phoenix_flax.sharding import make_mesh
 from phoenix_flax.training import create_model
 
 
-def restore(workdir: str, step: int | str | None = "latest") -> tuple[ExperimentConfig, int, PhoenixModel]:
-    """The config, step and model of a checkpoint, restored onto this machine's devices."""
+def restore(
+    workdir: str, step: int | str | None = "latest", mesh: jax.sharding.Mesh | None = None
+) -> tuple[ExperimentConfig, int, PhoenixModel]:
+    """The config, step and model of a checkpoint, restored onto `mesh` (default: this machine's
+    devices, data-parallel), whatever mesh it was trained on."""
     checkpoints = Checkpointer.open_run(workdir)
     step = checkpoints.resolve(step)
     cfg = checkpoints.config(step)
-    model = create_model(cfg, make_mesh({"data": -1, "fsdp": 1, "model": 1}))
+    model = create_model(cfg, mesh or make_mesh({"data": -1, "fsdp": 1, "model": 1}))
     checkpoints.restore(step, model)
     return cfg, step, model
 
@@ -129,7 +132,7 @@ class CorpusIndex:
         return os.path.join(workdir, "index", f"step_{step}.npz")
 
     @classmethod
-    def load_or_build(cls, workdir, step, model, cfg, corpus_path, read_corpus) -> tuple[CorpusIndex, bool]:
+    def load_or_build(cls, workdir, step, model, cfg, corpus_path) -> tuple[CorpusIndex, bool]:
         """-> (index, whether it was (re)built)."""
         path, digest = cls.path(workdir, step), file_sha256(corpus_path)
         if os.path.exists(path):

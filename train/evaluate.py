@@ -20,15 +20,15 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from phoenix_flax.checkpoint import Checkpointer
 from phoenix_flax.data.pipeline import PipelineConfig, dataset_actions, global_batch, make_dataset, open_source
+from phoenix_flax.data.raw import read_corpus
 from phoenix_flax.experiment import ExperimentConfig, replace_fields
-from phoenix_flax.hashing import hash_ids
 from phoenix_flax.metrics import auc, normalized_entropy, recall_at_k
 from phoenix_flax.retrieval import top_k
 from phoenix_flax.scoring import action_weights, weighted_score
+from phoenix_flax.serving import CorpusIndex, restore
 from phoenix_flax.sharding import make_mesh
-from phoenix_flax.training import create_model, make_eval_step
+from phoenix_flax.training import make_eval_step
 
 POPULARITY_PRIOR = 10.0  # impressions of smoothing toward the global rate
 
@@ -104,25 +104,12 @@ def oracle_scores(truth_file: str, session_id: np.ndarray, position: np.ndarray,
 
 def corpus_ranks(model, cfg: ExperimentConfig, corpus_file: str, users: np.ndarray, positive_post_id: np.ndarray):
     """0-based rank of each row's positive among the corpus (inf when outside the top 100)."""
-    post_ids, author_ids = [], []
-    with open(corpus_file) as f:
-        for line in f:
-            record = json.loads(line)
-            post_ids.append(record["post_id"])
-            author_ids.append(record["author_id"])
-    post_ids, author_ids = np.array(post_ids, np.int64), np.array(author_ids, np.int64)
-    m = cfg.model
-    vectors = []
-    for start in range(0, len(post_ids), 8192):
-        p = hash_ids(post_ids[start : start + 8192], m.num_post_hashes, m.post_vocab_rows)
-        a = hash_ids(author_ids[start : start + 8192], m.num_author_hashes, m.author_vocab_rows)
-        vectors.append(model.retrieval.candidates(p, a))
-    corpus = np.concatenate([np.asarray(v) for v in vectors])
-    k = min(100, len(corpus))
+    index = CorpusIndex.build(model, cfg.model, *read_corpus(corpus_file))
+    k = min(100, len(index.post_ids))
     ranks = np.full(len(users), np.inf)
     for start in range(0, len(users), 1024):
-        _, idx = top_k(users[start : start + 1024], corpus, k, chunk_size=16384)
-        found = post_ids[np.asarray(idx)] == positive_post_id[start : start + 1024, None]
+        _, idx = top_k(users[start : start + 1024], index.vectors, k, chunk_size=16384)
+        found = index.post_ids[np.asarray(idx)] == positive_post_id[start : start + 1024, None]
         hit = found.any(1)
         ranks[start : start + 1024][hit] = found.argmax(1)[hit]
     return ranks
@@ -138,16 +125,12 @@ def evaluate(
     corpus_file: str | None = None,
     batch_size: int | None = None,
 ) -> dict:
-    checkpoints = Checkpointer.open_run(workdir)
-    step = checkpoints.resolve(step)
-    cfg = checkpoints.config(step)
+    mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    cfg, step, model = restore(workdir, step, mesh)
     if data_dir is not None:
         cfg = replace_fields(cfg, data={"data_dir": data_dir})
     truth_file = truth_file or (cfg.data.truth_file if split == "test" else None)
     corpus_file = corpus_file or cfg.data.corpus_file
-    mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    model = create_model(cfg, mesh)
-    checkpoints.restore(step, model)
     batch_size = batch_size or cfg.data.batch_size
     batch_size -= batch_size % mesh.size
     print(f"evaluating step {step} of {workdir} on '{split}' ({jax.device_count()} devices)", file=sys.stderr)

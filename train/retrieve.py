@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from phoenix_flax.data.raw import SessionFormatError, read_corpus
+from phoenix_flax.data.raw import SessionFormatError
 from phoenix_flax.scoring import action_weights
 from train.rank import add_input_args, parse_weights, ranked, read_input, step_arg
 
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, step, model = restore(args.workdir, step_arg(args.step))
         actions = cfg.model.actions
         sessions, report = read_input(args, actions, require_candidates=False)
-        index, rebuilt = CorpusIndex.load_or_build(args.workdir, step, model, cfg.model, args.corpus, read_corpus)
+        index, rebuilt = CorpusIndex.load_or_build(args.workdir, step, model, cfg.model, args.corpus)
         print(f"{'built' if rebuilt else 'reused'} the index of {len(index.post_ids):,} posts "
               f"({CorpusIndex.path(args.workdir, step)})", file=sys.stderr)  # fmt: skip
         hits = retrieve(model, cfg.model, index, sessions, args.top_k, include_seen=args.include_seen,

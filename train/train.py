@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from phoenix_flax.checkpoint import Checkpointer
-from phoenix_flax.data.pipeline import PipelineConfig, global_batch, make_dataset
+from phoenix_flax.data.pipeline import PipelineConfig, dataset_splits, global_batch, make_dataset
 from phoenix_flax.experiment import ExperimentConfig, dumps
 from phoenix_flax.sharding import make_mesh
 from phoenix_flax.training import create_train_state, make_eval_step, make_train_step
@@ -115,7 +115,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None)
 
     train_step = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
     eval_step = make_eval_step(cfg.loss)
-    has_eval = cfg.data.eval_split in _splits(cfg.data.data_dir)
+    has_eval = cfg.data.eval_split in dataset_splits(cfg.data.data_dir)
     writer = MetricWriter(workdir)
     preemption = Preemption()
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, step + stop_after)
@@ -173,14 +173,6 @@ def train(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None)
         writer.close()
         preemption.restore()
     return logged
-
-
-def _splits(data_dir: str) -> set[str]:
-    import tensorflow_datasets as tfds
-
-    from phoenix_flax.data.prepare import DATASET_NAME
-
-    return set(tfds.builder(DATASET_NAME, data_dir=data_dir).info.splits)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,6 +56,10 @@ def dataset_actions(data_dir: str) -> tuple[str, ...]:
     return tuple(tfds.builder(DATASET_NAME, data_dir=data_dir).info.metadata["actions"])
 
 
+def dataset_splits(data_dir: str) -> set[str]:
+    return set(tfds.builder(DATASET_NAME, data_dir=data_dir).info.splits)
+
+
 def open_source(data_dir: str, split: str):
     return tfds.data_source(DATASET_NAME, data_dir=data_dir, split=split)
 

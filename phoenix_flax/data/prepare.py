@@ -172,9 +172,7 @@ def prepare(
             raise ValueError(f"split {empty[0] if empty else '?'!r} has no valid sessions: {e}") from None
     report = SkipReport()
     for r in builder.skip_reports.values():
-        for reason, n in r.counts.items():
-            report.counts[reason] += n
-            report.examples.setdefault(reason, r.examples[reason])
+        report.merge(r)
     with open(os.path.join(target, STATISTICS_FILE), "w") as f:
         json.dump({"splits": builder.statistics, "skipped": dict(report.counts)}, f, indent=2)
     return builder.statistics, report

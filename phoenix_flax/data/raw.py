@@ -162,6 +162,11 @@ class SkipReport:
         self.counts[reason] += 1
         self.examples.setdefault(reason, str(error))
 
+    def merge(self, other: SkipReport) -> None:
+        for reason, n in other.counts.items():
+            self.counts[reason] += n
+            self.examples.setdefault(reason, other.examples[reason])
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
