@@ -14,10 +14,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from phoenix_flax.batch import random_batch
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import BATCH_SHAPES
 from phoenix_flax.ranker import PhoenixRanker
+from phoenix_flax.testing import model_inputs, random_batch
 
 
 def sessions_per_second(cfg: ModelConfig, batch: dict, iters: int) -> float:
@@ -41,7 +40,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     cfg = ModelConfig()
-    batch = {k: v for k, v in random_batch(cfg, args.batch, np.random.default_rng(0)).items() if k in BATCH_SHAPES}
+    batch = model_inputs(random_batch(cfg, args.batch, np.random.default_rng(0)))
     print(f"device: {jax.devices()[0].device_kind}; batch {args.batch}, S={cfg.history_len}, C={cfg.num_candidates}")
     f32 = sessions_per_second(cfg, batch, args.iters)
     bf16 = sessions_per_second(dataclasses.replace(cfg, dtype="bfloat16"), batch, args.iters)

@@ -16,20 +16,19 @@ import time
 
 from train_step import project_step_rate  # bench/train_step.py
 
-from phoenix_flax.config import ModelConfig
+from phoenix_flax.config import DataConfig, ModelConfig, load
 from phoenix_flax.data import prepare, synth
-from phoenix_flax.data.pipeline import PipelineConfig, make_dataset
-from phoenix_flax.experiment import load
+from phoenix_flax.data.pipeline import make_dataset
 
 
-def sessions_per_second(cfg: ModelConfig, pipeline: PipelineConfig, batches: int) -> float:
-    it = iter(make_dataset(cfg, pipeline))
+def sessions_per_second(cfg: ModelConfig, data: DataConfig, batches: int) -> float:
+    it = iter(make_dataset(cfg, data, "train"))
     for _ in range(5):  # warm-up: worker start-up and first reads
         next(it)
     start = time.perf_counter()
     for _ in range(batches):
         next(it)
-    return batches * pipeline.batch_size / (time.perf_counter() - start)
+    return batches * data.batch_size / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -53,10 +52,12 @@ def main() -> None:
     print(f"training step (demo config): {step_rate:10,.0f} sessions/s")
     rates = {}
     for workers in (0, 1, 2):
-        pipeline = PipelineConfig(data_dir, batch_size=args.batch, worker_count=workers)
-        rates[workers] = sessions_per_second(cfg, pipeline, args.batches)
-        print(f"pipeline, workers={workers}: {rates[workers]:10,.0f} sessions/s "
-              f"({rates[workers] / rates[0]:.2f}x of 0 workers; {rates[workers] / step_rate:.2f}x the step's consumption)")
+        data = DataConfig(data_dir, batch_size=args.batch, worker_count=workers)
+        rates[workers] = sessions_per_second(cfg, data, args.batches)
+        print(
+            f"pipeline, workers={workers}: {rates[workers]:10,.0f} sessions/s "
+            f"({rates[workers] / rates[0]:.2f}x of 0 workers; {rates[workers] / step_rate:.2f}x the step's consumption)"
+        )
 
 
 if __name__ == "__main__":

@@ -19,10 +19,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from phoenix_flax.batch import random_batch
-from phoenix_flax.embeddings import BATCH_SHAPES
-from phoenix_flax.experiment import load
+from phoenix_flax.config import load
 from phoenix_flax.ranker import PhoenixRanker
+from phoenix_flax.testing import model_inputs, random_batch
 
 
 def best_time(fn, rounds: int) -> float:
@@ -46,8 +45,7 @@ def main() -> None:
     demo = load(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
     cfg = dataclasses.replace(demo.model, history_len=args.history, num_candidates=args.candidates)
     model = PhoenixRanker(cfg, rngs=nnx.Rngs(0))
-    batch = random_batch(cfg, args.sessions, np.random.default_rng(0))
-    batch = {k: v for k, v in batch.items() if k in BATCH_SHAPES}
+    batch = model_inputs(random_batch(cfg, args.sessions, np.random.default_rng(0)))
     batch["history_post_hashes"][:, :, 0] = np.maximum(batch["history_post_hashes"][:, :, 0], 1)  # full history
     batch["candidate_post_hashes"][:, :, 0] = np.maximum(batch["candidate_post_hashes"][:, :, 0], 1)
     b, c = args.sessions, args.candidates
@@ -62,14 +60,25 @@ def main() -> None:
 
     def cached():
         ctx = context(model, batch)
-        return [score(model, ctx, rows[i : i + args.chunk], posts[i : i + args.chunk], authors[i : i + args.chunk],
-                      surfaces[i : i + args.chunk]) for i in range(0, b * c, args.chunk)]  # fmt: skip
+        return [
+            score(
+                model,
+                ctx,
+                rows[i : i + args.chunk],
+                posts[i : i + args.chunk],
+                authors[i : i + args.chunk],
+                surfaces[i : i + args.chunk],
+            )
+            for i in range(0, b * c, args.chunk)
+        ]
 
     np.testing.assert_allclose(np.concatenate(cached()).reshape(b, c, -1), full(model, batch), atol=1e-5)
     t_full, t_cached = best_time(lambda: full(model, batch), args.rounds), best_time(cached, args.rounds)
     n = b * c
-    print(f"{jax.devices()[0].platform}: {b} sessions x {c} candidates, history {args.history}, "
-          f"D={cfg.emb_size}, {cfg.num_layers} layers; cached chunks of {args.chunk}")  # fmt: skip
+    print(
+        f"{jax.devices()[0].platform}: {b} sessions x {c} candidates, history {args.history}, "
+        f"D={cfg.emb_size}, {cfg.num_layers} layers; cached chunks of {args.chunk}"
+    )
     print(f"full sequence: {n / t_full:12,.0f} candidates/s")
     print(f"cached context: {n / t_cached:11,.0f} candidates/s")
     print(f"cached / full: {t_full / t_cached:.2f}x (same probabilities within 1e-5)")

@@ -34,17 +34,21 @@ def main() -> None:
     times = []
     for _ in range(args.rounds):
         start = time.perf_counter()
-        scores, idx = jax.block_until_ready(top_k(users, corpus, args.k, chunk_size=args.chunk))
+        _, idx = jax.block_until_ready(top_k(users, corpus, args.k, chunk_size=args.chunk))
         times.append(time.perf_counter() - start)
     check = np.argsort(-(np.asarray(corpus) @ np.asarray(users[0])))[: args.k]
     assert (np.asarray(idx[0]) == check).all(), "top-k differs from brute force"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     working = args.users * (min(args.chunk, args.corpus) + args.k) * 4 * 2 / 2**20
-    print(f"{jax.devices()[0].platform}: corpus {args.corpus:,} x {args.dim}, top-{args.k}, "
-          f"{args.users} users per call, chunks of {args.chunk:,}")  # fmt: skip
+    print(
+        f"{jax.devices()[0].platform}: corpus {args.corpus:,} x {args.dim}, top-{args.k}, "
+        f"{args.users} users per call, chunks of {args.chunk:,}"
+    )
     print(f"users/s: {args.users / min(times):,.0f} (best of {args.rounds})")
-    print(f"memory: peak resident {peak:.2f} GiB; corpus {args.corpus * args.dim * 4 / 2**30:.2f} GiB; "
-          f"top-k working set {working:.0f} MiB")  # fmt: skip
+    print(
+        f"memory: peak resident {peak:.2f} GiB; corpus {args.corpus * args.dim * 4 / 2**30:.2f} GiB; "
+        f"top-k working set {working:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -16,24 +16,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from phoenix_flax.batch import random_batch
-from phoenix_flax.data.pipeline import FINGERPRINT_ROWS, global_batch
-from phoenix_flax.experiment import apply_overrides, load
-from phoenix_flax.hashing import hash_ids
+from phoenix_flax.config import apply_overrides, load
+from phoenix_flax.data.pipeline import global_batch
 from phoenix_flax.sharding import make_mesh
+from phoenix_flax.testing import random_batch
 from phoenix_flax.training import create_train_state, make_train_step, train_step_fn
-
-
-def demo_batch(cfg, batch_size: int) -> dict:
-    """A random batch with every field a training step reads."""
-    rng = np.random.default_rng(0)
-    b = random_batch(cfg.model, batch_size, rng)
-    b["labeled"] = np.ones(batch_size, bool)
-    b["positive_post_hashes"] = b["candidate_post_hashes"][:, 0]
-    b["positive_author_hashes"] = b["candidate_author_hashes"][:, 0]
-    b["positive_id"] = hash_ids(rng.integers(0, 1 << 40, batch_size), 1, FINGERPRINT_ROWS)[:, 0]
-    b["positive_valid"] = np.ones(batch_size, bool)
-    return b
 
 
 def timed(step, steps: int) -> float:
@@ -48,7 +35,7 @@ def timed(step, steps: int) -> float:
 def project_step_rate(cfg, steps: int = 20, rounds: int = 3) -> float:
     """Sessions/s of the project's training step on a fixed batch (no input pipeline)."""
     mesh = make_mesh(dataclasses.asdict(cfg.mesh))
-    batch = global_batch(demo_batch(cfg, cfg.data.batch_size), mesh)
+    batch = global_batch(random_batch(cfg.model, cfg.data.batch_size, np.random.default_rng(0)), mesh)
     model, optimizer = create_train_state(cfg, mesh)
     step = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
     return steps * cfg.data.batch_size / min(timed(lambda: step(batch), steps) for _ in range(rounds))
@@ -62,7 +49,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     cfg = apply_overrides(load(args.config), overrides)
     mesh = make_mesh(dataclasses.asdict(cfg.mesh))
-    batch = global_batch(demo_batch(cfg, cfg.data.batch_size), mesh)
+    batch = global_batch(random_batch(cfg.model, cfg.data.batch_size, np.random.default_rng(0)), mesh)
 
     model, optimizer = create_train_state(cfg, mesh)
     project = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
@@ -83,8 +70,10 @@ def main() -> None:
         holder["state"], metrics = functional(holder["state"], batch)
         return metrics
 
-    print(f"{args.config}: batch {cfg.data.batch_size}, S={cfg.model.history_len}, C={cfg.model.num_candidates}, "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s)")  # fmt: skip
+    print(
+        f"{args.config}: batch {cfg.data.batch_size}, S={cfg.model.history_len}, C={cfg.model.num_candidates}, "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
+    )
     ours, plain = [], []
     for _ in range(args.rounds):  # interleaved rounds: both see the same machine load
         ours.append(timed(lambda: project(batch), args.steps))

@@ -1,12 +1,12 @@
 """The demo: ranking and retrieval together on the synthetic world, on a CPU, in minutes."""
 
-from phoenix_flax.config import ModelConfig
-from phoenix_flax.experiment import (
+from phoenix_flax.config import (
     CheckpointConfig,
     DataConfig,
     EvalConfig,
     ExperimentConfig,
     LossConfig,
+    ModelConfig,
     OptimizerConfig,
     TrainConfig,
 )
@@ -16,12 +16,19 @@ def get_config() -> ExperimentConfig:
     return ExperimentConfig(
         name="demo",
         model=ModelConfig(
-            emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2,
+            emb_size=64,
+            key_size=16,
+            num_q_heads=4,
+            num_kv_heads=2,
+            num_layers=2,
             # Tables well above the world's IDs (2000 users, 5000 posts, 200 authors), so that few
             # rows are shared: a per-post attribute such as media type stays sharp.
-            user_vocab_rows=32768, post_vocab_rows=65536, author_vocab_rows=4096,
-            history_len=16, num_candidates=8,
-        ),  # fmt: skip
+            user_vocab_rows=32768,
+            post_vocab_rows=65536,
+            author_vocab_rows=4096,
+            history_len=16,
+            num_candidates=8,
+        ),
         data=DataConfig(
             data_dir="runs/demo/prepared",
             batch_size=256,

@@ -1,22 +1,32 @@
 """Ranking and retrieval trained together on one set of hash tables, at a single-host GPU scale."""
 
-from phoenix_flax.config import ModelConfig
-from phoenix_flax.experiment import (
+from phoenix_flax.config import (
     CheckpointConfig,
     DataConfig,
     EvalConfig,
     ExperimentConfig,
     LossConfig,
     MeshConfig,
+    ModelConfig,
     OptimizerConfig,
     TrainConfig,
 )
 
 BASE_MODEL = ModelConfig(
-    emb_size=256, key_size=64, num_q_heads=8, num_kv_heads=4, num_layers=4, widening_factor=4.0,
-    attn_output_multiplier=0.125, user_vocab_rows=1 << 22, post_vocab_rows=1 << 23, author_vocab_rows=1 << 21,
-    history_len=128, num_candidates=32, dtype="bfloat16",
-)  # fmt: skip
+    emb_size=256,
+    key_size=64,
+    num_q_heads=8,
+    num_kv_heads=4,
+    num_layers=4,
+    widening_factor=4.0,
+    attn_output_multiplier=0.125,
+    user_vocab_rows=1 << 22,
+    post_vocab_rows=1 << 23,
+    author_vocab_rows=1 << 21,
+    history_len=128,
+    num_candidates=32,
+    dtype="bfloat16",
+)
 
 
 def get_config() -> ExperimentConfig:
@@ -31,4 +41,3 @@ def get_config() -> ExperimentConfig:
         eval=EvalConfig(every_steps=2000, batches=50),
         train=TrainConfig(steps=200_000, log_every=100),
     )
-

@@ -4,7 +4,7 @@ import dataclasses
 
 import joint_base
 
-from phoenix_flax.experiment import replace_fields
+from phoenix_flax.config import replace_fields
 
 
 def get_config():

@@ -8,7 +8,7 @@ import dataclasses
 
 import joint_base
 
-from phoenix_flax.experiment import MeshConfig, replace_fields
+from phoenix_flax.config import MeshConfig, replace_fields
 
 NUM_CHIPS = 256
 NUM_HOSTS = 64
@@ -19,9 +19,16 @@ def get_config():
     cfg = replace_fields(
         cfg,
         model={
-            "emb_size": 512, "key_size": 64, "num_q_heads": 16, "num_kv_heads": 8, "num_layers": 8,
-            "user_vocab_rows": 1 << 27, "post_vocab_rows": 1 << 28, "author_vocab_rows": 1 << 25,
-            "history_len": 256, "num_candidates": 64,
+            "emb_size": 512,
+            "key_size": 64,
+            "num_q_heads": 16,
+            "num_kv_heads": 8,
+            "num_layers": 8,
+            "user_vocab_rows": 1 << 27,
+            "post_vocab_rows": 1 << 28,
+            "author_vocab_rows": 1 << 25,
+            "history_len": 256,
+            "num_candidates": 64,
         },
         data={"data_dir": "gs://phoenix/prepared", "batch_size": 65536, "worker_count": 16},
         optimizer={"learning_rate": 3e-4, "table_learning_rate": 0.01, "warmup_steps": 5000},
@@ -29,5 +36,5 @@ def get_config():
         checkpoint={"every_steps": 5000, "keep": 5},
         eval={"every_steps": 5000, "batches": 100},
         train={"steps": 1_000_000, "log_every": 200},
-    )  # fmt: skip
+    )
     return dataclasses.replace(cfg, name="tpu_pod", mesh=MeshConfig(data=8, fsdp=16, model=2))

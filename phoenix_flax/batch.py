@@ -1,51 +1,61 @@
-"""Random model-ready batches, for the demo, benchmarks and tests."""
+"""The batch schema: every field a step reads, validity, and padding to a fixed size.
+
+A batch is a dict of arrays. Shapes: B rows, S history items, C candidates, A actions, and Hu,
+Hp, Ha hashes per user, post and author. A user, history item or candidate is valid where its
+*first* hash is non-zero (row 0 of every table is padding).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from phoenix_flax.config import ModelConfig
+# The model's inputs (hash rows already computed by `phoenix_flax.hashing.hash_ids`).
+INPUT_FIELDS = {
+    "user_hashes": "[B, Hu]",
+    "history_post_hashes": "[B, S, Hp]",
+    "history_author_hashes": "[B, S, Ha]",
+    "history_actions": "[B, S, A] multi-hot",
+    "history_product_surface": "[B, S]",
+    "candidate_post_hashes": "[B, C, Hp]",
+    "candidate_author_hashes": "[B, C, Ha]",
+    "candidate_product_surface": "[B, C]",
+}
+# What the training and evaluation steps read besides the inputs.
+TARGET_FIELDS = {
+    "candidate_actions": "[B, C, A] labels",
+    "labeled": "[B] the session's candidates carry labels",
+    "positive_post_hashes": "[B, Hp] the retrieval positive",
+    "positive_author_hashes": "[B, Ha]",
+    "positive_id": "[B] int32 fingerprint of its post ID (accidental hits)",
+    "positive_valid": "[B] the example has a retrieval positive",
+}
+# Fields sent to the devices; the pipeline's other fields (raw IDs, session IDs) stay on the host.
+DEVICE_FIELDS = (*INPUT_FIELDS, *TARGET_FIELDS)
+
+Batch = Mapping[str, jax.Array]
 
 
-def random_batch(
-    cfg: ModelConfig,
-    batch_size: int,
-    rng: np.random.Generator,
-    *,
-    history_len: int | None = None,
-    num_candidates: int | None = None,
-    action_rate: float = 0.2,
-) -> dict[str, np.ndarray]:
-    """A batch of hashed rows in range, with padding at the end of histories and candidate lists.
+def is_valid(hashes: jax.Array) -> jax.Array:
+    """[..., H] hashes -> [...] bool: the entity is present (its first hash is not padding)."""
+    return hashes[..., 0] != 0
 
-    Holds the model inputs (`phoenix_flax.embeddings.BATCH_SHAPES`) and the labels
-    `candidate_actions [B, C, A]`. Every row has at least one history item and one candidate.
-    """
-    s = cfg.history_len if history_len is None else history_len
-    c = cfg.num_candidates if num_candidates is None else num_candidates
-    b, a = batch_size, cfg.num_actions
 
-    def hashes(rows, *shape):
-        return rng.integers(1, rows, size=shape, dtype=np.int32)
+def prefix_valid(batch: Batch) -> jax.Array:
+    """[B, 1 + S] validity of the [user, history] prefix of the sequence."""
+    return jnp.concatenate([is_valid(batch["user_hashes"])[:, None], is_valid(batch["history_post_hashes"])], axis=1)
 
-    batch = {
-        "user_hashes": hashes(cfg.user_vocab_rows, b, cfg.num_user_hashes),
-        "history_post_hashes": hashes(cfg.post_vocab_rows, b, s, cfg.num_post_hashes),
-        "history_author_hashes": hashes(cfg.author_vocab_rows, b, s, cfg.num_author_hashes),
-        "history_actions": (rng.random((b, s, a)) < action_rate).astype(np.int32),
-        "history_product_surface": rng.integers(0, cfg.product_surface_vocab_size, size=(b, s), dtype=np.int32),
-        "candidate_post_hashes": hashes(cfg.post_vocab_rows, b, c, cfg.num_post_hashes),
-        "candidate_author_hashes": hashes(cfg.author_vocab_rows, b, c, cfg.num_author_hashes),
-        "candidate_product_surface": rng.integers(0, cfg.product_surface_vocab_size, size=(b, c), dtype=np.int32),
-        "candidate_actions": (rng.random((b, c, a)) < action_rate).astype(np.int32),
-    }
-    history_len_per_row = rng.integers(1, s + 1, size=b)
-    candidates_per_row = rng.integers(1, c + 1, size=b)
-    for i in range(b):
-        for key in ("history_post_hashes", "history_author_hashes", "history_actions"):
-            batch[key][i, history_len_per_row[i] :] = 0
-        batch["history_product_surface"][i, history_len_per_row[i] :] = 0
-        for key in ("candidate_post_hashes", "candidate_author_hashes", "candidate_actions"):
-            batch[key][i, candidates_per_row[i] :] = 0
-        batch["candidate_product_surface"][i, candidates_per_row[i] :] = 0
-    return batch
+
+def pad_rows(x: np.ndarray, rows: int, fill=0) -> np.ndarray:
+    """`x` with `fill` rows appended along axis 0 up to `rows` (a fixed shape: no recompilation)."""
+    if len(x) > rows:
+        raise ValueError(f"{len(x)} rows do not fit in {rows}")
+    return np.concatenate([x, np.full((rows - len(x), *x.shape[1:]), fill, x.dtype)])
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Every field padded with empty rows (no user, history, candidates or positive) to `rows`."""
+    return {k: pad_rows(np.asarray(v), rows) for k, v in batch.items()}

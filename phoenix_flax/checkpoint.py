@@ -8,6 +8,8 @@ checkpoint restores onto any mesh or device count.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import grain
@@ -15,7 +17,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from phoenix_flax.experiment import CheckpointConfig, ExperimentConfig, from_dict, to_dict
+from phoenix_flax.config import CheckpointConfig, ExperimentConfig, from_dict, to_dict
+from phoenix_flax.model import PhoenixModel
+from phoenix_flax.sharding import make_mesh
+from phoenix_flax.training import create_model
 
 ITEMS = ("model", "optimizer", "data", "config")
 
@@ -23,6 +28,26 @@ ITEMS = ("model", "optimizer", "data", "config")
 def _target(state):
     """An abstract pytree with the shapes, dtypes and shardings of `state`."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class _ReadOnlyNotices(logging.Filter):
+    """Orbax warns on every read-only open that it is read-only; evaluation and serving always
+    open read-only, so the notice is expected, not news. Other warnings pass."""
+
+    PREFIXES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.PREFIXES)
+
+
+@contextlib.contextmanager
+def _without_read_only_notices():
+    logger, notices = logging.getLogger("absl"), _ReadOnlyNotices()
+    logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notices)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -42,16 +67,17 @@ class Checkpointer:
                     keep_checkpoints_without_metrics=False,
                 )
             )
-        options = ocp.CheckpointManagerOptions(
-            # best_fn makes Orbax write each checkpoint's metrics and read them back on resume.
-            best_fn=(lambda metrics: metrics[cfg.best_metric]) if cfg.best_metric else None,
-            best_mode=cfg.best_mode,
-            enable_async_checkpointing=cfg.asynchronous,
-            preservation_policy=ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies),
-            read_only=read_only,
-            create=not read_only,
-        )
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+        with _without_read_only_notices() if read_only else contextlib.nullcontext():
+            options = ocp.CheckpointManagerOptions(
+                # best_fn makes Orbax write each checkpoint's metrics and read them back on resume.
+                best_fn=(lambda metrics: metrics[cfg.best_metric]) if cfg.best_metric else None,
+                best_mode=cfg.best_mode,
+                enable_async_checkpointing=cfg.asynchronous,
+                preservation_policy=ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies),
+                read_only=read_only,
+                create=not read_only,
+            )
+            self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
     @classmethod
     def open_run(cls, workdir: str) -> Checkpointer:
@@ -116,3 +142,19 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def restore_model(
+    workdir: str, step: int | str | None = "latest", mesh: jax.sharding.Mesh | None = None
+) -> tuple[ExperimentConfig, int, PhoenixModel]:
+    """The config, step and model of a run's checkpoint (for evaluation and serving), restored
+    onto `mesh` (default: this machine's devices, data-parallel), whatever mesh it trained on."""
+    checkpoints = Checkpointer.open_run(workdir)
+    try:
+        step = checkpoints.resolve(step)
+        cfg = checkpoints.config(step)
+        model = create_model(cfg, mesh or make_mesh({"data": -1, "fsdp": 1, "model": 1}))
+        checkpoints.restore(step, model)
+    finally:
+        checkpoints.close()
+    return cfg, step, model

@@ -18,10 +18,21 @@ from phoenix_flax.ranker import PhoenixRanker
 from phoenix_flax.retrieval import PhoenixRetrieval
 
 REFERENCE_CONFIG_KEYS = (
-    "emb_size", "key_size", "num_q_heads", "num_kv_heads", "num_layers", "widening_factor",
-    "attn_output_multiplier", "num_actions", "history_seq_len", "candidate_seq_len",
-    "num_user_hashes", "num_item_hashes", "num_author_hashes", "product_surface_vocab_size",
-)  # fmt: skip
+    "emb_size",
+    "key_size",
+    "num_q_heads",
+    "num_kv_heads",
+    "num_layers",
+    "widening_factor",
+    "attn_output_multiplier",
+    "num_actions",
+    "history_seq_len",
+    "candidate_seq_len",
+    "num_user_hashes",
+    "num_item_hashes",
+    "num_author_hashes",
+    "product_surface_vocab_size",
+)
 
 # Where each original parameter lives: (variable, the original's shape, which is ours with
 # the head axes merged).

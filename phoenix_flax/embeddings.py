@@ -1,8 +1,6 @@
 """Hash-embedding tables and the original's input blocks.
 
-A batch is a dict of integer arrays named as in the original (see `BATCH_SHAPES`); the hash
-tables turn it into an embeddings dict (see `EMBEDDING_KEYS`). A user, history item or
-candidate is valid where its *first* hash is non-zero.
+The hash tables turn a batch (`phoenix_flax.batch`) into an embeddings dict (`EMBEDDING_KEYS`).
 """
 
 from __future__ import annotations
@@ -13,20 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phoenix_flax.batch import Batch
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.layers import dense_init, param
-
-# Batch fields and their shapes: Hu, Hp, Ha hashes per user, post and author; A actions.
-BATCH_SHAPES = {
-    "user_hashes": "[B, Hu]",
-    "history_post_hashes": "[B, S, Hp]",
-    "history_author_hashes": "[B, S, Ha]",
-    "history_actions": "[B, S, A]",
-    "history_product_surface": "[B, S]",
-    "candidate_post_hashes": "[B, C, Hp]",
-    "candidate_author_hashes": "[B, C, Ha]",
-    "candidate_product_surface": "[B, C]",
-}
 
 # Embeddings dict key -> (batch field, table).
 EMBEDDING_KEYS = {
@@ -37,13 +24,7 @@ EMBEDDING_KEYS = {
     "candidate_author_embeddings": ("candidate_author_hashes", "author"),
 }
 
-Batch = Mapping[str, jax.Array]
 Embeddings = Mapping[str, jax.Array]
-
-
-def is_valid(hashes: jax.Array) -> jax.Array:
-    """[..., H] hashes -> [...] bool: the entity is present (its first hash is not padding)."""
-    return hashes[..., 0] != 0
 
 
 class HashTable(nnx.Module):
@@ -70,9 +51,7 @@ class HashEmbeddings(nnx.Module):
     def __call__(self, batch: Batch) -> dict[str, jax.Array]:
         """Looks up every hash field present in `batch`: `[..., H]` -> `[..., H, D]`."""
         return {
-            key: getattr(self, table)(batch[field])
-            for key, (field, table) in EMBEDDING_KEYS.items()
-            if field in batch
+            key: getattr(self, table)(batch[field]) for key, (field, table) in EMBEDDING_KEYS.items() if field in batch
         }
 
 

@@ -11,8 +11,14 @@ import numpy as np
 # Per-hash-function seeds (odd 64-bit constants); hash k uses _SEEDS[k % 8] and a rotation by k.
 _SEEDS = np.array(
     [
-        0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
-        0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3, 0x589965CC75374CC3,
+        0x9E3779B97F4A7C15,
+        0xC2B2AE3D27D4EB4F,
+        0x165667B19E3779F9,
+        0xD6E8FEB86659FD93,
+        0xA0761D6478BD642F,
+        0xE7037ED1A0B428DB,
+        0x8EBC6AF09C88C6E3,
+        0x589965CC75374CC3,
     ],
     dtype=np.uint64,
 )
@@ -46,10 +52,22 @@ def hash_ids(ids, num_hashes: int, num_rows: int) -> np.ndarray:
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
     x = ids.astype(np.int64).astype(np.uint64)  # two's complement: every int64 is distinct
-    rows = np.empty(ids.shape + (num_hashes,), dtype=np.int32)
+    rows = np.empty((*ids.shape, num_hashes), dtype=np.int32)
     with np.errstate(over="ignore"):
         for k in range(num_hashes):
             seed = _SEEDS[k % len(_SEEDS)] + np.uint64(k // len(_SEEDS))
             z = _mix64(_mix64(x ^ seed) + seed)
             rows[..., k] = (z % np.uint64(num_rows - 1)).astype(np.int64) + 1
     return rows
+
+
+FINGERPRINT_ROWS = 2**31 - 1
+
+
+def fingerprint(ids) -> np.ndarray:
+    """64-bit IDs -> int32 fingerprints in [1, 2^31 - 1): equal IDs are equal on device.
+
+    Used where a step must tell items apart (accidental hits of the sampled softmax) without
+    int64 on the device; distinct IDs collide with probability about 2^-31 per pair.
+    """
+    return hash_ids(ids, 1, FINGERPRINT_ROWS)[..., 0]

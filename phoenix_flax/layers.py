@@ -15,6 +15,7 @@ from flax import nnx
 from phoenix_flax.config import ModelConfig
 
 ATTN_SOFTCAP = 30.0
+# A finite stand-in for -inf in attention and the sampled softmax: masked logits keep gradients finite.
 MASKED_LOGIT = -1e30
 RMS_EPS = 1e-5
 ROPE_BASE = 10000.0
@@ -41,6 +42,12 @@ def param(
 
 
 dense_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def causal_mask(valid: jax.Array) -> jax.Array:
+    """[B, T] validity -> [B, T, T] bool (True = may attend): earlier or same positions, valid keys."""
+    t = valid.shape[1]
+    return jnp.tril(jnp.ones((t, t), dtype=bool))[None] & valid[:, None, :]
 
 
 class RMSNorm(nnx.Module):

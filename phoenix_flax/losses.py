@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# A finite stand-in for -inf, so that masked logits keep gradients finite.
-MASKED_LOGIT = -1e30
+from phoenix_flax.layers import MASKED_LOGIT
 
 
 def ranking_bce(

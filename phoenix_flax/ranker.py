@@ -8,16 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phoenix_flax.batch import Batch, is_valid, prefix_valid
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import (
-    Batch,
-    Embeddings,
-    HashEmbeddings,
-    UserHistoryBlocks,
-    flatten_hashes,
-    is_valid,
-)
-from phoenix_flax.layers import RMSNorm, Transformer, dense_init, param
+from phoenix_flax.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, flatten_hashes
+from phoenix_flax.layers import RMSNorm, Transformer, causal_mask, dense_init, param
 
 
 class UserContext(NamedTuple):
@@ -34,13 +28,11 @@ def ranker_attention_mask(prefix_valid: jax.Array, candidate_valid: jax.Array) -
     Prefix positions (user and history) attend causally; each candidate attends to the whole
     prefix and to itself only ("candidate isolation"); padded keys are never attended.
     """
-    p, c = prefix_valid.shape[1], candidate_valid.shape[1]
-    idx = jnp.arange(p + c)
-    causal = idx[:, None] >= idx[None, :]
-    both_candidates = (idx[:, None] >= p) & (idx[None, :] >= p)
-    structure = causal & ~(both_candidates & (idx[:, None] != idx[None, :]))  # [T, T]
-    key_valid = jnp.concatenate([prefix_valid, candidate_valid], axis=1)  # [B, T]
-    return structure[None] & key_valid[:, None, :]
+    p = prefix_valid.shape[1]
+    mask = causal_mask(jnp.concatenate([prefix_valid, candidate_valid], axis=1))  # [B, T, T]
+    idx = jnp.arange(mask.shape[1])
+    other_candidate = (idx[:, None] >= p) & (idx[None, :] >= p) & (idx[:, None] != idx[None, :])
+    return mask & ~other_candidate[None]
 
 
 def sequence_positions(prefix_len: int, num_candidates: int, candidate_positions: str) -> jax.Array:
@@ -99,10 +91,7 @@ class PhoenixRanker(nnx.Module):
         prefix_len = 1 + history.shape[1]
         num_candidates = candidates.shape[1]
 
-        prefix_valid = jnp.concatenate(
-            [is_valid(batch["user_hashes"])[:, None], is_valid(batch["history_post_hashes"])], axis=1
-        )
-        mask = ranker_attention_mask(prefix_valid, is_valid(batch["candidate_post_hashes"]))
+        mask = ranker_attention_mask(prefix_valid(batch), is_valid(batch["candidate_post_hashes"]))
         positions = sequence_positions(prefix_len, num_candidates, self.candidate_positions)
 
         h = self.transformer(jnp.concatenate([user, history, candidates], axis=1), positions, mask)
@@ -118,12 +107,8 @@ class PhoenixRanker(nnx.Module):
             raise ValueError("a cached user context needs candidate_positions='shared'")
         emb = self.embeddings({k: batch[k] for k in ("user_hashes", "history_post_hashes", "history_author_hashes")})
         x = jnp.concatenate([self.blocks.user(emb), self.blocks.history(batch, emb)], axis=1)  # [B, P, D]
-        valid = jnp.concatenate(
-            [is_valid(batch["user_hashes"])[:, None], is_valid(batch["history_post_hashes"])], axis=1
-        )
-        p = x.shape[1]
-        mask = jnp.tril(jnp.ones((p, p), dtype=bool))[None] & valid[:, None, :]
-        _, cache = self.transformer.with_keys_values(x, jnp.arange(p), mask)
+        valid = prefix_valid(batch)
+        _, cache = self.transformer.with_keys_values(x, jnp.arange(x.shape[1]), causal_mask(valid))
         return UserContext(tuple(k for k, _ in cache), tuple(v for _, v in cache), valid)
 
     def score_candidates(

@@ -8,16 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phoenix_flax.batch import Batch, prefix_valid
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import (
-    Batch,
-    Embeddings,
-    HashEmbeddings,
-    UserHistoryBlocks,
-    flatten_hashes,
-    is_valid,
-)
-from phoenix_flax.layers import Transformer, dense_init, param
+from phoenix_flax.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, flatten_hashes
+from phoenix_flax.layers import Transformer, causal_mask, dense_init, param
 
 L2_EPS = 1e-12
 # Bounds of a learned temperature, so the logits' scale cannot run away.
@@ -84,12 +78,8 @@ class PhoenixRetrieval(nnx.Module):
     def user_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
         """Mean of the transformer's outputs over valid [user, history] positions, L2-normalised."""
         x = jnp.concatenate([self.blocks.user(emb), self.blocks.history(batch, emb)], axis=1)  # [B, P, D]
-        valid = jnp.concatenate(
-            [is_valid(batch["user_hashes"])[:, None], is_valid(batch["history_post_hashes"])], axis=1
-        )  # [B, P]
-        p = x.shape[1]
-        causal = jnp.tril(jnp.ones((p, p), dtype=bool))
-        h = self.transformer(x, jnp.arange(p), causal[None] & valid[:, None, :]).astype(jnp.float32)
+        valid = prefix_valid(batch)  # [B, P]
+        h = self.transformer(x, jnp.arange(x.shape[1]), causal_mask(valid)).astype(jnp.float32)
         w = valid.astype(jnp.float32)[..., None]
         mean = jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
         return l2_normalize(mean)

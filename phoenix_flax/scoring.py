@@ -41,6 +41,22 @@ def action_weights(actions: Sequence[str], overrides: Mapping[str, float] | None
     return np.array([weights[a] for a in actions], dtype=np.float32)
 
 
+def parse_weights(text: str | None) -> dict[str, float]:
+    """'favorite=1,report=-20' (a `--weights` argument) -> {'favorite': 1.0, 'report': -20.0}."""
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--weights: bad entry {part!r}; expected action=number") from None
+        if not eq:
+            raise ValueError(f"--weights: bad entry {part!r}; expected action=number")
+    return out
+
+
 def weighted_score(probs: jax.Array, weights: jax.Array) -> jax.Array:
     """`[..., A]` probabilities and `[A]` weights -> `[...]` scores."""
     return jnp.einsum("...a,a->...", probs.astype(jnp.float32), jnp.asarray(weights, jnp.float32))

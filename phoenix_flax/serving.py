@@ -5,35 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from phoenix_flax.checkpoint import Checkpointer
+from phoenix_flax.batch import pad_batch, pad_rows
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.data.pipeline import hash_prefix, recent_history
 from phoenix_flax.data.raw import Session, read_corpus
-from phoenix_flax.experiment import ExperimentConfig
 from phoenix_flax.hashing import hash_ids
 from phoenix_flax.model import PhoenixModel
 from phoenix_flax.retrieval import top_k
-from phoenix_flax.sharding import make_mesh
-from phoenix_flax.training import create_model
-
-
-def restore(
-    workdir: str, step: int | str | None = "latest", mesh: jax.sharding.Mesh | None = None
-) -> tuple[ExperimentConfig, int, PhoenixModel]:
-    """The config, step and model of a checkpoint, restored onto `mesh` (default: this machine's
-    devices, data-parallel), whatever mesh it was trained on."""
-    checkpoints = Checkpointer.open_run(workdir)
-    step = checkpoints.resolve(step)
-    cfg = checkpoints.config(step)
-    model = create_model(cfg, mesh or make_mesh({"data": -1, "fsdp": 1, "model": 1}))
-    checkpoints.restore(step, model)
-    return cfg, step, model
 
 
 def prefix_batch(sessions: Sequence[Session], cfg: ModelConfig, batch_size: int) -> dict[str, np.ndarray]:
@@ -42,9 +26,7 @@ def prefix_batch(sessions: Sequence[Session], cfg: ModelConfig, batch_size: int)
     rows = [recent_history(vars(s), cfg.history_len, bits) for s in sessions]
     ex = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     ex["user_id"] = np.array([s.user_id for s in sessions], np.int64)
-    out = hash_prefix(ex, cfg)
-    pad = batch_size - len(sessions)
-    return {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in out.items()}
+    return pad_batch(hash_prefix(ex, cfg), batch_size)
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -72,25 +54,21 @@ class CachedRanker:
         cfg, out = self.cfg, []
         for group in _batches(sessions, self.batch_size):
             context = self._context(self.model, prefix_batch(group, cfg, self.batch_size))
-            rows = np.concatenate([np.full(len(s.candidate_post_id), i, np.int32) for i, s in enumerate(group)])
-            posts = np.concatenate([s.candidate_post_id for s in group])
-            authors = np.concatenate([s.candidate_author_id for s in group])
-            surfaces = np.concatenate([s.candidate_product_surface for s in group])
+            candidates = (  # rows (the candidate's session in the group), hashes, surfaces: [N, ...]
+                np.concatenate([np.full(len(s.candidate_post_id), i, np.int32) for i, s in enumerate(group)]),
+                hash_ids(
+                    np.concatenate([s.candidate_post_id for s in group]), cfg.num_post_hashes, cfg.post_vocab_rows
+                ),
+                hash_ids(
+                    np.concatenate([s.candidate_author_id for s in group]), cfg.num_author_hashes, cfg.author_vocab_rows
+                ),
+                np.concatenate([s.candidate_product_surface for s in group]),
+            )
+            n = len(candidates[0])
             probs = []
-            for start in range(0, len(rows), self.chunk_size):
-                n = min(self.chunk_size, len(rows) - start)
-                pad = self.chunk_size - n
-
-                def chunk(x, fill=0):
-                    return np.concatenate([x[start : start + n], np.full(pad, fill, x.dtype)])
-
-                p = self._score(
-                    self.model, context, chunk(rows),
-                    hash_ids(chunk(posts), cfg.num_post_hashes, cfg.post_vocab_rows),
-                    hash_ids(chunk(authors), cfg.num_author_hashes, cfg.author_vocab_rows),
-                    chunk(surfaces),
-                )  # fmt: skip
-                probs.append(np.asarray(p)[:n])
+            for start in range(0, n, self.chunk_size):
+                chunk = [pad_rows(x[start : start + self.chunk_size], self.chunk_size) for x in candidates]
+                probs.append(np.asarray(self._score(self.model, context, *chunk))[: min(self.chunk_size, n - start)])
             probs = np.concatenate(probs)
             bounds = np.cumsum([0] + [len(s.candidate_post_id) for s in group])
             out.extend(probs[bounds[i] : bounds[i + 1]] for i in range(len(group)))
@@ -117,15 +95,42 @@ class CorpusIndex:
 
     @classmethod
     def build(cls, model: PhoenixModel, cfg: ModelConfig, post_ids, author_ids, chunk: int = 8192) -> CorpusIndex:
+        if model.retrieval is None:
+            raise ValueError("this checkpoint has no retrieval model (its loss.retrieval_weight was 0)")
         encode = nnx.jit(lambda m, p, a: m.retrieval.candidates(p, a))
         vectors = []
         for start in range(0, len(post_ids), chunk):
             p, a = post_ids[start : start + chunk], author_ids[start : start + chunk]
-            pad = chunk - len(p)
-            ph = np.pad(hash_ids(p, cfg.num_post_hashes, cfg.post_vocab_rows), ((0, pad), (0, 0)))
-            ah = np.pad(hash_ids(a, cfg.num_author_hashes, cfg.author_vocab_rows), ((0, pad), (0, 0)))
+            ph = pad_rows(hash_ids(p, cfg.num_post_hashes, cfg.post_vocab_rows), chunk)
+            ah = pad_rows(hash_ids(a, cfg.num_author_hashes, cfg.author_vocab_rows), chunk)
             vectors.append(np.asarray(encode(model, ph, ah))[: len(p)])
         return cls(post_ids, author_ids, np.concatenate(vectors))
+
+    def search(
+        self,
+        users: np.ndarray,
+        k: int,
+        exclude: Sequence[Collection[int]] | None = None,
+        chunk_size: int = 65536,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of the corpus by dot product with `users [B, D]`.
+
+        Posts whose ID is in `exclude[i]` are skipped for user i. Returns corpus positions
+        `[B, k]` (-1 where fewer than k remain) and their scores `[B, k]`.
+        """
+        n = len(self.post_ids)
+        extra = max((len(x) for x in exclude), default=0) if exclude is not None else 0
+        kk = min(n, k + extra)  # room for excluded posts to be dropped
+        scores, idx = top_k(users, self.vectors, kk, chunk_size=min(chunk_size, n))
+        scores, idx = np.asarray(scores), np.asarray(idx)
+        out_idx, out_scores = np.full((len(users), k), -1), np.full((len(users), k), -np.inf, np.float32)
+        for i in range(len(users)):
+            keep = idx[i] >= 0
+            if exclude is not None and exclude[i]:
+                keep &= ~np.isin(self.post_ids[idx[i]], list(exclude[i]))
+            kept = np.nonzero(keep)[0][:k]
+            out_idx[i, : len(kept)], out_scores[i, : len(kept)] = idx[i, kept], scores[i, kept]
+        return out_idx, out_scores
 
     @staticmethod
     def path(workdir: str, step: int) -> str:
@@ -165,16 +170,27 @@ def retrieve(
     if model.retrieval is None:
         raise ValueError("this checkpoint has no retrieval model (its loss.retrieval_weight was 0)")
     users_fn = nnx.jit(lambda m, b: m.retrieval.user(b))
-    n = len(index.post_ids)
     results = []
     for group in _batches(sessions, batch_size):
         users = np.asarray(users_fn(model, prefix_batch(group, cfg, batch_size)))[: len(group)]
-        seen = [set() if include_seen else set(s.history_post_id.tolist()) for s in group]
-        extra = max((len(x) for x in seen), default=0)  # room for seen posts to be dropped
-        kk = min(n, k + extra)
-        scores, idx = top_k(users, index.vectors, kk, chunk_size=min(chunk_size, n))
-        scores, idx = np.asarray(scores), np.asarray(idx)
-        for i in range(len(group)):
-            keep = [(int(j), float(s)) for j, s in zip(idx[i], scores[i]) if j >= 0 and index.post_ids[j] not in seen[i]]
-            results.append(keep[:k])
+        seen = None if include_seen else [set(s.history_post_id.tolist()) for s in group]
+        idx, scores = index.search(users, k, seen, chunk_size)
+        results.extend(
+            [(int(j), float(s)) for j, s in zip(row_idx, row_scores, strict=True) if j >= 0]
+            for row_idx, row_scores in zip(idx, scores, strict=True)
+        )
     return results
+
+
+def ranked_candidates(session: Session, probs: np.ndarray, actions: Sequence[str], weights: np.ndarray) -> list[dict]:
+    """A session's candidates with their probabilities and score, best first (the programs' output)."""
+    scores = probs.astype(np.float64) @ weights
+    order = np.argsort(-scores, kind="stable")
+    return [
+        {
+            "post_id": int(session.candidate_post_id[j]),
+            "probs": {a: round(float(p), 6) for a, p in zip(actions, probs[j], strict=True)},
+            "score": round(float(scores[j]), 6),
+        }
+        for j in order
+    ]

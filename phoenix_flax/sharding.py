@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 from flax import nnx
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -31,7 +32,11 @@ DEFAULT_RULES: LogicalRules = (
 )
 
 MESH_AXES = ("data", "fsdp", "model")
-BATCH_AXES = ("data", "fsdp")
+
+
+def logical_sharding(mesh: jax.sharding.Mesh, names: tuple[str | None, ...], rules: LogicalRules = DEFAULT_RULES):
+    """The `NamedSharding` of an array whose axes have logical `names`, under `rules`."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
 
 
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
@@ -64,7 +69,7 @@ def check_divisible(state, mesh: jax.sharding.Mesh) -> None:
     for (path, spec), leaf in zip(
         jax.tree_util.tree_leaves_with_path(specs), jax.tree_util.tree_leaves(state), strict=True
     ):
-        for dim, axes in zip(leaf.shape, spec or ()):
+        for dim, axes in zip(leaf.shape, spec or (), strict=False):  # a spec may name fewer axes than the shape
             if axes is None:
                 continue
             n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from phoenix_flax.embeddings import is_valid
-from phoenix_flax.experiment import ExperimentConfig, LossConfig, OptimizerConfig
+from phoenix_flax.batch import is_valid
+from phoenix_flax.config import ExperimentConfig, LossConfig, OptimizerConfig
 from phoenix_flax.losses import ranking_bce, sampled_softmax_loss
 from phoenix_flax.model import PhoenixModel
 from phoenix_flax.sharding import DEFAULT_RULES, check_divisible
@@ -100,9 +100,7 @@ def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[j
         positives = model.retrieval.candidates(batch["positive_post_hashes"], batch["positive_author_hashes"])
         log_q = None if model.frequency is None else model.frequency.log_q(batch["positive_id"])
         temperature = model.retrieval.temperature()
-        ret = sampled_softmax_loss(
-            users, positives, batch["positive_id"], batch["positive_valid"], temperature, log_q
-        )
+        ret = sampled_softmax_loss(users, positives, batch["positive_id"], batch["positive_valid"], temperature, log_q)
         total = total + cfg.retrieval_weight * ret
         metrics["retrieval_loss"] = ret
         metrics["temperature"] = temperature

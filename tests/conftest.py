@@ -7,20 +7,16 @@ import pathlib
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = pathlib.Path(
-    os.environ.get("PHOENIX_REFERENCE", REPO.parent / "shared" / "reference" / "phoenix_reference_golden.npz")
-)
+REFERENCE = REPO / "tests" / "data" / "phoenix_reference_golden.npz"  # see tests/data/README.md
 
 
 @pytest.fixture(scope="session")
 def golden():
     """The original implementation's reference vectors, split by key prefix."""
-    if not REFERENCE.exists():
-        pytest.fail(f"reference vectors not found at {REFERENCE} (set PHOENIX_REFERENCE to their path)")
     z = np.load(REFERENCE)
 
     def section(prefix):
@@ -57,18 +53,32 @@ def tiny_world(tmp_path_factory):
 
 def tiny_experiment(data_dir: str, **sections):
     """A small joint experiment on `data_dir`; `sections` replace fields: tiny_experiment(d, train={"steps": 3})."""
-    from phoenix_flax.config import ModelConfig
-    from phoenix_flax.experiment import ExperimentConfig, replace_fields
-    from phoenix_flax.experiment import (
-        CheckpointConfig, DataConfig, EvalConfig, LossConfig, OptimizerConfig, TrainConfig,
-    )  # fmt: skip
+    from phoenix_flax.config import (
+        CheckpointConfig,
+        DataConfig,
+        EvalConfig,
+        ExperimentConfig,
+        LossConfig,
+        ModelConfig,
+        OptimizerConfig,
+        TrainConfig,
+        replace_fields,
+    )
 
     cfg = ExperimentConfig(
         name="tiny",
         model=ModelConfig(
-            emb_size=16, key_size=4, num_q_heads=4, num_kv_heads=2, num_layers=1, history_len=8,
-            num_candidates=8, user_vocab_rows=256, post_vocab_rows=1024, author_vocab_rows=64,
-        ),  # fmt: skip
+            emb_size=16,
+            key_size=4,
+            num_q_heads=4,
+            num_kv_heads=2,
+            num_layers=1,
+            history_len=8,
+            num_candidates=8,
+            user_vocab_rows=256,
+            post_vocab_rows=1024,
+            author_vocab_rows=64,
+        ),
         data=DataConfig(data_dir=data_dir, batch_size=16),
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
         loss=LossConfig(ranking_weight=1.0, retrieval_weight=0.5, logq="estimated", frequency_buckets=4096),

@@ -69,9 +69,13 @@ def _user_history(p, prefix, cfg, batch, emb):
     action_emb = action_emb * (actions.sum(-1, keepdims=True) > 0)
     surface = np.eye(cfg["product_surface_vocab_size"])[batch["history_product_surface"]]
     surface_emb = surface @ p[prefix + "product_surface_embedding_table"]
-    hist = np.concatenate(
-        [_flat(emb["history_post_embeddings"]), _flat(emb["history_author_embeddings"]), action_emb, surface_emb], -1
-    ) @ p[prefix + "proj_mat_3"]
+    hist = (
+        np.concatenate(
+            [_flat(emb["history_post_embeddings"]), _flat(emb["history_author_embeddings"]), action_emb, surface_emb],
+            -1,
+        )
+        @ p[prefix + "proj_mat_3"]
+    )
     valid = np.concatenate([batch["user_hashes"][:, :1] != 0, batch["history_post_hashes"][..., 0] != 0], 1)
     return user, hist, valid
 
@@ -80,12 +84,19 @@ def ranker_logits(p, cfg, batch, emb):
     pre = "phoenix_model/"
     user, hist, prefix_valid = _user_history(p, pre, cfg, batch, emb)
     surface = np.eye(cfg["product_surface_vocab_size"])[batch["candidate_product_surface"]]
-    cand = np.concatenate(
-        [_flat(emb["candidate_post_embeddings"]), _flat(emb["candidate_author_embeddings"]),
-         surface @ p[pre + "product_surface_embedding_table"]], -1
-    ) @ p[pre + "proj_mat_2"]  # fmt: skip
+    cand = (
+        np.concatenate(
+            [
+                _flat(emb["candidate_post_embeddings"]),
+                _flat(emb["candidate_author_embeddings"]),
+                surface @ p[pre + "product_surface_embedding_table"],
+            ],
+            -1,
+        )
+        @ p[pre + "proj_mat_2"]
+    )
     h = np.concatenate([user, hist, cand], 1)
-    b, t, _ = h.shape
+    t = h.shape[1]
     start = 1 + hist.shape[1]
     structure = np.tril(np.ones((t, t)))
     structure[start:, start:] = np.eye(t - start)

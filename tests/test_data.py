@@ -10,19 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from phoenix_flax.batch import DEVICE_FIELDS
 from phoenix_flax.config import DEFAULT_ACTIONS, ModelConfig
 from phoenix_flax.data import prepare as prep
-from phoenix_flax.data.pipeline import (
-    DEVICE_FIELDS,
-    FINGERPRINT_ROWS,
-    PipelineConfig,
-    SessionToExamples,
-    global_batch,
-    make_dataset,
-)
+from phoenix_flax.data.config import DataConfig
+from phoenix_flax.data.pipeline import SessionToExamples, global_batch, make_dataset
 from phoenix_flax.data.raw import SessionFormatError, SkipReport, read_sessions
-from phoenix_flax.data.synth import ACTIONS, VIDEO, PHOTO, World, WorldConfig, simulate, write_world
-from phoenix_flax.hashing import hash_ids
+from phoenix_flax.data.synth import ACTIONS, PHOTO, VIDEO, World, WorldConfig, simulate, write_world
+from phoenix_flax.hashing import FINGERPRINT_ROWS, hash_ids
+from train import prepare as prepare_cli
 
 CFG = ModelConfig(history_len=4, num_candidates=3, user_vocab_rows=97, post_vocab_rows=101, author_vocab_rows=89)
 
@@ -72,20 +68,31 @@ BAD_RECORDS = [
     ('{"user_id": true, "history": [], "candidates": []}', r"field 'user_id': expected an integer: got bool"),
     ('{"user_id": 9223372036854775808, "history": [], "candidates": []}', r"field 'user_id': out of the int64 range"),
     ('{"user_id": 1, "history": {}, "candidates": []}', r"field 'history': expected a list"),
-    ('{"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "product_surface": 0}], "candidates": []}',
-     r"field 'history\[0\].actions': missing"),
-    ('{"user_id": 1, "history": [], "candidates": [{"post_id": 1.5, "author_id": 2, "product_surface": 0}]}',
-     r"field 'candidates\[0\].post_id': expected an integer: got float"),
-    ('{"user_id": 1, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": 0, '
-     '"actions": ["favourite"]}]}', r"field 'candidates\[0\].actions\[0\]': unknown action: 'favourite'"),
-    ('{"user_id": 1, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": -1}]}',
-     r"field 'candidates\[0\].product_surface': out of range"),
+    (
+        '{"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "product_surface": 0}], "candidates": []}',
+        r"field 'history\[0\].actions': missing",
+    ),
+    (
+        '{"user_id": 1, "history": [], "candidates": [{"post_id": 1.5, "author_id": 2, "product_surface": 0}]}',
+        r"field 'candidates\[0\].post_id': expected an integer: got float",
+    ),
+    (
+        '{"user_id": 1, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": 0, '
+        '"actions": ["favourite"]}]}',
+        r"field 'candidates\[0\].actions\[0\]': unknown action: 'favourite'",
+    ),
+    (
+        '{"user_id": 1, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": -1}]}',
+        r"field 'candidates\[0\].product_surface': out of range",
+    ),
     ('{"user_id": 1, "history": [], "candidates": []}', r"field 'candidates': empty"),
-    ('{"user_id": 1, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": 0, '
-     '"actions": []}, {"post_id": 1, "author_id": 2, "product_surface": 0}]}',
-     r"field 'candidates\[1\].actions': present for some candidates"),
+    (
+        '{"user_id": 1, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": 0, '
+        '"actions": []}, {"post_id": 1, "author_id": 2, "product_surface": 0}]}',
+        r"field 'candidates\[1\].actions': present for some candidates",
+    ),
     ("[1, 2]", r"bad.jsonl:2: expected a JSON object"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("line,message", BAD_RECORDS)
@@ -106,27 +113,34 @@ def test_skip_invalid_counts_each_reason_and_keeps_every_valid_record(tmp_path):
     assert "mixed.jsonl:4: field 'user_id'" in report.summary()
 
 
+def statistics(data_dir) -> dict:
+    """The statistics file phoenix-prepare saves beside the dataset."""
+    return json.loads(pathlib.Path(prep.dataset_dir(str(data_dir)), prep.STATISTICS_FILE).read_text())
+
+
 def test_prepare_cli_reports_errors_and_skips(tmp_path, capsys):
     path = write_jsonl(tmp_path / "in.jsonl", [session(0), session(1), BAD_RECORDS[8][0], session(2)])
-    rc = prep.main(["--data-dir", str(tmp_path / "a"), "--train", path])
+    rc = prepare_cli.main(["--data-dir", str(tmp_path / "a"), "--train", path])
     assert rc == 2 and "in.jsonl:3: field 'candidates[0].actions[0]'" in capsys.readouterr().err
     assert not os.path.exists(prep.dataset_dir(str(tmp_path / "a")))  # nothing half-written
 
-    rc = prep.main(["--data-dir", str(tmp_path / "b"), "--train", path, "--skip-invalid"])
+    rc = prepare_cli.main(["--data-dir", str(tmp_path / "b"), "--train", path, "--skip-invalid"])
     out = capsys.readouterr().out
     assert rc == 0 and "train: 3 sessions" in out and "skipped 1 invalid record" in out
-    assert prep.load_statistics(str(tmp_path / "b"))["skipped"] == {"candidates[].actions[]: unknown action": 1}
+    assert statistics(tmp_path / "b")["skipped"] == {"candidates[].actions[]: unknown action": 1}
 
-    rc = prep.main(["--data-dir", str(tmp_path / "b"), "--train", path, "--skip-invalid"])
+    rc = prepare_cli.main(["--data-dir", str(tmp_path / "b"), "--train", path, "--skip-invalid"])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
-    assert prep.main(["--data-dir", str(tmp_path / "c"), "--train", str(tmp_path / "nothing*.jsonl")]) == 2
+    assert prepare_cli.main(["--data-dir", str(tmp_path / "c"), "--train", str(tmp_path / "nothing*.jsonl")]) == 2
 
 
 def test_parquet_reads_like_jsonl(tmp_path):
     records = [session(i, n_history=i, n_candidates=2) for i in range(4)]
     jsonl = write_jsonl(tmp_path / "s.jsonl", records)
     parquet = str(tmp_path / "s.parquet")
-    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "ignored_field"} for r in records]), parquet)
+    pq.write_table(
+        pa.Table.from_pylist([{k: v for k, v in r.items() if k != "ignored_field"} for r in records]), parquet
+    )
     a = [s for _, s in read_sessions([jsonl], DEFAULT_ACTIONS)]
     b = [s for _, s in read_sessions([parquet], DEFAULT_ACTIONS)]
     for x, y in zip(a, b, strict=True):
@@ -135,7 +149,7 @@ def test_parquet_reads_like_jsonl(tmp_path):
 
     bad = [dict(records[1])]
     bad[0]["history"] = [dict(bad[0]["history"][0], post_id=None)]
-    pq.write_table(pa.Table.from_pylist([records[0] | {"history": []}] + bad), str(tmp_path / "bad.parquet"))
+    pq.write_table(pa.Table.from_pylist([records[0] | {"history": []}, *bad]), str(tmp_path / "bad.parquet"))
     with pytest.raises(SessionFormatError, match=r"bad.parquet:2: field 'history\[0\].post_id': missing"):
         list(read_sessions([str(tmp_path / "bad.parquet")], DEFAULT_ACTIONS))
 
@@ -165,9 +179,11 @@ def test_preparing_twice_gives_the_same_dataset(dataset, tmp_path):
 
 def test_split_by_fraction_is_a_partition(tmp_path):
     path = write_jsonl(tmp_path / "all.jsonl", [session(i, 2, 2) for i in range(60)])
-    rc = prep.main(["--data-dir", str(tmp_path / "d"), "--input", path, "--fractions", "train=0.5,test=0.5", "--seed", "3"])
+    rc = prepare_cli.main(
+        ["--data-dir", str(tmp_path / "d"), "--input", path, "--fractions", "train=0.5,test=0.5", "--seed", "3"]
+    )
     assert rc == 0
-    stats = prep.load_statistics(str(tmp_path / "d"))["splits"]
+    stats = statistics(tmp_path / "d")["splits"]
     assert stats["train"]["sessions"] + stats["test"]["sessions"] == 60
     assert 15 < stats["train"]["sessions"] < 45
 
@@ -176,8 +192,9 @@ def test_split_by_fraction_is_a_partition(tmp_path):
 
 
 def examples(sess, cfg=CFG, data_actions=DEFAULT_ACTIONS, positive=("favorite",)):
-    from phoenix_flax.data.raw import SessionParser
     import dataclasses
+
+    from phoenix_flax.data.raw import SessionParser
 
     record = dataclasses.asdict(SessionParser(data_actions).parse(sess, 0))
     return SessionToExamples(cfg, data_actions, positive).flat_map(record)
@@ -217,13 +234,15 @@ def test_model_vocabulary_may_reorder_a_subset_of_the_datasets():
     assert ex["positive_post_id"] == 350
 
 
-def pipeline(dataset, **kw):
-    kw = {"batch_size": 4, "num_epochs": 1, "shuffle": False, "drop_remainder": False} | kw
-    return PipelineConfig(dataset["data_dir"], **kw)
+def batches(dataset, process_index=0, process_count=1, *, batch_size=4, seed=0, worker_count=0, **kw):
+    """The pipeline over the test dataset; by default one epoch in order, the last batch padded."""
+    data = DataConfig(dataset["data_dir"], batch_size=batch_size * process_count, seed=seed, worker_count=worker_count)
+    kw = {"num_epochs": 1, "shuffle": False, "drop_remainder": False} | kw
+    return make_dataset(CFG, data, "train", process_index=process_index, process_count=process_count, **kw)
 
 
 def test_batches_hash_every_id_with_the_models_function(dataset):
-    batch = next(iter(make_dataset(CFG, pipeline(dataset), process_index=0, process_count=1)))
+    batch = next(iter(batches(dataset)))
     assert set(DEVICE_FIELDS) <= set(batch)
     ids = batch["candidate_post_id"]
     valid = batch["candidate_post_hashes"][..., 0] != 0
@@ -237,7 +256,7 @@ def test_batches_hash_every_id_with_the_models_function(dataset):
 
 def session_ids(dataset, process_index=0, process_count=1, **kw):
     out = []
-    for b in make_dataset(CFG, pipeline(dataset, **kw), process_index=process_index, process_count=process_count):
+    for b in batches(dataset, process_index, process_count, **kw):
         valid = b["candidate_post_hashes"][:, :, 0].any(1)
         first = b["candidate_offset"] == 0
         out.extend(b["session_id"][valid & first].tolist())
@@ -259,13 +278,12 @@ def test_shuffle_is_global_and_changes_each_epoch(dataset):
 
 
 def resumed_equals_uninterrupted(dataset, **kw):
-    cfg = pipeline(dataset, num_epochs=None, shuffle=True, drop_remainder=True, **kw)
-    it = iter(make_dataset(CFG, cfg, process_index=0, process_count=1))
+    it = iter(batches(dataset, num_epochs=None, shuffle=True, drop_remainder=True, **kw))
     for _ in range(5):
         next(it)
     state = it.get_state()
     rest = [next(it) for _ in range(7)]
-    fresh = iter(make_dataset(CFG, cfg, process_index=0, process_count=1))
+    fresh = iter(batches(dataset, num_epochs=None, shuffle=True, drop_remainder=True, **kw))
     fresh.set_state(state)
     for want in rest:
         got = next(fresh)
@@ -283,7 +301,7 @@ def test_resume_with_worker_processes(dataset):
 
 
 def test_global_batch_is_sharded_over_data_and_fsdp(dataset):
-    batch = next(iter(make_dataset(CFG, pipeline(dataset, batch_size=8), process_index=0, process_count=1)))
+    batch = next(iter(batches(dataset, batch_size=8)))
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"))
     arrays = global_batch(batch, mesh)
     assert set(arrays) == set(DEVICE_FIELDS)

@@ -6,19 +6,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phoenix_flax.batch import random_batch
 from phoenix_flax.config import DEFAULT_ACTIONS, ModelConfig
-from phoenix_flax.embeddings import BATCH_SHAPES
 from phoenix_flax.losses import FrequencyEstimator, ranking_bce, sampled_softmax_loss
 from phoenix_flax.ranker import PhoenixRanker
 from phoenix_flax.scoring import DEFAULT_ACTION_WEIGHTS, action_weights, weighted_score
+from phoenix_flax.testing import model_inputs, random_batch
 
 
 def numpy_bce(logits, labels, valid, weights):
     x, y = logits.astype(np.float64), labels.astype(np.float64)
     p = 1 / (1 + np.exp(-x))
     per = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    total = sum(per[b, c] @ weights / weights.sum() for b, c in zip(*np.nonzero(valid)))
+    total = sum(per[b, c] @ weights / weights.sum() for b, c in zip(*np.nonzero(valid), strict=True))
     return total / max(valid.sum(), 1)
 
 
@@ -89,13 +88,21 @@ def test_sampled_softmax_without_extras_matches_numpy():
 
 
 def test_gradients_are_finite_on_fully_padded_rows():
-    cfg = ModelConfig(emb_size=16, key_size=4, num_q_heads=2, num_kv_heads=1, num_layers=1,
-                      user_vocab_rows=32, post_vocab_rows=64, author_vocab_rows=32)  # fmt: skip
+    cfg = ModelConfig(
+        emb_size=16,
+        key_size=4,
+        num_q_heads=2,
+        num_kv_heads=1,
+        num_layers=1,
+        user_vocab_rows=32,
+        post_vocab_rows=64,
+        author_vocab_rows=32,
+    )
     model = PhoenixRanker(cfg, rngs=nnx.Rngs(0))
     batch = random_batch(cfg, 3, np.random.default_rng(3), history_len=4, num_candidates=3)
     for k in batch:  # row 1: no user, no history, no candidates
         batch[k][1] = 0
-    inputs = {k: batch[k] for k in BATCH_SHAPES}
+    inputs = model_inputs(batch)
     valid = batch["candidate_post_hashes"][..., 0] != 0
 
     def loss(m):

@@ -8,18 +8,26 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phoenix_flax.batch import random_batch
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import BATCH_SHAPES
 from phoenix_flax.ranker import PhoenixRanker, ranker_attention_mask
 from phoenix_flax.retrieval import PhoenixRetrieval
 from phoenix_flax.sharding import DEFAULT_RULES
+from phoenix_flax.testing import model_inputs, random_batch
 
 TOL = dict(atol=1e-5, rtol=0)
 SMALL = ModelConfig(
-    emb_size=32, key_size=8, num_q_heads=4, num_kv_heads=2, num_layers=2, actions=("a", "b", "c", "d", "e"),
-    user_vocab_rows=64, post_vocab_rows=256, author_vocab_rows=64, history_len=6, num_candidates=5,
-)  # fmt: skip
+    emb_size=32,
+    key_size=8,
+    num_q_heads=4,
+    num_kv_heads=2,
+    num_layers=2,
+    actions=("a", "b", "c", "d", "e"),
+    user_vocab_rows=64,
+    post_vocab_rows=256,
+    author_vocab_rows=64,
+    history_len=6,
+    num_candidates=5,
+)
 CANDIDATE_FIELDS = ("candidate_post_hashes", "candidate_author_hashes", "candidate_product_surface")
 
 
@@ -27,7 +35,7 @@ CANDIDATE_FIELDS = ("candidate_post_hashes", "candidate_author_hashes", "candida
 def ranker(request):
     model = PhoenixRanker(dataclasses.replace(SMALL, candidate_positions=request.param), rngs=nnx.Rngs(0))
     forward = nnx.jit(lambda m, batch: m(batch))
-    return request.param, lambda batch: np.asarray(forward(model, {k: batch[k] for k in BATCH_SHAPES}))
+    return request.param, lambda batch: np.asarray(forward(model, model_inputs(batch)))
 
 
 def full_batch(seed, b=3, c=5):
@@ -136,7 +144,7 @@ def test_padded_history_and_candidates_have_no_effect(ranker):
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-    batch = {k: v for k, v in full_batch(6).items() if k in BATCH_SHAPES}
+    batch = model_inputs(full_batch(6))
     f32 = PhoenixRanker(SMALL, rngs=nnx.Rngs(0))
     bf16 = PhoenixRanker(dataclasses.replace(SMALL, dtype="bfloat16"), rngs=nnx.Rngs(0))
     params = nnx.state(bf16, nnx.Param)

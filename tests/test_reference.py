@@ -1,9 +1,9 @@
 """The port against the original: golden vectors, and a numpy forward pass at other shapes."""
 
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from phoenix_flax.compat import config_from_reference, ranker_from_reference, retrieval_from_reference
 
 ATOL = 1e-4
@@ -26,7 +26,9 @@ def test_retrieval_matches_golden(golden):
 def test_numpy_reference_matches_golden(golden):
     """The numpy forward pass used below is itself right: it reproduces the golden vectors."""
     cfg, batch, emb, exp = golden["config"], golden["batch"], golden["embeddings"], golden["expected"]
-    np.testing.assert_allclose(ref.ranker_logits(golden["ranker_params"], cfg, batch, emb), exp["ranker_logits"], atol=ATOL)
+    np.testing.assert_allclose(
+        ref.ranker_logits(golden["ranker_params"], cfg, batch, emb), exp["ranker_logits"], atol=ATOL
+    )
     p = golden["retrieval_params"]
     np.testing.assert_allclose(ref.user_representation(p, cfg, batch, emb), exp["user_representation"], atol=ATOL)
     np.testing.assert_allclose(ref.candidate_representation(p, emb), exp["candidate_representation"], atol=ATOL)
@@ -35,11 +37,21 @@ def test_numpy_reference_matches_golden(golden):
 
 
 OTHER_SHAPES = {
-    "emb_size": 24, "key_size": 6, "num_q_heads": 6, "num_kv_heads": 2, "num_layers": 3,
-    "widening_factor": 3.0, "attn_output_multiplier": 0.3, "num_actions": 7, "history_seq_len": 5,
-    "candidate_seq_len": 3, "num_user_hashes": 3, "num_item_hashes": 1, "num_author_hashes": 2,
+    "emb_size": 24,
+    "key_size": 6,
+    "num_q_heads": 6,
+    "num_kv_heads": 2,
+    "num_layers": 3,
+    "widening_factor": 3.0,
+    "attn_output_multiplier": 0.3,
+    "num_actions": 7,
+    "history_seq_len": 5,
+    "candidate_seq_len": 3,
+    "num_user_hashes": 3,
+    "num_item_hashes": 1,
+    "num_author_hashes": 2,
     "product_surface_vocab_size": 5,
-}  # fmt: skip
+}
 
 
 def test_conversion_at_other_shapes():
@@ -76,7 +88,7 @@ def test_missing_extra_and_misshaped_parameters_are_named(golden, load):
         load(missing, golden["config"])
 
     extra = {**params, "transformer/decoder_layer_2/linear/w": params[name]}
-    with pytest.raises(ValueError, match="unexpected.*decoder_layer_2/linear/w"):
+    with pytest.raises(ValueError, match=r"unexpected.*decoder_layer_2/linear/w"):
         load(extra, golden["config"])
 
     misshaped = {**params, name: params[name][:, :-1]}

@@ -8,17 +8,26 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phoenix_flax.batch import random_batch
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import BATCH_SHAPES, HashEmbeddings
+from phoenix_flax.embeddings import HashEmbeddings
 from phoenix_flax.losses import sampled_softmax_loss
 from phoenix_flax.ranker import PhoenixRanker
 from phoenix_flax.retrieval import PhoenixRetrieval, top_k
+from phoenix_flax.testing import model_inputs, random_batch
 
 SMALL = ModelConfig(
-    emb_size=16, key_size=4, num_q_heads=2, num_kv_heads=1, num_layers=1, actions=("a", "b", "c"),
-    user_vocab_rows=32, post_vocab_rows=128, author_vocab_rows=32, history_len=5, num_candidates=4,
-)  # fmt: skip
+    emb_size=16,
+    key_size=4,
+    num_q_heads=2,
+    num_kv_heads=1,
+    num_layers=1,
+    actions=("a", "b", "c"),
+    user_vocab_rows=32,
+    post_vocab_rows=128,
+    author_vocab_rows=32,
+    history_len=5,
+    num_candidates=4,
+)
 
 
 def brute_force(users, corpus, k, valid):
@@ -60,7 +69,7 @@ def model():
 
 
 def test_towers_give_unit_vectors_and_ignore_padding(model):
-    batch = {k: v for k, v in random_batch(SMALL, 4, np.random.default_rng(2)).items() if k in BATCH_SHAPES}
+    batch = model_inputs(random_batch(SMALL, 4, np.random.default_rng(2)))
     batch["history_post_hashes"][:, 3:, 0] = 0
     users = np.asarray(model.user(batch))
     np.testing.assert_allclose(np.linalg.norm(users, axis=-1), 1.0, rtol=1e-5)

@@ -1,6 +1,5 @@
 """Sharded training on 8 simulated CPU devices: rules, parity with one device."""
 
-
 import jax
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ from jax.sharding import PartitionSpec as P
 from phoenix_flax.data.pipeline import global_batch, make_dataset
 from phoenix_flax.sharding import make_mesh, mesh_shape
 from phoenix_flax.training import create_train_state, make_train_step
-from train.train import pipeline_config
 
 
 def test_mesh_shape_fills_and_checks():
@@ -32,7 +30,7 @@ def run_steps(cfg, mesh, batches):
 @pytest.fixture(scope="module")
 def parity(tiny_world):
     cfg = tiny_experiment(tiny_world["data_dir"])
-    data = iter(make_dataset(cfg.model, pipeline_config(cfg, "train"), process_index=0, process_count=1))
+    data = iter(make_dataset(cfg.model, cfg.data, "train", process_index=0, process_count=1))
     batches = [next(data) for _ in range(3)]
     one = run_steps(cfg, make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1]), batches)
     eight = run_steps(cfg, make_mesh({"data": 2, "fsdp": 2, "model": 2}), batches)

@@ -15,12 +15,12 @@ from conftest import REPO, tiny_experiment
 from flax import nnx
 
 from phoenix_flax.checkpoint import Checkpointer
-from phoenix_flax.experiment import ConfigError, apply_overrides, from_dict, load, to_dict
+from phoenix_flax.config import ConfigError, apply_overrides, from_dict, load, to_dict
+from phoenix_flax.evaluation import evaluate, format_table
 from phoenix_flax.metrics import auc, normalized_entropy, recall_at_k
 from phoenix_flax.sharding import make_mesh
+from phoenix_flax.trainer import NonFiniteLossError, train
 from phoenix_flax.training import create_model
-from train.evaluate import evaluate, format_table
-from train.train import NonFiniteLossError, train
 
 
 def losses(logged):
@@ -33,7 +33,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses(tiny_world, tmp_path):
     first = losses(train(cfg, str(tmp_path / "split"), stop_after=4))
     rest = losses(train(cfg, str(tmp_path / "split")))
     assert [s for s, _ in first] == [1, 2, 3, 4] and [s for s, _ in rest] == [5, 6]
-    np.testing.assert_allclose([l for _, l in first + rest], [l for _, l in full], rtol=1e-6)
+    np.testing.assert_allclose([x for _, x in first + rest], [x for _, x in full], rtol=1e-6)
     assert Checkpointer(str(tmp_path / "split")).all_steps() == [4, 6]  # keep=2
 
 
@@ -53,8 +53,11 @@ def test_a_non_finite_loss_stops_the_run_and_saves_nothing_after_it(tiny_world, 
 
 
 def test_checkpoint_restores_onto_another_mesh_and_evaluates(tiny_world, tmp_path):
-    cfg = tiny_experiment(tiny_world["data_dir"], mesh={"data": 2, "fsdp": 2, "model": 2},
-                          data={"truth_file": tiny_world["truth"], "corpus_file": tiny_world["corpus"]})  # fmt: skip
+    cfg = tiny_experiment(
+        tiny_world["data_dir"],
+        mesh={"data": 2, "fsdp": 2, "model": 2},
+        data={"truth_file": tiny_world["truth"], "corpus_file": tiny_world["corpus"]},
+    )
     train(cfg, str(tmp_path))
     checkpoints = Checkpointer(str(tmp_path))
     assert checkpoints.config(6) == cfg
@@ -80,10 +83,21 @@ def test_checkpoint_restores_onto_another_mesh_and_evaluates(tiny_world, tmp_pat
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
     cfg = tiny_experiment(tiny_world["data_dir"], train={"steps": 100000}, checkpoint={"every_steps": 100000})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "train.train", "--config", str(REPO / "configs" / "demo.py"),
-         "--workdir", str(tmp_path), *cli_overrides(cfg)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "train.train",
+            "--config",
+            str(REPO / "configs" / "demo.py"),
+            "--workdir",
+            str(tmp_path),
+            *cli_overrides(cfg),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -125,18 +139,38 @@ def test_two_processes_give_the_losses_of_one(tiny_world, tmp_path):
         e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
         return e
 
-    single = subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / "one")], cwd=REPO, env=env(4),
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    single = subprocess.run(
+        [sys.executable, *args, "--workdir", str(tmp_path / "one")],
+        cwd=REPO,
+        env=env(4),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     import portpicker
 
     port = portpicker.pick_unused_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, *args, "--workdir", str(tmp_path / "two"), "--num-processes", "2",
-             "--process-id", str(i), "--coordinator-address", f"127.0.0.1:{port}"],
-            cwd=REPO, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                *args,
+                "--workdir",
+                str(tmp_path / "two"),
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+            ],
+            cwd=REPO,
+            env=env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     for p in procs:
@@ -149,7 +183,7 @@ def test_two_processes_give_the_losses_of_one(tiny_world, tmp_path):
 
     one, two = read("one"), read("two")
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         for k in ("loss", "ranking_loss", "retrieval_loss"):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4)
 
@@ -167,8 +201,16 @@ def test_every_config_loads_and_round_trips(name):
 
 def test_config_overrides_are_typed():
     cfg = load(str(REPO / "configs" / "demo.py"))
-    out = apply_overrides(cfg, ["--config.model.emb_size=32", "--config.data.positive_actions=favorite,reply",
-                                "--config.loss.logq", "none", "--config.data.truth_file=none"])  # fmt: skip
+    out = apply_overrides(
+        cfg,
+        [
+            "--config.model.emb_size=32",
+            "--config.data.positive_actions=favorite,reply",
+            "--config.loss.logq",
+            "none",
+            "--config.data.truth_file=none",
+        ],
+    )
     assert out.model.emb_size == 32 and out.data.positive_actions == ("favorite", "reply")
     assert out.loss.logq == "none" and out.data.truth_file is None
     for bad, message in [
@@ -230,8 +272,12 @@ def test_normalized_entropy_and_recall():
 
 
 def test_the_best_checkpoint_is_kept_and_found_after_reopening(tiny_world, tmp_path):
-    cfg = tiny_experiment(tiny_world["data_dir"], eval={"every_steps": 2, "batches": 2},
-                          checkpoint={"every_steps": 2, "keep": 1}, optimizer={"learning_rate": 3e-2})  # fmt: skip
+    cfg = tiny_experiment(
+        tiny_world["data_dir"],
+        eval={"every_steps": 2, "batches": 2},
+        checkpoint={"every_steps": 2, "keep": 1},
+        optimizer={"learning_rate": 3e-2},
+    )
     logged = train(cfg, str(tmp_path))
     evals = {m["step"]: m["eval_loss"] for m in logged if "eval_loss" in m}
     best = min(evals, key=evals.get)

@@ -1,1 +1,1 @@
-"""Training, evaluation and demo programs."""
+"""The programs that make data, train and evaluate: phoenix-synth, -prepare, -train, -eval, -demo."""

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
+from phoenix_flax.config import load, replace_fields
 from phoenix_flax.data import prepare, synth
 from phoenix_flax.data.prepare import dataset_dir
-from phoenix_flax.experiment import load, replace_fields
 
 WORLD = synth.WorldConfig(seed=0, users=2000, authors=200, posts=5000, sessions=60000, candidates=8, history=32)
 MIN_POSITIVES = 50  # actions with fewer test positives are too noisy to judge
@@ -52,15 +52,17 @@ def main(argv=None) -> int:
 
     start = stage("prepare the TFDS ArrayRecord dataset")
     if not os.path.exists(dataset_dir(data_dir)):
-        sources = {s: prepare.SplitSource((os.path.join(world_dir, f"{s}.parquet"),)) for s in ("train", "validation", "test")}
+        sources = {
+            s: prepare.SplitSource((os.path.join(world_dir, f"{s}.parquet"),)) for s in ("train", "validation", "test")
+        }
         stats, _ = prepare.prepare(data_dir, sources)
         prepare.print_statistics(stats)
     else:
         print(f"reusing {dataset_dir(data_dir)}")
     timings["prepare"] = time.perf_counter() - start
 
-    from train.evaluate import evaluate, format_table  # noqa: E402  (JAX starts here, not before)
-    from train.train import train  # noqa: E402
+    from phoenix_flax.evaluation import evaluate, format_table  # JAX starts here, not before
+    from phoenix_flax.trainer import train
 
     cfg = replace_fields(
         load(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")),
@@ -87,8 +89,10 @@ def main(argv=None) -> int:
     judged = {a: r for a, r in result["actions"].items() if r["positives"] >= MIN_POSITIVES}
     beaten = [a for a, r in judged.items() if r["auc"] > r["popularity_auc"]]
     closed = [(r["auc"] - 0.5) / (r["oracle_auc"] - 0.5) for r in judged.values()]
-    print(f"\nbeats the popularity baseline on {len(beaten)}/{len(judged)} actions with >= {MIN_POSITIVES} "
-          f"test positives; closes {np.mean(closed):.1%} of the gap from AUC 0.5 to the oracle on average")  # fmt: skip
+    print(
+        f"\nbeats the popularity baseline on {len(beaten)}/{len(judged)} actions with >= {MIN_POSITIVES} "
+        f"test positives; closes {np.mean(closed):.1%} of the gap from AUC 0.5 to the oracle on average"
+    )
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"metrics: {os.path.join(root, 'metrics.json')}; TensorBoard: {os.path.join(train_dir, 'tensorboard')}")
     return 0

@@ -10,45 +10,20 @@ process's batch into a sharded global `jax.Array` batch.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 
 import grain
-from absl import flags
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from jax.sharding import NamedSharding, PartitionSpec
+from absl import flags
 
+from phoenix_flax.batch import DEVICE_FIELDS, pad_batch
 from phoenix_flax.config import ModelConfig
+from phoenix_flax.data.config import DataConfig
 from phoenix_flax.data.prepare import DATASET_NAME, PhoenixSessions  # noqa: F401  (registers the builder)
-from phoenix_flax.embeddings import BATCH_SHAPES
-from phoenix_flax.hashing import hash_ids
-
-# Fields a training or evaluation step reads, besides the model inputs (BATCH_SHAPES).
-TARGET_FIELDS = {
-    "candidate_actions": "[B, C, A] labels",
-    "labeled": "[B] the session's candidates carry labels",
-    "positive_post_hashes": "[B, Hp] the retrieval positive",
-    "positive_author_hashes": "[B, Ha]",
-    "positive_id": "[B] int32 fingerprint of its post ID (accidental hits)",
-    "positive_valid": "[B] the example has a retrieval positive",
-}
-DEVICE_FIELDS = (*BATCH_SHAPES, *TARGET_FIELDS)
-FINGERPRINT_ROWS = 2**31 - 1  # fingerprints in [1, 2^31 - 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    data_dir: str
-    split: str = "train"
-    batch_size: int = 64  # per process
-    seed: int = 0
-    shuffle: bool = True
-    num_epochs: int | None = None  # None: repeat forever
-    worker_count: int = 0  # 0: map in the main process
-    positive_actions: tuple[str, ...] = ("favorite",)  # the retrieval positive: first candidate with one
-    drop_remainder: bool = True  # False: the last partial batch is padded with empty rows
+from phoenix_flax.hashing import fingerprint, hash_ids
+from phoenix_flax.sharding import DEFAULT_RULES, LogicalRules, logical_sharding
 
 
 def dataset_actions(data_dir: str) -> tuple[str, ...]:
@@ -166,50 +141,68 @@ class HashBatch(grain.transforms.Map):
             "labeled": ex["labeled"],
             "positive_post_hashes": _hashed(ex["positive_post_id"], pv, cfg.num_post_hashes, cfg.post_vocab_rows),
             "positive_author_hashes": _hashed(ex["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows),
-            "positive_id": hash_ids(ex["positive_post_id"], 1, FINGERPRINT_ROWS)[..., 0] * pv,
+            "positive_id": fingerprint(ex["positive_post_id"]) * pv,
             "positive_valid": pv,
             "session_id": ex["session_id"],
             "candidate_offset": ex["candidate_offset"],
             "candidate_post_id": ex["candidate_post_id"],
             "positive_post_id": ex["positive_post_id"],
-        }  # fmt: skip
-        rows = len(ex["user_id"])
-        if rows < self.batch_size:  # padding rows: no user, history, candidates or positive
-            out = {k: np.concatenate([v, np.zeros((self.batch_size - rows, *v.shape[1:]), v.dtype)]) for k, v in out.items()}
-        return out
+        }
+        return pad_batch(out, self.batch_size)  # a short last batch (drop_remainder=False)
 
 
 def make_dataset(
     cfg: ModelConfig,
-    pipeline: PipelineConfig,
+    data: DataConfig,
+    split: str,
     *,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+    batch_size: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """This process's stream of batches. Iterate it; `iter(...)` state is checkpointable."""
+    """This process's stream of batches of `split`. Iterate it; `iter(...)` state is checkpointable.
+
+    Args:
+      cfg: the model's shapes and action vocabulary.
+      data: where the dataset is, the global batch size, the shuffle seed, workers, positives.
+      split: a split of the prepared dataset.
+      shuffle: a new global order each epoch (from `data.seed`); False reads in stored order.
+      num_epochs: None repeats forever.
+      drop_remainder: False pads the last partial batch with empty rows instead of dropping it.
+      batch_size: rows per batch of this process; default `data.batch_size / process_count`.
+      process_index, process_count: this process's slice (default: JAX's).
+    """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    source = open_source(pipeline.data_dir, pipeline.split)
+    if batch_size is None:
+        if data.batch_size % process_count:
+            raise ValueError(f"data.batch_size={data.batch_size} does not divide over {process_count} processes")
+        batch_size = data.batch_size // process_count
+    source = open_source(data.data_dir, split)
     ds = grain.MapDataset.source(source)
-    if pipeline.shuffle:
-        ds = ds.shuffle(seed=pipeline.seed)  # a new global order each epoch
-    ds = ds.repeat(pipeline.num_epochs)
+    if shuffle:
+        ds = ds.shuffle(seed=data.seed)  # a new global order each epoch
+    ds = ds.repeat(num_epochs)
     ds = ds[process_index::process_count]  # disjoint, and together complete, each epoch
-    to_examples = SessionToExamples(cfg, dataset_actions(pipeline.data_dir), pipeline.positive_actions)
+    to_examples = SessionToExamples(cfg, dataset_actions(data.data_dir), data.positive_actions)
     # A short read-ahead: grain's default (16 threads, 500 records) costs more in bookkeeping and
     # GIL contention than local ArrayRecord reads take (bench/pipeline.py).
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
     it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(read), to_examples)
-    it = it.batch(pipeline.batch_size, drop_remainder=pipeline.drop_remainder)
-    it = it.map(HashBatch(cfg, pipeline.batch_size))
-    if pipeline.worker_count > 0:
+    it = it.batch(batch_size, drop_remainder=drop_remainder)
+    it = it.map(HashBatch(cfg, batch_size))
+    if data.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; ours are not an absl app
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=pipeline.worker_count))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
     return it
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, batch_axes=("data", "fsdp")) -> dict:
-    """This process's batch -> global `jax.Array`s sharded over `batch_axes` (device fields only)."""
-    sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, rules: LogicalRules = DEFAULT_RULES) -> dict:
+    """This process's batch -> global `jax.Array`s, rows sharded as the rules place `batch`
+    (device fields only)."""
+    sharding = logical_sharding(mesh, ("batch",), rules)
     return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in DEVICE_FIELDS if k in local}

@@ -1,4 +1,4 @@
-"""`phoenix-prepare`: raw session files -> a TFDS dataset in ArrayRecord format.
+"""Raw session files -> a TFDS dataset in ArrayRecord format (the library of `phoenix-prepare`).
 
 The dataset keeps raw int64 IDs and variable lengths; actions are int64 bitmasks over the
 vocabulary saved in the dataset's metadata. Generation streams the inputs, and TFDS's writer
@@ -8,12 +8,10 @@ same inputs give the same dataset.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 import zlib
 from collections.abc import Sequence
@@ -178,76 +176,10 @@ def prepare(
     return builder.statistics, report
 
 
-def load_statistics(data_dir: str) -> dict:
-    with open(os.path.join(dataset_dir(data_dir), STATISTICS_FILE)) as f:
-        return json.load(f)
-
-
-def _parse_fractions(text: str) -> dict[str, float]:
-    out = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad fraction {part!r}: expected name=number") from None
-    if abs(sum(out.values()) - 1.0) > 1e-6 or min(out.values()) <= 0:
-        raise argparse.ArgumentTypeError(f"fractions must be positive and sum to 1, got {text!r}")
-    return out
-
-
 def print_statistics(stats: dict[str, dict]) -> None:
     for split, s in stats.items():
         print(f"{split}: {s['sessions']:,} sessions ({s['labeled_sessions']:,} labeled), "
-              f"mean history {s['mean_history_length']:.1f}, mean candidates {s['mean_candidates']:.1f}")  # fmt: skip
+              f"mean history {s['mean_history_length']:.1f}, mean candidates {s['mean_candidates']:.1f}")
         rates = " ".join(f"{a}={r:.3f}" for a, r in s["candidate_action_rates"].items())
         print(f"  candidate action rates: {rates}")
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-prepare", description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", required=True, help="output directory (the dataset goes in a subfolder)")
-    p.add_argument("--train", nargs="+", metavar="FILE", help="raw files or globs (.jsonl, .parquet)")
-    p.add_argument("--validation", nargs="+", metavar="FILE")
-    p.add_argument("--test", nargs="+", metavar="FILE")
-    p.add_argument("--input", nargs="+", metavar="FILE", help="one input, split by --fractions")
-    p.add_argument("--fractions", type=_parse_fractions, default="train=0.8,validation=0.1,test=0.1")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split by fractions")
-    p.add_argument("--actions", default=",".join(DEFAULT_ACTIONS), help="the action vocabulary, comma-separated")
-    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report them")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    args = p.parse_args(argv)
-
-    try:
-        if args.input:
-            if args.train or args.validation or args.test:
-                p.error("give either --input or --train/--validation/--test")
-            paths = tuple(expand_paths(args.input))
-            sources, lo = {}, 0.0
-            for name, fraction in args.fractions.items():
-                sources[name] = SplitSource(paths, lo, lo + fraction, args.seed)
-                lo += fraction
-            sources[name] = dataclasses.replace(sources[name], hi=1.0)  # no gap from rounding
-        elif args.train:
-            sources = {
-                name: SplitSource(tuple(expand_paths(files)))
-                for name, files in (("train", args.train), ("validation", args.validation), ("test", args.test))
-                if files
-            }
-        else:
-            p.error("give --train FILES (with optional --validation/--test) or --input FILES")
-        actions = tuple(a.strip() for a in args.actions.split(",") if a.strip())
-        stats, report = prepare(
-            args.data_dir, sources, actions=actions, skip_invalid=args.skip_invalid, overwrite=args.overwrite
-        )
-    except (SessionFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"phoenix-prepare: error: {e}", file=sys.stderr)
-        return 2
-    print_statistics(stats)
-    print(report.summary())
-    print(f"dataset written to {dataset_dir(args.data_dir)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

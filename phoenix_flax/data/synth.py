@@ -1,4 +1,4 @@
-"""`phoenix-synth`: a synthetic engagement world with known true action probabilities.
+"""A synthetic engagement world with known true action probabilities (the library of `phoenix-synth`).
 
 Users have interests over topics; authors a main topic, a quality, and some are spam; posts a
 topic, a media type (text, photo, video), a quality and a popularity. For every shown (user,
@@ -16,7 +16,6 @@ and `world.json` (the parameters).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -31,7 +30,6 @@ from phoenix_flax.config import DEFAULT_ACTIONS
 ACTIONS = DEFAULT_ACTIONS
 A = {name: i for i, name in enumerate(ACTIONS)}
 POSITIVE = ("favorite", "reply", "repost", "quote", "share", "follow_author")
-PASSIVE = ("click", "profile_click", "video_view", "photo_expand", "dwell")
 NEGATIVE = ("not_interested", "block_author", "mute_author", "report")
 TEXT, PHOTO, VIDEO = 0, 1, 2
 NUM_SURFACES = 4
@@ -41,13 +39,13 @@ BASE_LOGIT = {
     "favorite": -2.0, "reply": -4.8, "repost": -3.6, "quote": -4.6, "share": -4.2, "follow_author": -5.6,
     "click": -1.4, "profile_click": -3.4, "video_view": -0.6, "photo_expand": -1.0, "dwell": -1.0,
     "not_interested": -3.4, "block_author": -5.0, "mute_author": -4.8, "report": -5.6,
-}  # fmt: skip
+}
 # Weight of the engagement signal (affinity, quality, popularity); negative actions get minus.
 SIGNAL_WEIGHT = {
     "favorite": 1.0, "reply": 0.9, "repost": 0.9, "quote": 0.8, "share": 0.8, "follow_author": 0.7,
     "click": 0.6, "profile_click": 0.5, "video_view": 0.5, "photo_expand": 0.5, "dwell": 0.6,
     "not_interested": -0.9, "block_author": -0.7, "mute_author": -0.7, "report": -0.6,
-}  # fmt: skip
+}
 FAMILIARITY_WEIGHT = {"follow_author": 1.0, "reply": 0.6, "profile_click": 0.5}
 SPAM_WEIGHT = {**{a: -1.0 for a in POSITIVE}, **{a: 2.5 for a in NEGATIVE}}
 
@@ -216,7 +214,7 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
             hist_len[u] = min(h, hist_len[u] + k)
         if progress and (r % 20 == 0):
             print(f"\r  simulated round {r + 1}/{total_rounds.max()}, {next_id:,} sessions, "
-                  f"{time.time() - start:.0f}s", end="", file=sys.stderr, flush=True)  # fmt: skip
+                  f"{time.time() - start:.0f}s", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     return splits
@@ -292,35 +290,12 @@ def write_world(world: World, splits: dict[str, Sessions], out: str, fmt: str = 
                 "topic": int(world.post_topic[p]), "media": ["text", "photo", "video"][world.post_media[p]],
                 "quality": round(float(world.post_quality[p]), 4), "popularity": round(float(world.post_popularity[p]), 4),
                 "spam_author": bool(world.author_spam[a]),
-            }) + "\n")  # fmt: skip
+            }) + "\n")
     with open(os.path.join(out, "world.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(world.cfg), "actions": list(ACTIONS),
                    "sessions": {k: len(v.session_id) for k, v in splits.items()},
                    "spam_authors": int(world.author_spam.sum()),
                    "largest_author_share": float(np.bincount(world.post_author).max() / world.cfg.posts)},
-                  f, indent=2)  # fmt: skip
+                  f, indent=2)
     return files
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-synth", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output directory")
-    for f in dataclasses.fields(WorldConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="session file format")
-    args = p.parse_args(argv)
-    cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
-    if cfg.posts < cfg.candidates or min(cfg.users, cfg.authors, cfg.topics, cfg.sessions) < 1:
-        p.error("need at least one user, author, topic and session, and posts >= candidates")
-    start = time.time()
-    world = World(cfg)
-    splits = simulate(world)
-    files = write_world(world, splits, args.out, args.format)
-    counts = ", ".join(f"{k} {len(v.session_id):,}" for k, v in splits.items())
-    print(f"wrote {counts} sessions, {cfg.posts:,} posts to {args.out} in {time.time() - start:.1f}s")
-    print("session files: " + " ".join(files[s] for s in ("train", "validation", "test")))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,14 +21,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from phoenix_flax.cli import add_session_input_args, read_session_input
 from phoenix_flax.data.raw import SessionFormatError
-from phoenix_flax.scoring import action_weights
-from train.rank import add_input_args, parse_weights, ranked, read_input, step_arg
+from phoenix_flax.scoring import action_weights, parse_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="phoenix-retrieve", description=__doc__.split("\n\n")[0])
-    add_input_args(p)
+    add_session_input_args(p)
     p.add_argument("--corpus", required=True, help="JSON Lines of {post_id, author_id}")
     p.add_argument("--top-k", type=int, required=True)
     p.add_argument("--include-seen", action="store_true", help="keep posts already in the history")
@@ -38,17 +38,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top_k < 1:
         p.error("--top-k must be positive")
 
-    from phoenix_flax.serving import CachedRanker, CorpusIndex, restore, retrieve  # JAX starts here
+    from phoenix_flax.checkpoint import restore_model  # JAX starts here
+    from phoenix_flax.serving import CachedRanker, CorpusIndex, ranked_candidates, retrieve
 
     try:
-        cfg, step, model = restore(args.workdir, step_arg(args.step))
+        cfg, step, model = restore_model(args.workdir, args.step)
         actions = cfg.model.actions
-        sessions, report = read_input(args, actions, require_candidates=False)
+        sessions, report = read_session_input(args, actions, require_candidates=False)
         index, rebuilt = CorpusIndex.load_or_build(args.workdir, step, model, cfg.model, args.corpus)
-        print(f"{'built' if rebuilt else 'reused'} the index of {len(index.post_ids):,} posts "
-              f"({CorpusIndex.path(args.workdir, step)})", file=sys.stderr)  # fmt: skip
-        hits = retrieve(model, cfg.model, index, sessions, args.top_k, include_seen=args.include_seen,
-                        batch_size=args.batch_size)  # fmt: skip
+        print(
+            f"{'built' if rebuilt else 'reused'} the index of {len(index.post_ids):,} posts "
+            f"({CorpusIndex.path(args.workdir, step)})",
+            file=sys.stderr,
+        )
+        hits = retrieve(
+            model, cfg.model, index, sessions, args.top_k, include_seen=args.include_seen, batch_size=args.batch_size
+        )
         if args.then_rank:
             weights = action_weights(actions, parse_weights(args.weights)).astype(np.float64)
             retrieved = [
@@ -60,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     candidate_actions=np.zeros(len(h), np.int64),
                     labeled=False,
                 )
-                for s, h in zip(sessions, hits)
+                for s, h in zip(sessions, hits, strict=True)
             ]
             probs = CachedRanker(model, cfg.model, args.batch_size).probabilities(retrieved)
     except (SessionFormatError, FileNotFoundError, ValueError) as e:
@@ -68,14 +73,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with open(args.output, "w") as f:
         for i, (session, h) in enumerate(zip(sessions, hits, strict=True)):
-            cands = [{"post_id": int(index.post_ids[j]), "author_id": int(index.author_ids[j]),
-                      "retrieval_score": round(s, 6)} for j, s in h]  # fmt: skip
+            cands = [
+                {
+                    "post_id": int(index.post_ids[j]),
+                    "author_id": int(index.author_ids[j]),
+                    "retrieval_score": round(s, 6),
+                }
+                for j, s in h
+            ]
             if args.then_rank:
                 by_post = {c["post_id"]: c for c in cands}
-                cands = [{**by_post[c["post_id"]], **c} for c in ranked(retrieved[i], probs[i], actions, weights)]
+                cands = [
+                    {**by_post[c["post_id"]], **c} for c in ranked_candidates(retrieved[i], probs[i], actions, weights)
+                ]
             f.write(json.dumps({"user_id": session.user_id, "candidates": cands}) + "\n")
-    print(f"retrieved top {args.top_k} for {len(sessions):,} sessions with step {step}; {report.summary()}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"retrieved top {args.top_k} for {len(sessions):,} sessions with step {step}; {report.summary()}",
+        file=sys.stderr,
+    )
     return 0
 
 

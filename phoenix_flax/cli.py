@@ -1,16 +1,15 @@
-"""What the training and evaluation programs share: multi-host start-up, configs, metric files."""
+"""What the programs share: multi-host start-up, configs from arguments, step and input arguments."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import jax
 
-from phoenix_flax.experiment import ConfigError, ExperimentConfig, apply_overrides, load
+from phoenix_flax.config import ConfigError, ExperimentConfig, apply_overrides, load
+from phoenix_flax.data.raw import Session, SkipReport, expand_paths, read_sessions
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -48,32 +47,45 @@ def experiment_from_args(config_path: str, overrides: list[str], data_dir: str |
     return cfg
 
 
-class MetricWriter:
-    """Metrics as JSON Lines (`metrics.jsonl`) and TensorBoard event files, from process 0 only."""
+def step_arg(text: str) -> int | str:
+    """A `--step` value: a step number, 'latest' or 'best'."""
+    try:
+        return int(text)
+    except ValueError:
+        if text not in ("latest", "best"):
+            raise argparse.ArgumentTypeError(f"expected a step number, 'latest' or 'best', got {text!r}") from None
+        return text
 
-    def __init__(self, workdir: str, name: str = "metrics"):
-        self.enabled = jax.process_index() == 0
-        if not self.enabled:
-            return
-        from tensorboardX import SummaryWriter
 
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, f"{name}.jsonl")
-        self.jsonl = open(self.path, "a")
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, help="the training run's directory")
+    parser.add_argument(
+        "--step", type=step_arg, default="latest", help="a step, 'latest' or 'best' (by the run's best_metric)"
+    )
 
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
 
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
+def add_session_input_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments of the serving programs: a checkpoint, sessions in, results out."""
+    add_checkpoint_args(parser)
+    parser.add_argument("--input", required=True, nargs="+", help="sessions (.jsonl or .parquet; globs allowed)")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--skip-invalid", action="store_true", help="skip invalid sessions and report them")
+    parser.add_argument("--batch-size", type=int, default=64, help="sessions per user-context batch")
+
+
+def read_session_input(
+    args: argparse.Namespace, actions, require_candidates: bool = True
+) -> tuple[list[Session], SkipReport]:
+    """The sessions of `--input`, parsed with the checkpoint's action vocabulary."""
+    report = SkipReport()
+    read = read_sessions(
+        expand_paths(args.input),
+        actions,
+        skip_invalid=args.skip_invalid,
+        report=report,
+        require_candidates=require_candidates,
+    )
+    return [s for _, s in read], report
 
 
 def log(message: str) -> None:

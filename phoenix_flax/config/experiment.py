@@ -17,20 +17,8 @@ import typing
 from collections.abc import Sequence
 from typing import Literal
 
-from phoenix_flax.config import ModelConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    data_dir: str = "data/prepared"  # written by phoenix-prepare
-    train_split: str = "train"
-    eval_split: str = "validation"
-    batch_size: int = 256  # global, over all processes
-    worker_count: int = 0
-    seed: int = 0
-    positive_actions: tuple[str, ...] = ("favorite",)
-    truth_file: str | None = None  # true probabilities of the test split (phoenix-synth's test_truth.npz)
-    corpus_file: str | None = None  # posts for retrieval against the corpus (phoenix-synth's corpus.jsonl)
+from phoenix_flax.config.model import ModelConfig
+from phoenix_flax.data.config import DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +78,14 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    mesh: MeshConfig = MeshConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    loss: LossConfig = LossConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    eval: EvalConfig = EvalConfig()
-    train: TrainConfig = TrainConfig()
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 class ConfigError(ValueError):

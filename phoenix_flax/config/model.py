@@ -71,15 +71,11 @@ class ModelConfig:
         object.__setattr__(self, "actions", tuple(self.actions))
         problems = []
         if self.candidate_positions not in ("shared", "sequential"):
-            problems.append(
-                f"candidate_positions={self.candidate_positions!r}: expected 'shared' or 'sequential'"
-            )
+            problems.append(f"candidate_positions={self.candidate_positions!r}: expected 'shared' or 'sequential'")
         if self.dtype not in _DTYPES:
             problems.append(f"dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
         if self.num_q_heads % self.num_kv_heads:
-            problems.append(
-                f"num_q_heads={self.num_q_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            problems.append(f"num_q_heads={self.num_q_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.key_size % 2:
             problems.append(f"key_size={self.key_size} must be even for rotary embeddings")
         if not self.actions:
@@ -89,8 +85,14 @@ class ModelConfig:
         for name in ("user_vocab_rows", "post_vocab_rows", "author_vocab_rows"):
             if getattr(self, name) < 2:
                 problems.append(f"{name}={getattr(self, name)}: need at least 2 (row 0 is padding)")
-        for name in ("num_user_hashes", "num_post_hashes", "num_author_hashes", "emb_size",
-                     "num_layers", "product_surface_vocab_size"):
+        for name in (
+            "num_user_hashes",
+            "num_post_hashes",
+            "num_author_hashes",
+            "emb_size",
+            "num_layers",
+            "product_surface_vocab_size",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
         if self.retrieval_temperature <= 0:

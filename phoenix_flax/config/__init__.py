@@ -1,0 +1,40 @@
+"""Configs as frozen data: the model's (`ModelConfig`) and an experiment's (`ExperimentConfig`)."""
+
+from phoenix_flax.config.experiment import (
+    CheckpointConfig,
+    ConfigError,
+    EvalConfig,
+    ExperimentConfig,
+    LossConfig,
+    MeshConfig,
+    OptimizerConfig,
+    TrainConfig,
+    apply_overrides,
+    dumps,
+    from_dict,
+    load,
+    replace_fields,
+    to_dict,
+)
+from phoenix_flax.config.model import DEFAULT_ACTIONS, ModelConfig
+from phoenix_flax.data.config import DataConfig
+
+__all__ = [
+    "DEFAULT_ACTIONS",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "LossConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "dumps",
+    "from_dict",
+    "load",
+    "replace_fields",
+    "to_dict",
+]

@@ -1,0 +1,194 @@
+"""Evaluation of a checkpoint on a split: metrics, baselines and retrieval against the corpus.
+
+Reports, per action, the model's AUC and normalized entropy (NE); the AUC of the weighted score
+(label: the weighted engagement value is positive); retrieval recall@1/10/100 within each batch
+and against the whole corpus; and, where the data has true probabilities (the synthetic world),
+the oracle's AUC per action beside the model's and a popularity baseline's (each post's action
+rates in the training split). Runs in one process on this machine's devices, whatever mesh the
+checkpoint was trained on.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from phoenix_flax.batch import is_valid
+from phoenix_flax.checkpoint import restore_model
+from phoenix_flax.config import ExperimentConfig, replace_fields
+from phoenix_flax.data.pipeline import dataset_actions, global_batch, make_dataset, open_source
+from phoenix_flax.data.raw import read_corpus
+from phoenix_flax.metrics import auc, normalized_entropy, recall_at_k
+from phoenix_flax.scoring import action_weights, weighted_score
+from phoenix_flax.serving import CorpusIndex
+from phoenix_flax.sharding import make_mesh
+from phoenix_flax.training import make_eval_step
+
+POPULARITY_PRIOR = 10.0  # impressions of smoothing toward the global rate
+
+
+def collect(model, cfg: ExperimentConfig, split: str, batch_size: int, mesh) -> dict[str, np.ndarray]:
+    """One pass over `split`: per valid candidate and per row with a positive, what eval needs."""
+    data = make_dataset(
+        cfg.model,
+        cfg.data,
+        split,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+        batch_size=batch_size,
+        process_index=0,
+        process_count=1,
+    )
+    eval_step = make_eval_step(cfg.loss)
+    out: dict[str, list] = {k: [] for k in ("probs", "labels", "session_id", "position", "post_id")}
+    out.update({k: [] for k in ("users", "positive_post_id", "in_batch_rank")})
+    for batch in data:
+        _, outputs = eval_step(model, global_batch(batch, mesh))
+        outputs = jax.device_get(outputs)
+        valid = is_valid(batch["candidate_post_hashes"]) & batch["labeled"][:, None]
+        if "logits" in outputs:
+            out["probs"].append(1 / (1 + np.exp(-outputs["logits"][valid])))
+            out["labels"].append(batch["candidate_actions"][valid])
+            rows, cols = np.nonzero(valid)
+            out["session_id"].append(batch["session_id"][rows])
+            out["position"].append(batch["candidate_offset"][rows] + cols)
+            out["post_id"].append(batch["candidate_post_id"][valid])
+        if "users" in outputs:
+            pv = batch["positive_valid"]
+            users, pos, ids = outputs["users"][pv], outputs["positives"][pv], batch["positive_id"][pv]
+            scores = users @ pos.T
+            own = np.diag(scores)[:, None]
+            other_post = ids[None, :] != ids[:, None]  # the same post elsewhere is no competitor
+            out["in_batch_rank"].append(((scores > own) & other_post).sum(1))
+            out["users"].append(users)
+            out["positive_post_id"].append(batch["positive_post_id"][pv])
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+
+
+def popularity_scores(cfg: ExperimentConfig, post_ids: np.ndarray, actions: Sequence[str]) -> np.ndarray:
+    """Each post's smoothed action rates in the training split -> [N, A] scores for `post_ids`."""
+    data_actions = dataset_actions(cfg.data.data_dir)
+    bits = np.array([data_actions.index(a) for a in actions], np.int64)
+    source = open_source(cfg.data.data_dir, cfg.data.train_split)
+    posts, masks = [], []
+    for start in range(0, len(source), 1024):
+        for record in source.__getitems__(range(start, min(start + 1024, len(source)))):
+            if record["labeled"]:
+                posts.append(record["candidate_post_id"])
+                masks.append(record["candidate_actions"])
+    posts, masks = np.concatenate(posts), np.concatenate(masks)
+    labels = ((masks[:, None] >> bits) & 1).astype(np.float64)
+    unique, inverse = np.unique(posts, return_inverse=True)
+    counts = np.zeros((len(unique), len(actions)))
+    np.add.at(counts, inverse, labels)
+    shown = np.bincount(inverse, minlength=len(unique)).astype(np.float64)
+    rate = labels.mean(0)
+    smoothed = (counts + POPULARITY_PRIOR * rate) / (shown[:, None] + POPULARITY_PRIOR)
+    idx = np.searchsorted(unique, post_ids).clip(0, len(unique) - 1)
+    known = unique[idx] == post_ids
+    return np.where(known[:, None], smoothed[idx], rate)
+
+
+def oracle_scores(truth_file: str, session_id: np.ndarray, position: np.ndarray, actions: Sequence[str]):
+    """True probabilities [N, A] of the evaluated candidates, from phoenix-synth's truth file."""
+    truth = np.load(truth_file)
+    order = np.argsort(truth["session_id"])
+    sorted_ids = truth["session_id"][order]
+    at = np.searchsorted(sorted_ids, session_id).clip(0, len(sorted_ids) - 1)
+    if not (sorted_ids[at] == session_id).all():
+        raise ValueError(f"{truth_file} lacks some evaluated sessions: is it the truth of this split?")
+    rows = truth["offsets"][order[at]] + position
+    cols = [list(truth["actions"]).index(a) for a in actions]
+    return truth["probs"][rows][:, cols]
+
+
+def corpus_ranks(model, cfg: ExperimentConfig, corpus_file: str, users: np.ndarray, positive_post_id: np.ndarray):
+    """0-based rank of each row's positive among the corpus (inf when outside the top 100)."""
+    index = CorpusIndex.build(model, cfg.model, *read_corpus(corpus_file))
+    k = min(100, len(index.post_ids))
+    ranks = np.full(len(users), np.inf)
+    for start in range(0, len(users), 1024):
+        idx, _ = index.search(users[start : start + 1024], k)
+        found = (idx >= 0) & (index.post_ids[idx] == positive_post_id[start : start + 1024, None])
+        hit = found.any(1)
+        ranks[start : start + 1024][hit] = found.argmax(1)[hit]
+    return ranks
+
+
+def evaluate(
+    workdir: str,
+    *,
+    step: int | str | None = None,
+    split: str = "test",
+    data_dir: str | None = None,
+    truth_file: str | None = None,
+    corpus_file: str | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    cfg, step, model = restore_model(workdir, step, mesh)
+    if data_dir is not None:
+        cfg = replace_fields(cfg, data={"data_dir": data_dir})
+    truth_file = truth_file or (cfg.data.truth_file if split == "test" else None)
+    corpus_file = corpus_file or cfg.data.corpus_file
+    batch_size = batch_size or cfg.data.batch_size
+    batch_size -= batch_size % mesh.size
+    print(f"evaluating step {step} of {workdir} on '{split}' ({jax.device_count()} devices)", file=sys.stderr)
+
+    actions = cfg.model.actions
+    got = collect(model, cfg, split, batch_size, mesh)
+    result: dict = {"step": step, "split": split}
+    if len(got["probs"]):
+        labels, probs = got["labels"], got["probs"]
+        popular = popularity_scores(cfg, got["post_id"], actions)
+        oracle = oracle_scores(truth_file, got["session_id"], got["position"], actions) if truth_file else None
+        per_action = {}
+        for i, a in enumerate(actions):
+            row = {
+                "positives": int(labels[:, i].sum()),
+                "auc": auc(probs[:, i], labels[:, i]),
+                "ne": normalized_entropy(probs[:, i], labels[:, i]),
+                "popularity_auc": auc(popular[:, i], labels[:, i]),
+            }
+            if oracle is not None:
+                row["oracle_auc"] = auc(oracle[:, i], labels[:, i])
+            per_action[a] = row
+        w = action_weights(actions)
+        value = labels @ w > 0
+        result["candidates"] = len(labels)
+        result["actions"] = per_action
+        result["weighted_score_auc"] = auc(np.asarray(weighted_score(probs, w)), value)
+        if oracle is not None:
+            result["oracle_weighted_score_auc"] = auc(oracle @ w, value)
+    if len(got["users"]):
+        result["retrieval_in_batch"] = recall_at_k(got["in_batch_rank"])
+        if corpus_file:
+            ranks = corpus_ranks(model, cfg, corpus_file, got["users"], got["positive_post_id"])
+            result["retrieval_corpus"] = recall_at_k(ranks)
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    if "actions" in result:
+        has_oracle = any("oracle_auc" in r for r in result["actions"].values())
+        head = f"{'action':<16}{'positives':>10}{'model AUC':>11}{'NE':>7}{'popular AUC':>13}"
+        lines.append(head + (f"{'oracle AUC':>12}{'gap closed':>12}" if has_oracle else ""))
+        for a, r in result["actions"].items():
+            line = f"{a:<16}{r['positives']:>10}{r['auc']:>11.4f}{r['ne']:>7.3f}{r['popularity_auc']:>13.4f}"
+            if has_oracle:
+                closed = (r["auc"] - 0.5) / (r["oracle_auc"] - 0.5) if r["oracle_auc"] > 0.5 else float("nan")
+                line += f"{r['oracle_auc']:>12.4f}{closed:>12.1%}"
+            lines.append(line)
+        lines.append(
+            f"weighted score AUC: {result['weighted_score_auc']:.4f}"
+            + (f" (oracle {result['oracle_weighted_score_auc']:.4f})" if has_oracle else "")
+        )
+    for key in ("retrieval_in_batch", "retrieval_corpus"):
+        if key in result:
+            lines.append(f"{key.replace('_', ' ')}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items()))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The serving programs: phoenix-rank and phoenix-retrieve."""

@@ -1,0 +1,58 @@
+"""`phoenix-rank`: score sessions' candidates with a trained ranker.
+
+    phoenix-rank --workdir DIR [--step N] --input sessions.jsonl --output scores.jsonl [--weights a=w,...]
+
+Writes one line per input session, in input order:
+{"user_id": ..., "candidates": [{"post_id": ..., "probs": {"favorite": p, ...}, "score": s}, ...]}
+with the candidates sorted by score. Any number of candidates per session: they are scored in
+chunks against the session's user context, computed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from phoenix_flax.cli import add_session_input_args, read_session_input
+from phoenix_flax.data.raw import SessionFormatError
+from phoenix_flax.scoring import action_weights, parse_weights
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="phoenix-rank", description=__doc__.split("\n\n")[0])
+    add_session_input_args(p)
+    p.add_argument("--weights", help="score weights, e.g. favorite=1,report=-20 (others: the defaults)")
+    p.add_argument("--chunk-size", type=int, default=512, help="candidates scored at once")
+    args = p.parse_args(argv)
+
+    from phoenix_flax.checkpoint import restore_model  # JAX starts here
+    from phoenix_flax.serving import CachedRanker, ranked_candidates
+
+    try:
+        cfg, step, model = restore_model(args.workdir, args.step)
+        actions = cfg.model.actions
+        weights = action_weights(actions, parse_weights(args.weights)).astype(np.float64)
+        sessions, report = read_session_input(args, actions)
+        ranker = CachedRanker(model, cfg.model, args.batch_size, args.chunk_size)
+        probs = ranker.probabilities(sessions)
+    except (SessionFormatError, FileNotFoundError, ValueError) as e:
+        print(f"phoenix-rank: error: {e}", file=sys.stderr)
+        return 2
+    with open(args.output, "w") as f:
+        for session, p_session in zip(sessions, probs, strict=True):
+            line = {"user_id": session.user_id, "candidates": ranked_candidates(session, p_session, actions, weights)}
+            f.write(json.dumps(line) + "\n")
+    print(
+        f"ranked {sum(len(x) for x in probs):,} candidates of {len(sessions):,} sessions with step {step}; "
+        f"{report.summary()}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
