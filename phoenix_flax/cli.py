@@ -1,15 +1,62 @@
-"""What the programs share: multi-host start-up, configs from arguments, step and input arguments."""
+"""What the programs share: running with one-line errors, multi-host start-up, configs from
+arguments, step and input arguments, output checks."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
+from collections.abc import Callable
 
 import jax
 
 from phoenix_flax.config import ConfigError, ExperimentConfig, apply_overrides, load
 from phoenix_flax.data.raw import Session, SkipReport, expand_paths, read_sessions
+from phoenix_flax.errors import PhoenixError
+
+DEBUG_ENV = "PHOENIX_DEBUG"
+
+
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help=f"tracebacks for every error (or set {DEBUG_ENV}=1)")
+
+
+def run(prog: str, body: Callable[[], int], debug: bool = False) -> int:
+    """Runs a program's body. An expected failure (bad input or config, a missing file, a
+    damaged checkpoint, a busy workdir) is printed as one line and exits non-zero (2, or the
+    error's `exit_code`); anything else is a bug and keeps its traceback. With `debug` (or
+    PHOENIX_DEBUG=1) expected failures keep theirs too."""
+    debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return body()
+    except (PhoenixError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        message = str(e) if isinstance(e, PhoenixError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+class OutputError(PhoenixError):
+    """An output path that cannot be written."""
+
+
+def check_writable(path: str, what: str = "--output") -> None:
+    """Fails now, before the work, if `path` cannot be written (its folder missing, read-only...)."""
+    existed = os.path.exists(path)
+    if os.path.isdir(path):
+        raise OutputError(f"{what} {path} is a directory")
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write {what} {path}: {e.strerror}") from None
+    if not existed:
+        os.remove(path)
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +76,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     if args.num_processes is None or args.num_processes <= 1:
         return
     if args.coordinator_address is None or args.process_id is None:
-        raise SystemExit("multi-host runs need --coordinator-address, --num-processes and --process-id")
+        raise ConfigError("multi-host runs need --coordinator-address, --num-processes and --process-id")
     # Cross-process collectives between CPU devices (tests, CPU-only clusters); other backends ignore it.
     # Set before initialize: querying the backend here would start it too early.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -37,14 +84,13 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def experiment_from_args(config_path: str, overrides: list[str], data_dir: str | None) -> ExperimentConfig:
-    """The config file with `--config.a.b=v` overrides (and --data-dir); exits with the error."""
+    """The config file with `--config.a.b=v` overrides (and --data-dir); ConfigError names every problem."""
+    if data_dir is not None:
+        overrides = [*overrides, f"--config.data.data_dir={data_dir}"]
     try:
-        cfg = apply_overrides(load(config_path), overrides)
-        if data_dir is not None:
-            cfg = apply_overrides(cfg, [f"--config.data.data_dir={data_dir}"])
+        return apply_overrides(load(config_path), overrides)
     except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    return cfg
+        raise ConfigError([f"config: {p}" for p in e.problems]) from None
 
 
 def step_arg(text: str) -> int | str:
@@ -71,19 +117,21 @@ def add_session_input_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--skip-invalid", action="store_true", help="skip invalid sessions and report them")
     parser.add_argument("--batch-size", type=int, default=64, help="sessions per user-context batch")
+    add_debug_arg(parser)
 
 
 def read_session_input(
-    args: argparse.Namespace, actions, require_candidates: bool = True
+    args: argparse.Namespace, model_cfg, require_candidates: bool = True
 ) -> tuple[list[Session], SkipReport]:
-    """The sessions of `--input`, parsed with the checkpoint's action vocabulary."""
+    """The sessions of `--input`, checked against the checkpoint's action and surface vocabularies."""
     report = SkipReport()
     read = read_sessions(
         expand_paths(args.input),
-        actions,
+        model_cfg.actions,
         skip_invalid=args.skip_invalid,
         report=report,
         require_candidates=require_candidates,
+        surface_vocab_size=model_cfg.product_surface_vocab_size,
     )
     return [s for _, s in read], report
 

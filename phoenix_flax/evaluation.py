@@ -10,6 +10,9 @@ checkpoint was trained on.
 
 from __future__ import annotations
 
+import errno
+import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -130,11 +133,14 @@ def evaluate(
     batch_size: int | None = None,
 ) -> dict:
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    cfg, step, model = restore_model(workdir, step, mesh)
+    cfg, step, model, _ = restore_model(workdir, step, mesh)
     if data_dir is not None:
         cfg = replace_fields(cfg, data={"data_dir": data_dir})
     truth_file = truth_file or (cfg.data.truth_file if split == "test" else None)
     corpus_file = corpus_file or cfg.data.corpus_file
+    for what, path in (("true probabilities", truth_file), ("corpus", corpus_file)):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(errno.ENOENT, f"the {what} file is missing", path)
     batch_size = batch_size or cfg.data.batch_size
     batch_size -= batch_size % mesh.size
     print(f"evaluating step {step} of {workdir} on '{split}' ({jax.device_count()} devices)", file=sys.stderr)
@@ -169,7 +175,20 @@ def evaluate(
         if corpus_file:
             ranks = corpus_ranks(model, cfg, corpus_file, got["users"], got["positive_post_id"])
             result["retrieval_corpus"] = recall_at_k(ranks)
-    return result
+    return _undefined_as_none(result)
+
+
+def _undefined_as_none(x):
+    """NaN (an AUC or NE without both classes) -> None: absent in strict JSON, not a number."""
+    if isinstance(x, dict):
+        return {k: _undefined_as_none(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _number(x, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}{spec}}"
 
 
 def format_table(result: dict) -> str:
@@ -179,14 +198,17 @@ def format_table(result: dict) -> str:
         head = f"{'action':<16}{'positives':>10}{'model AUC':>11}{'NE':>7}{'popular AUC':>13}"
         lines.append(head + (f"{'oracle AUC':>12}{'gap closed':>12}" if has_oracle else ""))
         for a, r in result["actions"].items():
-            line = f"{a:<16}{r['positives']:>10}{r['auc']:>11.4f}{r['ne']:>7.3f}{r['popularity_auc']:>13.4f}"
+            line = f"{a:<16}{r['positives']:>10}" + _number(r["auc"], ".4f", 11) + _number(r["ne"], ".3f", 7)
+            line += _number(r["popularity_auc"], ".4f", 13)
             if has_oracle:
-                closed = (r["auc"] - 0.5) / (r["oracle_auc"] - 0.5) if r["oracle_auc"] > 0.5 else float("nan")
-                line += f"{r['oracle_auc']:>12.4f}{closed:>12.1%}"
+                oracle = r["oracle_auc"]
+                closed = (r["auc"] - 0.5) / (oracle - 0.5) if None not in (r["auc"], oracle) and oracle > 0.5 else None
+                line += _number(oracle, ".4f", 12) + _number(closed, ".1%", 12)
             lines.append(line)
         lines.append(
-            f"weighted score AUC: {result['weighted_score_auc']:.4f}"
-            + (f" (oracle {result['oracle_weighted_score_auc']:.4f})" if has_oracle else "")
+            "weighted score AUC:"
+            + _number(result["weighted_score_auc"], ".4f", 7)
+            + (" (oracle" + _number(result["oracle_weighted_score_auc"], ".4f", 7) + ")" if has_oracle else "")
         )
     for key in ("retrieval_in_batch", "retrieval_corpus"):
         if key in result:

@@ -18,10 +18,15 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def normalized_entropy(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
-    """Mean log loss divided by the entropy of the base rate (1.0 = no better than the rate)."""
+    """Mean log loss divided by the entropy of the base rate (1.0 = no better than the rate).
+
+    NaN without both classes: the base rate's entropy is 0 and the ratio is undefined.
+    """
     y = np.asarray(labels, np.float64)
+    if not 0 < y.sum() < len(y):
+        return float("nan")
     p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
-    rate = np.clip(y.mean(), eps, 1 - eps) if len(y) else float("nan")
+    rate = y.mean()
     log_loss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
     base = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
     return float(log_loss / base)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from phoenix_flax.errors import PhoenixError
 
 # Positive actions count fully, passive ones a little, negative ones against.
 DEFAULT_ACTION_WEIGHTS: dict[str, float] = {
@@ -28,16 +31,23 @@ DEFAULT_ACTION_WEIGHTS: dict[str, float] = {
 }
 
 
+class WeightsError(PhoenixError, ValueError):
+    """Score weights that name unknown actions or are not finite numbers."""
+
+
 def action_weights(actions: Sequence[str], overrides: Mapping[str, float] | None = None) -> np.ndarray:
     """Weights `[A]` in the order of `actions`: the defaults, replaced by `overrides`."""
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(actions))
     if unknown:
-        raise ValueError(f"weights given for actions not in the vocabulary: {unknown}; vocabulary: {list(actions)}")
+        raise WeightsError(f"weights given for actions not in the vocabulary: {unknown}; vocabulary: {list(actions)}")
+    not_finite = {a: w for a, w in overrides.items() if not math.isfinite(w)}
+    if not_finite:
+        raise WeightsError(f"weights must be finite numbers: {not_finite}")
     weights = {**DEFAULT_ACTION_WEIGHTS, **overrides}
     missing = [a for a in actions if a not in weights]
     if missing:
-        raise ValueError(f"no default weight for actions {missing}: give one for each")
+        raise WeightsError(f"no default weight for actions {missing}: give one for each")
     return np.array([weights[a] for a in actions], dtype=np.float32)
 
 
@@ -51,9 +61,9 @@ def parse_weights(text: str | None) -> dict[str, float]:
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--weights: bad entry {part!r}; expected action=number") from None
+            raise WeightsError(f"--weights: bad entry {part!r}; expected action=number") from None
         if not eq:
-            raise ValueError(f"--weights: bad entry {part!r}; expected action=number")
+            raise WeightsError(f"--weights: bad entry {part!r}; expected action=number")
     return out
 
 

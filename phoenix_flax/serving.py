@@ -86,8 +86,9 @@ def file_sha256(path: str) -> str:
 class CorpusIndex:
     """Candidate-tower vectors of a corpus, saved beside the checkpoint as `index/step_<N>.npz`.
 
-    Reused while the checkpoint step and the corpus file's content are unchanged; rebuilt
-    otherwise.
+    Keyed by what the vectors depend on: the checkpoint's content (its integrity record's
+    digest, not only its step number, which a retrained run reuses) and the corpus file's
+    content. Reused while both are unchanged; rebuilt otherwise.
     """
 
     def __init__(self, post_ids: np.ndarray, author_ids: np.ndarray, vectors: np.ndarray):
@@ -137,19 +138,21 @@ class CorpusIndex:
         return os.path.join(workdir, "index", f"step_{step}.npz")
 
     @classmethod
-    def load_or_build(cls, workdir, step, model, cfg, corpus_path) -> tuple[CorpusIndex, bool]:
-        """-> (index, whether it was (re)built)."""
-        path, digest = cls.path(workdir, step), file_sha256(corpus_path)
-        if os.path.exists(path):
+    def load_or_build(cls, workdir: str, restored, corpus_path: str) -> tuple[CorpusIndex, bool]:
+        """The index of `corpus_path` for a restored checkpoint (`checkpoint.Restored`) ->
+        (index, whether it was built now)."""
+        path = cls.path(workdir, restored.step)
+        meta = {"step": restored.step, "checkpoint": restored.digest, "corpus_sha256": file_sha256(corpus_path)}
+        if restored.digest is not None and os.path.exists(path):
             with np.load(path) as z:
-                meta = json.loads(str(z["meta"]))
-                if meta == {"step": step, "corpus_sha256": digest}:
+                if json.loads(str(z["meta"])) == meta:
                     return cls(z["post_ids"], z["author_ids"], z["vectors"]), False
-        index = cls.build(model, cfg, *read_corpus(corpus_path))
+        index = cls.build(restored.model, restored.cfg.model, *read_corpus(corpus_path))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp.npz"
-        meta = json.dumps({"step": step, "corpus_sha256": digest})
-        np.savez(tmp, post_ids=index.post_ids, author_ids=index.author_ids, vectors=index.vectors, meta=meta)
+        np.savez(
+            tmp, post_ids=index.post_ids, author_ids=index.author_ids, vectors=index.vectors, meta=json.dumps(meta)
+        )
         os.replace(tmp, path)  # never a half-written index
         return index, True
 

@@ -2,16 +2,20 @@
 
 Metrics go to `WORKDIR/metrics.jsonl` and TensorBoard files in `WORKDIR/tensorboard`;
 checkpoints to `WORKDIR/checkpoints`. Started again on the same workdir, a run continues from
-its latest checkpoint exactly as if it had not stopped. SIGTERM saves a checkpoint and stops.
+its newest checkpoint that restores completely, exactly as if it had not stopped (damaged newer
+steps are reported and moved aside). SIGTERM saves a checkpoint and stops. The workdir is locked
+while a run trains in it. Everything that can be checked before device work is checked first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -19,15 +23,19 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from phoenix_flax.checkpoint import Checkpointer
+from phoenix_flax.checkpoint import Checkpointer, DamagedCheckpointError, check_compatible, restore_newest
 from phoenix_flax.cli import log
-from phoenix_flax.config import ExperimentConfig, dumps
-from phoenix_flax.data.pipeline import dataset_splits, global_batch, make_dataset
-from phoenix_flax.sharding import make_mesh
+from phoenix_flax.config import ConfigError, ExperimentConfig, dumps
+from phoenix_flax.data.pipeline import dataset_actions, dataset_splits, dataset_statistics, global_batch, make_dataset
+from phoenix_flax.errors import PhoenixError
+from phoenix_flax.sharding import make_mesh, mesh_shape
 from phoenix_flax.training import create_train_state, make_eval_step, make_train_step
+from phoenix_flax.workdir import WorkdirLock
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PhoenixError):
+    exit_code = 3
+
     def __init__(self, step: int, position, metrics: dict):
         self.step, self.position = step, position
         super().__init__(
@@ -57,9 +65,13 @@ class Preemption:
 
 
 class MetricWriter:
-    """Metrics as JSON Lines (`metrics.jsonl`) and TensorBoard event files, from process 0 only."""
+    """Metrics as JSON Lines (`metrics.jsonl`) and TensorBoard event files, from process 0 only.
 
-    def __init__(self, workdir: str, name: str = "metrics"):
+    A run resumed from step N continues the log: lines of later steps (written by the run that
+    stopped, and trained again now) are dropped first, so no step appears twice.
+    """
+
+    def __init__(self, workdir: str, resume_step: int, name: str = "metrics"):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
@@ -67,8 +79,14 @@ class MetricWriter:
 
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, f"{name}.jsonl")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
         self.jsonl = open(self.path, "a")  # noqa: SIM115  (open for the run; closed by close())
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -84,6 +102,56 @@ class MetricWriter:
             self.tb.close()
 
 
+def preflight(cfg: ExperimentConfig) -> set[str]:
+    """What can be checked before any device work: the dataset, its splits and vocabulary
+    against the model, and the batch against processes and the mesh. Returns the dataset's
+    splits; raises ConfigError naming every problem."""
+    data = cfg.data
+    try:
+        splits, actions, stats = (
+            dataset_splits(data.data_dir),
+            dataset_actions(data.data_dir),
+            dataset_statistics(data.data_dir),
+        )
+    except PhoenixError as e:
+        raise ConfigError(f"data.data_dir={data.data_dir!r}: {e}") from None
+    problems = []
+    if data.train_split not in splits:
+        problems.append(f"data.train_split={data.train_split!r}: the dataset has splits {sorted(splits)}")
+    if cfg.checkpoint.best_metric and data.eval_split not in splits:
+        problems.append(
+            f"checkpoint.best_metric={cfg.checkpoint.best_metric!r} needs the evaluation split "
+            f"data.eval_split={data.eval_split!r}, which the dataset lacks (it has {sorted(splits)}); "
+            "prepare one, or set --config.checkpoint.best_metric= to keep no best checkpoint"
+        )
+    for key, names in (("model.actions", cfg.model.actions), ("data.positive_actions", data.positive_actions)):
+        missing = [a for a in names if a not in actions]
+        if missing:
+            problems.append(f"{key}: {missing} are not in the dataset's vocabulary {list(actions)}")
+    for split, s in stats.get("splits", {}).items():
+        top = s.get("max_product_surface", -1)
+        if top >= cfg.model.product_surface_vocab_size:
+            problems.append(
+                f"model.product_surface_vocab_size={cfg.model.product_surface_vocab_size}: split {split!r} has "
+                f"product_surface {top}; the vocabulary must cover it"
+            )
+    processes, devices = jax.process_count(), jax.device_count()
+    if data.batch_size % processes:
+        problems.append(f"data.batch_size={data.batch_size}: does not divide over {processes} processes")
+    try:
+        shape = dict(zip(("data", "fsdp", "model"), mesh_shape(dataclasses.asdict(cfg.mesh), devices), strict=True))
+        batch_devices = shape["data"] * shape["fsdp"]
+        if data.batch_size % batch_devices:
+            problems.append(
+                f"data.batch_size={data.batch_size}: does not divide over the mesh's data x fsdp = {batch_devices} devices"
+            )
+    except ValueError as e:
+        problems.append(f"mesh: {e}")
+    if problems:
+        raise ConfigError(problems)
+    return splits
+
+
 def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> dict[str, float]:
     """Mean metrics over the first `eval.batches` validation batches (the same ones each time)."""
     data = iter(make_dataset(cfg.model, cfg.data, cfg.data.eval_split, shuffle=False))
@@ -95,36 +163,75 @@ def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> d
     return {f"eval_{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()}
 
 
-def train(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None) -> list[dict]:
+def _resume(checkpoints: Checkpointer, cfg: ExperimentConfig, model, optimizer, data, report) -> int:
+    """The step training continues from (0 for a new run), its state restored into the arguments."""
+    steps = checkpoints.all_steps()
+    if not steps:
+        return 0
+    for step in sorted(steps, reverse=True):  # the newest config that reads decides compatibility
+        try:
+            saved = checkpoints.config(step)
+        except DamagedCheckpointError:
+            continue
+        differences = check_compatible(saved, cfg, step)  # before any restore: a mismatch is no damage
+        if differences:
+            report("resuming with a config that differs from the checkpoint's: " + "; ".join(differences))
+        break
+    step = restore_newest(checkpoints, model, optimizer, data, report)
+    report(f"resumed from step {step}")
+    return step
+
+
+def train(
+    cfg: ExperimentConfig,
+    workdir: str,
+    *,
+    stop_after: int | None = None,
+    report: Callable[[str], None] = log,
+) -> list[dict]:
     """Trains to `cfg.train.steps` (or `stop_after` more steps); returns the logged metrics."""
-    mesh = make_mesh(dataclasses.asdict(cfg.mesh))
-    log(
-        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
-        f"{jax.process_count()} process(es)"
-    )
-    model, optimizer = create_train_state(cfg, mesh)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    log(f"{n_params:,} parameters")
+    splits = preflight(cfg)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            lock = stack.enter_context(WorkdirLock(workdir))
+            if lock.stale:
+                report(f"note: a previous run ({lock.stale}); taking it over")
+        mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+        report(
+            f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+            f"{jax.process_count()} process(es)"
+        )
+        model, optimizer = create_train_state(cfg, mesh)
+        report(f"{sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters")
+        data = iter(make_dataset(cfg.model, cfg.data, cfg.data.train_split))
+        checkpoints = stack.enter_context(Checkpointer(workdir, cfg.checkpoint))
+        step = _resume(checkpoints, cfg, model, optimizer, data, report)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(dumps(cfg))
+        writer = MetricWriter(workdir, resume_step=step)
+        stack.callback(writer.close)
+        preemption = Preemption()
+        stack.callback(preemption.restore)
+        return _loop(
+            cfg,
+            mesh,
+            model,
+            optimizer,
+            data,
+            checkpoints,
+            writer,
+            preemption,
+            step,
+            stop_after,
+            has_eval=cfg.eval.batches > 0 and cfg.data.eval_split in splits,
+            report=report,
+        )
 
-    data = iter(make_dataset(cfg.model, cfg.data, cfg.data.train_split))
-    checkpoints = Checkpointer(workdir, cfg.checkpoint)
-    step = 0
-    if (latest := checkpoints.latest_step()) is not None:
-        saved = checkpoints.config(latest)
-        if saved != cfg:
-            log("warning: the config differs from the one the checkpoint was saved with")
-        checkpoints.restore(latest, model, optimizer, data)
-        step = latest
-        log(f"resumed from step {step}")
-    if jax.process_index() == 0:
-        with open(f"{workdir}/config.json", "w") as f:
-            f.write(dumps(cfg))
 
+def _loop(cfg, mesh, model, optimizer, data, checkpoints, writer, preemption, step, stop_after, *, has_eval, report):
     train_step = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
     eval_step = make_eval_step(cfg.loss)
-    has_eval = cfg.data.eval_split in dataset_splits(cfg.data.data_dir)
-    writer = MetricWriter(workdir)
-    preemption = Preemption()
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, step + stop_after)
     logged: list[dict] = []
     window: list[tuple[int, object, dict]] = []  # device metrics since the last host sync
@@ -152,6 +259,7 @@ def train(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None)
             sessions_s=f"{means['sessions_per_second']:,.0f}",
         )
         bar.update(window[-1][0] - bar.n)
+        checkpoints.record_finished()  # a completed asynchronous save gets its integrity record
         window, window_start = [], time.perf_counter()
 
     try:
@@ -174,12 +282,8 @@ def train(cfg: ExperimentConfig, workdir: str, *, stop_after: int | None = None)
                 flush()  # never save parameters a non-finite step may have touched
                 checkpoints.save(step, model, optimizer, data, cfg, metrics=eval_metrics)
             if stop:
-                log(f"preempted: saved step {step}, exiting")
+                report(f"preempted: saved step {step}, exiting")
                 break
     finally:
         bar.close()
-        checkpoints.wait()
-        checkpoints.close()
-        writer.close()
-        preemption.restore()
     return logged

@@ -63,6 +63,16 @@ def _check_fits(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> None:
     check_divisible(nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param), mesh)
 
 
+def abstract_train_state(cfg: ExperimentConfig):
+    """Shapes and dtypes of the model and optimizer state a config trains, allocating nothing."""
+
+    def create():
+        model = build_model(cfg)
+        return nnx.state((model, nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)))
+
+    return nnx.eval_shape(create)
+
+
 def create_train_state(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> tuple[PhoenixModel, nnx.Optimizer]:
     """Model and optimizer, created inside jit directly in their shards (never whole on one device)."""
 

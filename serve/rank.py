@@ -17,8 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from phoenix_flax.cli import add_session_input_args, read_session_input
-from phoenix_flax.data.raw import SessionFormatError
+from phoenix_flax.cli import add_session_input_args, check_writable, read_session_input, run
 from phoenix_flax.scoring import action_weights, parse_weights
 
 
@@ -28,26 +27,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--weights", help="score weights, e.g. favorite=1,report=-20 (others: the defaults)")
     p.add_argument("--chunk-size", type=int, default=512, help="candidates scored at once")
     args = p.parse_args(argv)
+    return run(p.prog, lambda: rank(args), args.debug)
+
+
+def rank(args: argparse.Namespace) -> int:
+    overrides = parse_weights(args.weights)
+    check_writable(args.output)
 
     from phoenix_flax.checkpoint import restore_model  # JAX starts here
     from phoenix_flax.serving import CachedRanker, ranked_candidates
 
-    try:
-        cfg, step, model = restore_model(args.workdir, args.step)
-        actions = cfg.model.actions
-        weights = action_weights(actions, parse_weights(args.weights)).astype(np.float64)
-        sessions, report = read_session_input(args, actions)
-        ranker = CachedRanker(model, cfg.model, args.batch_size, args.chunk_size)
-        probs = ranker.probabilities(sessions)
-    except (SessionFormatError, FileNotFoundError, ValueError) as e:
-        print(f"phoenix-rank: error: {e}", file=sys.stderr)
-        return 2
+    restored = restore_model(args.workdir, args.step)
+    cfg = restored.cfg.model
+    weights = action_weights(cfg.actions, overrides).astype(np.float64)
+    sessions, report = read_session_input(args, cfg)
+    probs = CachedRanker(restored.model, cfg, args.batch_size, args.chunk_size).probabilities(sessions)
     with open(args.output, "w") as f:
         for session, p_session in zip(sessions, probs, strict=True):
-            line = {"user_id": session.user_id, "candidates": ranked_candidates(session, p_session, actions, weights)}
-            f.write(json.dumps(line) + "\n")
+            line = {
+                "user_id": session.user_id,
+                "candidates": ranked_candidates(session, p_session, cfg.actions, weights),
+            }
+            f.write(json.dumps(line, allow_nan=False) + "\n")
     print(
-        f"ranked {sum(len(x) for x in probs):,} candidates of {len(sessions):,} sessions with step {step}; "
+        f"ranked {sum(len(x) for x in probs):,} candidates of {len(sessions):,} sessions with step {restored.step}; "
         f"{report.summary()}",
         file=sys.stderr,
     )

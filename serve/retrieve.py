@@ -21,8 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from phoenix_flax.cli import add_session_input_args, read_session_input
-from phoenix_flax.data.raw import SessionFormatError
+from phoenix_flax.cli import add_session_input_args, check_writable, read_session_input, run
 from phoenix_flax.scoring import action_weights, parse_weights
 
 
@@ -37,40 +36,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error("--top-k must be positive")
+    return run(p.prog, lambda: retrieve_top_k(args), args.debug)
 
-    from phoenix_flax.checkpoint import restore_model  # JAX starts here
+
+def retrieve_top_k(args: argparse.Namespace) -> int:
+    overrides = parse_weights(args.weights)
+    check_writable(args.output)
+
+    from phoenix_flax.checkpoint import CheckpointError, restore_model  # JAX starts here
     from phoenix_flax.serving import CachedRanker, CorpusIndex, ranked_candidates, retrieve
 
-    try:
-        cfg, step, model = restore_model(args.workdir, args.step)
-        actions = cfg.model.actions
-        sessions, report = read_session_input(args, actions, require_candidates=False)
-        index, rebuilt = CorpusIndex.load_or_build(args.workdir, step, model, cfg.model, args.corpus)
-        print(
-            f"{'built' if rebuilt else 'reused'} the index of {len(index.post_ids):,} posts "
-            f"({CorpusIndex.path(args.workdir, step)})",
-            file=sys.stderr,
+    restored = restore_model(args.workdir, args.step)
+    model, cfg = restored.model, restored.cfg.model
+    if model.retrieval is None:
+        raise CheckpointError(f"the checkpoint in {args.workdir} has no retrieval model (loss.retrieval_weight was 0)")
+    if args.then_rank and model.ranker is None:
+        raise CheckpointError(
+            f"--then-rank: the checkpoint in {args.workdir} has no ranker (loss.ranking_weight was 0)"
         )
-        hits = retrieve(
-            model, cfg.model, index, sessions, args.top_k, include_seen=args.include_seen, batch_size=args.batch_size
-        )
-        if args.then_rank:
-            weights = action_weights(actions, parse_weights(args.weights)).astype(np.float64)
-            retrieved = [
-                dataclasses.replace(
-                    s,
-                    candidate_post_id=index.post_ids[[j for j, _ in h]],
-                    candidate_author_id=index.author_ids[[j for j, _ in h]],
-                    candidate_product_surface=np.zeros(len(h), np.int32),
-                    candidate_actions=np.zeros(len(h), np.int64),
-                    labeled=False,
-                )
-                for s, h in zip(sessions, hits, strict=True)
-            ]
-            probs = CachedRanker(model, cfg.model, args.batch_size).probabilities(retrieved)
-    except (SessionFormatError, FileNotFoundError, ValueError) as e:
-        print(f"phoenix-retrieve: error: {e}", file=sys.stderr)
-        return 2
+    weights = action_weights(cfg.actions, overrides).astype(np.float64)
+    sessions, report = read_session_input(args, cfg, require_candidates=False)
+    index, rebuilt = CorpusIndex.load_or_build(args.workdir, restored, args.corpus)
+    print(f"{'built' if rebuilt else 'reused'} the index of {len(index.post_ids):,} posts", file=sys.stderr)
+    hits = retrieve(model, cfg, index, sessions, args.top_k, include_seen=args.include_seen, batch_size=args.batch_size)
+    if args.then_rank:
+        retrieved = [
+            dataclasses.replace(
+                s,
+                candidate_post_id=index.post_ids[[j for j, _ in h]],
+                candidate_author_id=index.author_ids[[j for j, _ in h]],
+                candidate_product_surface=np.zeros(len(h), np.int32),
+                candidate_actions=np.zeros(len(h), np.int64),
+                labeled=False,
+            )
+            for s, h in zip(sessions, hits, strict=True)
+        ]
+        probs = CachedRanker(model, cfg, args.batch_size).probabilities(retrieved)
     with open(args.output, "w") as f:
         for i, (session, h) in enumerate(zip(sessions, hits, strict=True)):
             cands = [
@@ -83,12 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
             if args.then_rank:
                 by_post = {c["post_id"]: c for c in cands}
-                cands = [
-                    {**by_post[c["post_id"]], **c} for c in ranked_candidates(retrieved[i], probs[i], actions, weights)
-                ]
-            f.write(json.dumps({"user_id": session.user_id, "candidates": cands}) + "\n")
+                ranked = ranked_candidates(retrieved[i], probs[i], cfg.actions, weights)
+                cands = [{**by_post[c["post_id"]], **c} for c in ranked]
+            f.write(json.dumps({"user_id": session.user_id, "candidates": cands}, allow_nan=False) + "\n")
     print(
-        f"retrieved top {args.top_k} for {len(sessions):,} sessions with step {step}; {report.summary()}",
+        f"retrieved top {args.top_k} for {len(sessions):,} sessions with step {restored.step}; {report.summary()}",
         file=sys.stderr,
     )
     return 0

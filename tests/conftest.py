@@ -1,11 +1,21 @@
 """Test set-up. Eight simulated CPU devices, configured before JAX starts, for the sharding tests."""
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiled programs shared by every test and the programs they start: the many small runs
+# compile the same steps, and compiling dominates their time on a CPU.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="phoenix-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest
@@ -87,3 +97,22 @@ def tiny_experiment(data_dir: str, **sections):
         train=TrainConfig(steps=6, log_every=1),
     )
     return replace_fields(cfg, **sections)
+
+
+def cli_overrides(cfg, base=None) -> list[str]:
+    """`--config.a.b=v` arguments turning configs/demo.py into `cfg`."""
+    from phoenix_flax.config import apply_overrides, load, to_dict
+
+    base = to_dict(load(str(REPO / "configs" / "demo.py")) if base is None else base)
+
+    def walk(target, current, prefix):
+        for k, v in target.items():
+            if isinstance(v, dict):
+                yield from walk(v, current[k], f"{prefix}{k}.")
+            elif v != current[k]:
+                text = "none" if v is None else ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+                yield f"--config.{prefix}{k}={text}"
+
+    args = list(walk(to_dict(cfg), base, ""))
+    assert apply_overrides(load(str(REPO / "configs" / "demo.py")), args) == cfg
+    return args

@@ -17,6 +17,7 @@ from phoenix_flax.data.config import DataConfig
 from phoenix_flax.data.pipeline import SessionToExamples, global_batch, make_dataset
 from phoenix_flax.data.raw import SessionFormatError, SkipReport, read_sessions
 from phoenix_flax.data.synth import ACTIONS, PHOTO, VIDEO, World, WorldConfig, simulate, write_world
+from phoenix_flax.errors import DatasetError
 from phoenix_flax.hashing import FINGERPRINT_ROWS, hash_ids
 from train import prepare as prepare_cli
 
@@ -228,7 +229,7 @@ def test_model_vocabulary_may_reorder_a_subset_of_the_datasets():
     cfg = dataclasses.replace(CFG, actions=("reply", "dwell"))
     ex = examples(session(3), cfg=cfg)[0]
     np.testing.assert_array_equal(ex["candidate_actions"], [[0, 1], [1, 0], [0, 1]])
-    with pytest.raises(ValueError, match="not in the dataset's vocabulary"):
+    with pytest.raises(DatasetError, match="not in the dataset's vocabulary"):
         examples(session(3), cfg=dataclasses.replace(CFG, actions=("favorite", "bookmark")))
     ex = examples(session(3), positive=("dwell",))[0]
     assert ex["positive_post_id"] == 350

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,6 +11,7 @@ import pytest
 from conftest import tiny_experiment
 
 from phoenix_flax.checkpoint import restore_model
+from phoenix_flax.config import apply_overrides
 from phoenix_flax.data.raw import SessionParser
 from phoenix_flax.hashing import hash_ids
 from phoenix_flax.scoring import action_weights
@@ -17,13 +19,14 @@ from phoenix_flax.serving import CachedRanker, prefix_batch
 from phoenix_flax.trainer import train
 from serve import rank as rank_cli
 from serve import retrieve as retrieve_cli
+from train import evaluate as evaluate_cli
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_world, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("serving_run"))
     train(tiny_experiment(tiny_world["data_dir"]), workdir)
-    cfg, step, model = restore_model(workdir)
+    cfg, step, model, _ = restore_model(workdir)
     return {"workdir": workdir, "cfg": cfg, "model": model, "step": step}
 
 
@@ -195,3 +198,120 @@ def test_then_rank_and_a_stale_index_is_rebuilt(trained, sessions, tiny_world, t
     corpus.write_text("\n".join(lines[:300]) + "\n")  # the corpus changed: the index is stale
     retrieve(trained, tmp_path, str(corpus), users_only, "--top-k", "5")
     assert "built the index of 300 posts" in capsys.readouterr().err
+
+
+# --- what users get wrong ---------------------------------------------------------------------
+
+
+def unlabeled_input(sessions, tmp_path, name="in.jsonl", edit=None):
+    records, _ = sessions
+    records = [
+        {**r, "candidates": [{k: v for k, v in c.items() if k != "actions"} for c in r["candidates"]]}
+        for r in records[:3]
+    ]
+    if edit:
+        edit(records)
+    return write_jsonl(tmp_path / name, records)
+
+
+@pytest.mark.parametrize("weights", ["favorite=nan", "report=-inf", "favorite=inf,reply=1"])
+def test_non_finite_weights_are_refused_before_any_output(trained, sessions, tmp_path, capsys, weights):
+    out = tmp_path / "out.jsonl"
+    rc = rank_cli.main(
+        [
+            "--workdir",
+            trained["workdir"],
+            "--input",
+            unlabeled_input(sessions, tmp_path),
+            "--output",
+            str(out),
+            "--weights",
+            weights,
+        ]
+    )
+    assert rc == 2 and "weights must be finite numbers" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("program", ["rank", "retrieve", "eval"])
+def test_an_unwritable_output_fails_before_the_work(trained, sessions, tiny_world, tmp_path, capsys, program):
+    out = str(tmp_path / "no_such_folder" / "out.json")
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    shutil.rmtree(workdir / "index", ignore_errors=True)
+    args = ["--workdir", str(workdir), "--output", out]
+    if program == "eval":
+        rc = evaluate_cli.main(args)
+    else:
+        args += ["--input", unlabeled_input(sessions, tmp_path)]
+        rc = (
+            rank_cli.main(args)
+            if program == "rank"
+            else retrieve_cli.main([*args, "--corpus", tiny_world["corpus"], "--top-k", "3"])
+        )
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot write --output {out}: No such file or directory" in err
+    assert "evaluating" not in err and not (workdir / "index").exists()  # nothing was computed first
+
+
+def test_surfaces_beyond_the_vocabulary_and_bytes_that_are_not_utf8_are_named_and_skippable(
+    trained, sessions, tmp_path, capsys
+):
+    def edit(records):
+        records[1]["candidates"][2]["product_surface"] = 999
+
+    path = unlabeled_input(sessions, tmp_path, edit=edit)
+    with open(path, "ab") as f:
+        f.write(
+            b'{"user_id": 5, "history": [], "candidates": [{"post_id": 1, "author_id": 2, "product_surface": 0, "x": "\xff"}]}\n'
+        )
+    out = tmp_path / "out.jsonl"
+    rc = rank_cli.main(["--workdir", trained["workdir"], "--input", path, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "in.jsonl:2: field 'candidates[2].product_surface': out of range [0, 15]" in err
+
+    rc = rank_cli.main(["--workdir", trained["workdir"], "--input", path, "--output", str(out), "--skip-invalid"])
+    err = capsys.readouterr().err
+    assert rc == 0 and len(out.read_text().splitlines()) == 2  # sessions 1 and 3 of the file
+    assert "in.jsonl:4: not UTF-8: byte 0xff" in err and "skipped 2 invalid record(s)" in err
+
+
+def test_retrieval_from_a_ranking_only_checkpoint_is_a_named_error(tiny_world, sessions, tmp_path, capsys):
+    workdir = str(tmp_path / "ranker_only")
+    train(tiny_experiment(tiny_world["data_dir"], loss={"retrieval_weight": 0.0}, train={"steps": 1}), workdir)
+    capsys.readouterr()
+    args = ["--workdir", workdir, "--input", unlabeled_input(sessions, tmp_path), "--output", str(tmp_path / "o")]
+    rc = retrieve_cli.main([*args, "--corpus", tiny_world["corpus"], "--top-k", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        f"phoenix-retrieve: error: the checkpoint in {workdir} has no retrieval model (loss.retrieval_weight was 0)"
+    ]
+
+
+def test_a_retrained_workdir_gets_a_fresh_index(trained, sessions, tiny_world, tmp_path, capsys):
+    """Same step number, other parameters: the saved index must not be reused."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    users_only = [{k: r[k] for k in ("user_id", "history")} for r in sessions[0][:4]]
+    before = retrieve({**trained, "workdir": str(workdir)}, tmp_path, tiny_world["corpus"], users_only, "--top-k", "5")
+    capsys.readouterr()
+    shutil.rmtree(workdir / "checkpoints")
+    cfg = apply_overrides(trained["cfg"], ["--config.train.seed=1"])
+    train(cfg, str(workdir))  # the same steps again, from other initial parameters
+    after = retrieve({**trained, "workdir": str(workdir)}, tmp_path, tiny_world["corpus"], users_only, "--top-k", "5")
+    assert "built the index" in capsys.readouterr().err
+    retrained = restore_model(str(workdir))
+    corpus = [json.loads(x) for x in pathlib.Path(tiny_world["corpus"]).read_text().splitlines()]
+    post_ids = np.array([c["post_id"] for c in corpus])
+    m, c = retrained.model, retrained.cfg.model
+    vectors = np.asarray(m.retrieval.candidates(
+        hash_ids(post_ids, c.num_post_hashes, c.post_vocab_rows),
+        hash_ids(np.array([x["author_id"] for x in corpus]), c.num_author_hashes, c.author_vocab_rows),
+    ))  # fmt: skip
+    parser = SessionParser(c.actions, require_candidates=False)
+    users = np.asarray(m.retrieval.user(prefix_batch([parser.parse(r, i) for i, r in enumerate(users_only)], c, 4)))
+    for line, u, user in zip(after, users, users_only, strict=True):
+        seen = {h["post_id"] for h in user["history"]}
+        want = [p for p in post_ids[np.argsort(-(vectors @ u), kind="stable")] if p not in seen][:5]
+        assert [x["post_id"] for x in line["candidates"]] == want
+    assert any(a["candidates"] != b["candidates"] for a, b in zip(after, before, strict=True))

@@ -11,10 +11,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_experiment
+from conftest import REPO, cli_overrides, tiny_experiment
 from flax import nnx
 
-from phoenix_flax.checkpoint import Checkpointer
+from phoenix_flax.checkpoint import Checkpointer, CheckpointError, restore_model
 from phoenix_flax.config import ConfigError, apply_overrides, from_dict, load, to_dict
 from phoenix_flax.evaluation import evaluate, format_table
 from phoenix_flax.metrics import auc, normalized_entropy, recall_at_k
@@ -34,7 +34,8 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses(tiny_world, tmp_path):
     rest = losses(train(cfg, str(tmp_path / "split")))
     assert [s for s, _ in first] == [1, 2, 3, 4] and [s for s, _ in rest] == [5, 6]
     np.testing.assert_allclose([x for _, x in first + rest], [x for _, x in full], rtol=1e-6)
-    assert Checkpointer(str(tmp_path / "split")).all_steps() == [4, 6]  # keep=2
+    with Checkpointer(str(tmp_path / "split")) as checkpoints:
+        assert checkpoints.all_steps() == [4, 6]  # keep=2
 
 
 def test_a_non_finite_loss_stops_the_run_and_saves_nothing_after_it(tiny_world, tmp_path):
@@ -48,7 +49,8 @@ def test_a_non_finite_loss_stops_the_run_and_saves_nothing_after_it(tiny_world, 
         train(cfg, str(tmp_path))
     bad = error.value.step
     assert 1 < bad < 20 and "next_index" in str(error.value.position)
-    saved = Checkpointer(str(tmp_path)).all_steps()
+    with Checkpointer(str(tmp_path)) as checkpoints:
+        saved = checkpoints.all_steps()
     assert saved and max(saved) < bad
 
 
@@ -59,12 +61,12 @@ def test_checkpoint_restores_onto_another_mesh_and_evaluates(tiny_world, tmp_pat
         data={"truth_file": tiny_world["truth"], "corpus_file": tiny_world["corpus"]},
     )
     train(cfg, str(tmp_path))
-    checkpoints = Checkpointer(str(tmp_path))
-    assert checkpoints.config(6) == cfg
-    trained = create_model(cfg, make_mesh({"data": 2, "fsdp": 2, "model": 2}))
-    checkpoints.restore(6, trained)
-    single = create_model(cfg, make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1]))
-    checkpoints.restore(6, single)
+    with Checkpointer(str(tmp_path)) as checkpoints:
+        assert checkpoints.config(6) == cfg
+        trained = create_model(cfg, make_mesh({"data": 2, "fsdp": 2, "model": 2}))
+        checkpoints.restore(6, trained)
+        single = create_model(cfg, make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1]))
+        checkpoints.restore(6, single)
     table = single.embeddings.post.table[...]
     assert len(table.sharding.device_set) == 1
     np.testing.assert_array_equal(np.asarray(table), np.asarray(trained.embeddings.post.table[...]))
@@ -108,24 +110,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_world, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "preempted" in err
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
-    assert Checkpointer(str(tmp_path)).latest_step() == last_logged >= 3
-
-
-def cli_overrides(cfg, base=None) -> list[str]:
-    """`--config.a.b=v` arguments turning configs/demo.py into `cfg`."""
-    base = to_dict(load(str(REPO / "configs" / "demo.py")) if base is None else base)
-
-    def walk(target, current, prefix):
-        for k, v in target.items():
-            if isinstance(v, dict):
-                yield from walk(v, current[k], f"{prefix}{k}.")
-            elif v != current[k]:
-                text = "none" if v is None else ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-                yield f"--config.{prefix}{k}={text}"
-
-    args = list(walk(to_dict(cfg), base, ""))
-    assert apply_overrides(load(str(REPO / "configs" / "demo.py")), args) == cfg
-    return args
+    with Checkpointer(str(tmp_path)) as checkpoints:
+        assert checkpoints.latest_step() == last_logged >= 3
 
 
 @pytest.mark.slow
@@ -217,7 +203,7 @@ def test_config_overrides_are_typed():
         ("--config.model.emb=3", "unknown config key 'model.emb'"),
         ("--config.model.emb_size=large", "model.emb_size='large': expected int"),
         ("--config.loss.logq=sometimes", "expected one of"),
-        ("--config.model.num_kv_heads=3", "not a multiple"),
+        ("--config.model.num_kv_heads=3", "must be a multiple of num_kv_heads=3"),
         ("--config.model=3", "is a section"),
         ("--mesh.data=2", "unrecognised argument"),
     ]:
@@ -281,8 +267,11 @@ def test_the_best_checkpoint_is_kept_and_found_after_reopening(tiny_world, tmp_p
     logged = train(cfg, str(tmp_path))
     evals = {m["step"]: m["eval_loss"] for m in logged if "eval_loss" in m}
     best = min(evals, key=evals.get)
-    checkpoints = Checkpointer.open_run(str(tmp_path))
-    assert checkpoints.all_steps() == sorted({best, 6})  # the latest 1, and the best beside it
-    assert checkpoints.resolve("best") == best and checkpoints.resolve("latest") == 6
-    with pytest.raises(FileNotFoundError, match="no checkpoint of step 3"):
-        checkpoints.resolve(3)
+    with Checkpointer.open_run(str(tmp_path)) as checkpoints:
+        # The latest 1, the best, and the newest step known good when the latest was saved.
+        assert checkpoints.all_steps() == sorted({best, 4, 6})
+        assert checkpoints.best_step() == best
+    assert restore_model(str(tmp_path), "best").step == best
+    assert restore_model(str(tmp_path)).step == 6
+    with pytest.raises(CheckpointError, match="no checkpoint of step 3"):
+        restore_model(str(tmp_path), 3)

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from phoenix_flax.cli import add_debug_arg, run
 from phoenix_flax.config import load, replace_fields
 from phoenix_flax.data import prepare, synth
 from phoenix_flax.data.prepare import dataset_dir
@@ -35,7 +36,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="phoenix-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    add_debug_arg(p)
     args = p.parse_args(argv)
+    return run(p.prog, lambda: demo(args), args.debug)
+
+
+def demo(args: argparse.Namespace) -> int:
     root = args.workdir
     if args.fresh and os.path.exists(root):
         shutil.rmtree(root)

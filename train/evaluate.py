@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from phoenix_flax.cli import add_checkpoint_args
+from phoenix_flax.cli import add_checkpoint_args, add_debug_arg, check_writable, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,7 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--truth", help="true probabilities (phoenix-synth's test_truth.npz); default: the config's")
     p.add_argument("--corpus", help="posts for corpus retrieval (JSON Lines of post_id, author_id)")
     p.add_argument("--batch-size", type=int)
+    add_debug_arg(p)
     args = p.parse_args(argv)
+    return run(p.prog, lambda: evaluate_checkpoint(args), args.debug)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> int:
+    check_writable(args.output)
 
     from phoenix_flax.evaluation import evaluate, format_table  # JAX starts here
 
@@ -39,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
     )
     with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=2, allow_nan=False)
     print(format_table(result))
     return 0
 

@@ -14,9 +14,10 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from phoenix_flax.cli import add_debug_arg, run
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.prepare import SplitSource, dataset_dir, prepare, print_statistics
-from phoenix_flax.data.raw import SessionFormatError, expand_paths
+from phoenix_flax.data.raw import expand_paths
 
 
 def _parse_fractions(text: str) -> dict[str, float]:
@@ -44,33 +45,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--actions", default=",".join(DEFAULT_ACTIONS), help="the action vocabulary, comma-separated")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    add_debug_arg(p)
     args = p.parse_args(argv)
+    if args.input and (args.train or args.validation or args.test):
+        p.error("give either --input or --train/--validation/--test")
+    if not (args.input or args.train):
+        p.error("give --train FILES (with optional --validation/--test) or --input FILES")
+    return run(p.prog, lambda: prepare_from_args(args), args.debug)
 
-    try:
-        if args.input:
-            if args.train or args.validation or args.test:
-                p.error("give either --input or --train/--validation/--test")
-            paths = tuple(expand_paths(args.input))
-            sources, lo = {}, 0.0
-            for name, fraction in args.fractions.items():
-                sources[name] = SplitSource(paths, lo, lo + fraction, args.seed)
-                lo += fraction
-            sources[name] = dataclasses.replace(sources[name], hi=1.0)  # no gap from rounding
-        elif args.train:
-            sources = {
-                name: SplitSource(tuple(expand_paths(files)))
-                for name, files in (("train", args.train), ("validation", args.validation), ("test", args.test))
-                if files
-            }
-        else:
-            p.error("give --train FILES (with optional --validation/--test) or --input FILES")
-        actions = tuple(a.strip() for a in args.actions.split(",") if a.strip())
-        stats, report = prepare(
-            args.data_dir, sources, actions=actions, skip_invalid=args.skip_invalid, overwrite=args.overwrite
-        )
-    except (SessionFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"phoenix-prepare: error: {e}", file=sys.stderr)
-        return 2
+
+def prepare_from_args(args: argparse.Namespace) -> int:
+    if args.input:
+        paths = tuple(expand_paths(args.input))
+        sources, lo = {}, 0.0
+        for name, fraction in args.fractions.items():
+            sources[name] = SplitSource(paths, lo, lo + fraction, args.seed)
+            lo += fraction
+        sources[name] = dataclasses.replace(sources[name], hi=1.0)  # no gap from rounding
+    else:
+        sources = {
+            name: SplitSource(tuple(expand_paths(files)))
+            for name, files in (("train", args.train), ("validation", args.validation), ("test", args.test))
+            if files
+        }
+    actions = tuple(a.strip() for a in args.actions.split(",") if a.strip())
+    stats, report = prepare(
+        args.data_dir, sources, actions=actions, skip_invalid=args.skip_invalid, overwrite=args.overwrite
+    )
     print_statistics(stats)
     print(report.summary())
     print(f"dataset written to {dataset_dir(args.data_dir)}")

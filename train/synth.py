@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from phoenix_flax.cli import add_debug_arg, run
 from phoenix_flax.data.synth import World, WorldConfig, simulate, write_world
 
 
@@ -24,16 +25,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for f in dataclasses.fields(WorldConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="session file format")
+    add_debug_arg(p)
     args = p.parse_args(argv)
     cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
     if cfg.posts < cfg.candidates or min(cfg.users, cfg.authors, cfg.topics, cfg.sessions) < 1:
         p.error("need at least one user, author, topic and session, and posts >= candidates")
+    return run(p.prog, lambda: synthesize(cfg, args.out, args.format), args.debug)
+
+
+def synthesize(cfg: WorldConfig, out: str, fmt: str) -> int:
     start = time.time()
     world = World(cfg)
     splits = simulate(world)
-    files = write_world(world, splits, args.out, args.format)
+    files = write_world(world, splits, out, fmt)
     counts = ", ".join(f"{k} {len(v.session_id):,}" for k, v in splits.items())
-    print(f"wrote {counts} sessions, {cfg.posts:,} posts to {args.out} in {time.time() - start:.1f}s")
+    print(f"wrote {counts} sessions, {cfg.posts:,} posts to {out} in {time.time() - start:.1f}s")
     print("session files: " + " ".join(files[s] for s in ("train", "validation", "test")))
     return 0
 

@@ -13,8 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from phoenix_flax.cli import add_distributed_args, experiment_from_args, initialize_distributed
-from phoenix_flax.trainer import NonFiniteLossError, train
+from phoenix_flax.cli import add_debug_arg, add_distributed_args, experiment_from_args, initialize_distributed, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,14 +23,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="a directory written by phoenix-prepare (default: the config's)")
     parser.add_argument("--stop-after", type=int, help="stop after this many steps (checkpointed)")
     add_distributed_args(parser)
+    add_debug_arg(parser)
     args, overrides = parser.parse_known_args(argv)
+    return run(parser.prog, lambda: train_from_args(args, overrides), args.debug)
+
+
+def train_from_args(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = experiment_from_args(args.config, overrides, args.data_dir)  # all config problems, before JAX starts
     initialize_distributed(args)
-    cfg = experiment_from_args(args.config, overrides, args.data_dir)
-    try:
-        train(cfg, args.workdir, stop_after=args.stop_after)
-    except NonFiniteLossError as e:
-        print(f"phoenix-train: {e}", file=sys.stderr)
-        return 3
+
+    from phoenix_flax.trainer import train  # JAX starts here
+
+    train(cfg, args.workdir, stop_after=args.stop_after)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 A config file defines `get_config() -> ExperimentConfig`. Overrides `--config.a.b=value` are
 parsed by the field's type; an unknown key or a value of the wrong type is an error naming it.
-Configs round-trip through JSON (saved with every checkpoint).
+Every section checks its values when built, and the experiment checks what sections must agree
+on; overrides report all their problems at once (`ConfigError`). Configs round-trip through
+JSON (saved with every checkpoint).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import sys
 import types
@@ -19,6 +22,9 @@ from typing import Literal
 
 from phoenix_flax.config.model import ModelConfig
 from phoenix_flax.data.config import DataConfig
+from phoenix_flax.validation import Checks, ConfigError
+
+MESH_AXES = ("data", "fsdp", "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +34,14 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     model: int = 1
+
+    def __post_init__(self):
+        checks = Checks(self)
+        for axis in MESH_AXES:
+            checks.require(getattr(self, axis) >= 1 or getattr(self, axis) == -1, axis, "must be positive, or -1")
+        if [getattr(self, a) for a in MESH_AXES].count(-1) > 1:
+            checks.problem("data", "at most one axis may be -1 (the devices the others leave)")
+        checks.raise_if_any()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +56,12 @@ class OptimizerConfig:
     b2: float = 0.999
     grad_clip_norm: float = 1.0
 
+    def __post_init__(self):
+        checks = Checks(self).positive("learning_rate", "table_learning_rate", "grad_clip_norm")
+        checks.at_least(0, "warmup_steps").between(0, 1, "end_learning_rate_fraction")
+        checks.between(0, 1, "b1", "b2", high_open=True).require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        checks.literals().raise_if_any()
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -52,6 +72,20 @@ class LossConfig:
     frequency_alpha: float = 0.01
     action_weights: tuple[float, ...] | None = None  # per-action BCE weights; None: all 1
 
+    def __post_init__(self):
+        checks = Checks(self).at_least(0, "ranking_weight", "retrieval_weight")
+        checks.require(
+            self.ranking_weight > 0 or self.retrieval_weight > 0,
+            "ranking_weight",
+            "ranking_weight or retrieval_weight must be positive: nothing would be trained",
+        )
+        checks.at_least(1, "frequency_buckets").between(0, 1, "frequency_alpha")
+        checks.require(self.frequency_alpha > 0, "frequency_alpha", "must be in (0, 1]")
+        if self.action_weights is not None:
+            ok = all(math.isfinite(w) and w >= 0 for w in self.action_weights) and sum(self.action_weights) > 0
+            checks.require(ok, "action_weights", "must be finite, non-negative and not all zero")
+        checks.literals().raise_if_any()
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -61,11 +95,17 @@ class CheckpointConfig:
     best_mode: Literal["min", "max"] = "min"
     asynchronous: bool = True
 
+    def __post_init__(self):
+        Checks(self).at_least(1, "every_steps", "keep").literals().raise_if_any()
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     every_steps: int = 500  # validation during training, for the best checkpoint
-    batches: int = 20  # batches of validation per evaluation during training
+    batches: int = 20  # batches of validation per evaluation during training; 0: none
+
+    def __post_init__(self):
+        Checks(self).at_least(1, "every_steps").at_least(0, "batches").raise_if_any()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +113,9 @@ class TrainConfig:
     steps: int = 10000
     log_every: int = 50
     seed: int = 0
+
+    def __post_init__(self):
+        Checks(self).at_least(1, "steps", "log_every").raise_if_any()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +130,38 @@ class ExperimentConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        problems = agreement_problems(vars(self))
+        if problems:
+            raise ConfigError(problems)
 
-class ConfigError(ValueError):
-    pass
+
+def agreement_problems(sections: dict) -> list[str]:
+    """What the sections must agree on; each check runs when the sections it reads are given."""
+    problems = []
+    model, loss, checkpoint, evaluation = (sections.get(k) for k in ("model", "loss", "checkpoint", "eval"))
+    if model and loss and loss.action_weights is not None and len(loss.action_weights) != model.num_actions:
+        problems.append(f"loss.action_weights has {len(loss.action_weights)} weights for {model.num_actions} actions")
+    if loss and checkpoint and evaluation and checkpoint.best_metric:
+        produced = eval_metric_names(loss, evaluation)
+        if checkpoint.best_metric not in produced:
+            problems.append(
+                f"checkpoint.best_metric={checkpoint.best_metric!r}: evaluation during training produces "
+                f"{sorted(produced) or 'nothing (eval.batches=0)'}; '' keeps no best checkpoint"
+            )
+    return problems
+
+
+def eval_metric_names(loss: LossConfig, evaluation: EvalConfig) -> set[str]:
+    """The metrics evaluation during training reports (what `checkpoint.best_metric` may name)."""
+    if evaluation.batches == 0:
+        return set()
+    names = {"loss"}
+    if loss.ranking_weight > 0:
+        names.add("ranking_loss")
+    if loss.retrieval_weight > 0:
+        names |= {"retrieval_loss", "temperature"}
+    return {f"eval_{n}" for n in names}
 
 
 def _field_types(cls) -> dict[str, object]:
@@ -119,52 +191,64 @@ def _parse(text: str, tp, key: str):
         raise ConfigError(f"--config.{key}={text!r}: expected true or false")
     if tp in (int, float):
         try:
-            return tp(text)
+            value = tp(text)
         except ValueError:
             raise ConfigError(f"--config.{key}={text!r}: expected {tp.__name__}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"--config.{key}={text!r}: expected a finite number")
+        return value
     if tp is str:
         return text
     raise ConfigError(f"--config.{key}: cannot be set from the command line")
 
 
-def override(cfg, key: str, text: str, _full: str | None = None):
-    """`cfg` with the field at dotted `key` set from the string `text`."""
-    full = _full or key
+def _set(values: dict, cls, key: str, text: str, full: str) -> None:
+    """Sets the field at dotted `key` of the nested dict `values` (of dataclass `cls`) from `text`."""
     head, _, rest = key.partition(".")
-    fields = _field_types(type(cfg))
+    fields = _field_types(cls)
     if head not in fields:
-        raise ConfigError(f"unknown config key {full!r}: {type(cfg).__name__} has {sorted(fields)}")
-    current = getattr(cfg, head)
+        raise ConfigError(f"unknown config key {full!r}: {cls.__name__} has {sorted(fields)}")
+    tp = fields[head]
     if rest:
-        if not dataclasses.is_dataclass(current):
+        if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"unknown config key {full!r}: {head!r} has no fields")
-        value = override(current, rest, text, full)
-    elif dataclasses.is_dataclass(current):
+        _set(values[head], tp, rest, text, full)
+    elif dataclasses.is_dataclass(tp):
         raise ConfigError(f"config key {full!r} is a section; set one of its fields")
     else:
-        value = _parse(text, fields[head], full)
-    try:
-        return dataclasses.replace(cfg, **{head: value})
-    except ValueError as e:  # a section's own validation (e.g. ModelConfig)
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"--config.{full}={text!r}: {e}") from None
+        values[head] = _parse(text, tp, full)
 
 
 def apply_overrides(cfg: ExperimentConfig, args: Sequence[str]) -> ExperimentConfig:
-    """Applies `--config.a.b=value` (or `--config.a.b value`) arguments; others are an error."""
+    """Applies `--config.a.b=value` (or `--config.a.b value`) arguments; others are an error.
+
+    Every problem (unknown keys, unparsable values, values a section rejects) is collected and
+    raised together in one `ConfigError`.
+    """
+    values, problems = to_dict(cfg), []
     args = list(args)
     while args:
         arg = args.pop(0)
         if not arg.startswith("--config."):
-            raise ConfigError(f"unrecognised argument {arg!r}")
+            problems.append(f"unrecognised argument {arg!r}")
+            continue
         key, eq, text = arg[len("--config.") :].partition("=")
         if not eq:
             if not args:
-                raise ConfigError(f"{arg} needs a value")
+                problems.append(f"{arg} needs a value")
+                continue
             text = args.pop(0)
-        cfg = override(cfg, key, text)
-    return cfg
+        try:
+            _set(values, type(cfg), key, text, key)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    try:
+        built = from_dict(values)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    return built
 
 
 def load(path: str) -> ExperimentConfig:
@@ -201,18 +285,28 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(d: dict, cls=ExperimentConfig):
-    """The inverse of `to_dict` (JSON lists become tuples)."""
+    """The inverse of `to_dict` (JSON lists become tuples). Every section is built and checked;
+    all their problems are raised together, keys prefixed by their section."""
     hints = _field_types(cls)
-    kwargs = {}
+    kwargs, problems = {}, []
     for name, value in d.items():
         if name not in hints:
-            raise ConfigError(f"unknown config key {name!r} for {cls.__name__}")
+            problems.append(f"unknown config key {name!r} for {cls.__name__}")
+            continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            value = from_dict(value, tp)
+            try:
+                value = from_dict(value, tp)
+            except ConfigError as e:
+                problems.extend(e.within(name).problems)
+                continue
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
+    if problems:
+        if cls is ExperimentConfig:
+            problems.extend(agreement_problems(kwargs))
+        raise ConfigError(problems)
     return cls(**kwargs)
 
 

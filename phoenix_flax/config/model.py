@@ -7,6 +7,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from phoenix_flax.validation import Checks
+
 # The default engagement vocabulary, in model output order.
 DEFAULT_ACTIONS: tuple[str, ...] = (
     "favorite",
@@ -69,36 +71,27 @@ class ModelConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "actions", tuple(self.actions))
-        problems = []
-        if self.candidate_positions not in ("shared", "sequential"):
-            problems.append(f"candidate_positions={self.candidate_positions!r}: expected 'shared' or 'sequential'")
-        if self.dtype not in _DTYPES:
-            problems.append(f"dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
-        if self.num_q_heads % self.num_kv_heads:
-            problems.append(f"num_q_heads={self.num_q_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.key_size % 2:
-            problems.append(f"key_size={self.key_size} must be even for rotary embeddings")
-        if not self.actions:
-            problems.append("actions is empty")
-        if len(set(self.actions)) != len(self.actions):
-            problems.append(f"actions has duplicates: {self.actions}")
-        for name in ("user_vocab_rows", "post_vocab_rows", "author_vocab_rows"):
-            if getattr(self, name) < 2:
-                problems.append(f"{name}={getattr(self, name)}: need at least 2 (row 0 is padding)")
-        for name in (
-            "num_user_hashes",
-            "num_post_hashes",
-            "num_author_hashes",
-            "emb_size",
-            "num_layers",
-            "product_surface_vocab_size",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if self.retrieval_temperature <= 0:
-            problems.append(f"retrieval_temperature={self.retrieval_temperature} must be positive")
-        if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+        checks = Checks(self)
+        checks.at_least(2, "user_vocab_rows", "post_vocab_rows", "author_vocab_rows")  # row 0 is padding
+        checks.at_least(1, "emb_size", "num_q_heads", "num_kv_heads", "num_layers", "history_len", "num_candidates")
+        checks.at_least(1, "num_user_hashes", "num_post_hashes", "num_author_hashes", "product_surface_vocab_size")
+        checks.at_least(2, "key_size").require(self.key_size % 2 == 0, "key_size", "must be even (rotary embeddings)")
+        if self.num_kv_heads >= 1:
+            checks.require(
+                self.num_q_heads % self.num_kv_heads == 0,
+                "num_q_heads",
+                f"must be a multiple of num_kv_heads={self.num_kv_heads}",
+            )
+        checks.positive("widening_factor", "attn_output_multiplier", "retrieval_temperature")
+        checks.require(bool(self.actions), "actions", "must name at least one action")
+        checks.require(len(set(self.actions)) == len(self.actions), "actions", "has duplicates")
+        checks.require(
+            self.candidate_positions in ("shared", "sequential"),
+            "candidate_positions",
+            "expected 'shared' or 'sequential'",
+        )
+        checks.require(self.dtype in _DTYPES, "dtype", f"expected one of {sorted(_DTYPES)}")
+        checks.raise_if_any()
 
     @property
     def num_actions(self) -> int:

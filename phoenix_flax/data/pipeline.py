@@ -10,6 +10,7 @@ process's batch into a sharded global `jax.Array` batch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import grain
@@ -17,32 +18,51 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
+from etils import epath
 
 from phoenix_flax.batch import DEVICE_FIELDS, pad_batch
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.data.config import DataConfig
-from phoenix_flax.data.prepare import DATASET_NAME, PhoenixSessions  # noqa: F401  (registers the builder)
+from phoenix_flax.data.prepare import DATASET_NAME, STATISTICS_FILE, PhoenixSessions, dataset_dir  # noqa: F401
+from phoenix_flax.errors import DatasetError
 from phoenix_flax.hashing import fingerprint, hash_ids
 from phoenix_flax.sharding import DEFAULT_RULES, LogicalRules, logical_sharding
 
 
+def _prepared(data_dir: str):
+    """The dataset's builder; DatasetError when `data_dir` holds no prepared dataset (TFDS would
+    otherwise try to generate one there)."""
+    if not epath.Path(dataset_dir(data_dir), "dataset_info.json").exists():
+        raise DatasetError(f"no prepared dataset in {data_dir} (phoenix-prepare writes it to {dataset_dir(data_dir)})")
+    return tfds.builder(DATASET_NAME, data_dir=data_dir)
+
+
 def dataset_actions(data_dir: str) -> tuple[str, ...]:
     """The action vocabulary the dataset's bitmasks refer to."""
-    return tuple(tfds.builder(DATASET_NAME, data_dir=data_dir).info.metadata["actions"])
+    return tuple(_prepared(data_dir).info.metadata["actions"])
 
 
 def dataset_splits(data_dir: str) -> set[str]:
-    return set(tfds.builder(DATASET_NAME, data_dir=data_dir).info.splits)
+    return set(_prepared(data_dir).info.splits)
+
+
+def dataset_statistics(data_dir: str) -> dict:
+    """What phoenix-prepare measured of each split (`statistics.json`; {} when absent)."""
+    path = epath.Path(dataset_dir(data_dir), STATISTICS_FILE)
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def open_source(data_dir: str, split: str):
+    splits = dataset_splits(data_dir)
+    if split not in splits:
+        raise DatasetError(f"the dataset in {data_dir} has no split {split!r} (it has {sorted(splits)})")
     return tfds.data_source(DATASET_NAME, data_dir=data_dir, split=split)
 
 
 def _bit_positions(model_actions: Sequence[str], data_actions: Sequence[str], what: str) -> np.ndarray:
     missing = [a for a in model_actions if a not in data_actions]
     if missing:
-        raise ValueError(f"{what} {missing} are not in the dataset's vocabulary {list(data_actions)}")
+        raise DatasetError(f"{what} {missing} are not in the dataset's vocabulary {list(data_actions)}")
     return np.array([data_actions.index(a) for a in model_actions], np.int64)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from phoenix_flax.config import DEFAULT_ACTIONS
+from phoenix_flax.errors import DatasetError
 from phoenix_flax.data.raw import Session, SessionFormatError, SkipReport, expand_paths, read_sessions
 
 DATASET_NAME = "phoenix_sessions"
@@ -70,12 +71,16 @@ class SplitStatistics:
         self.sessions = self.labeled = self.history_items = self.candidates = self.labeled_candidates = 0
         self.history_counts = np.zeros(len(actions), np.int64)
         self.candidate_counts = np.zeros(len(actions), np.int64)
+        self.max_product_surface = -1
 
     def add(self, s: Session) -> None:
         self.sessions += 1
         self.history_items += len(s.history_post_id)
         self.candidates += len(s.candidate_post_id)
         self.history_counts += ((s.history_actions[:, None] & self.bits) != 0).sum(0)
+        surfaces = np.concatenate([s.history_product_surface, s.candidate_product_surface])
+        if len(surfaces):
+            self.max_product_surface = max(self.max_product_surface, int(surfaces.max()))
         if s.labeled:
             self.labeled += 1
             self.labeled_candidates += len(s.candidate_post_id)
@@ -91,6 +96,7 @@ class SplitStatistics:
             "labeled_sessions": self.labeled,
             "mean_history_length": self.history_items / n,
             "mean_candidates": self.candidates / n,
+            "max_product_surface": self.max_product_surface,  # the model's surface vocabulary must cover it
             "history_action_rates": rates(self.history_counts, self.history_items),
             "candidate_action_rates": rates(self.candidate_counts, self.labeled_candidates),
         }
@@ -157,7 +163,7 @@ def prepare(
     target = dataset_dir(data_dir)
     if os.path.exists(target):
         if not overwrite:
-            raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+            raise DatasetError(f"{target} already exists; pass --overwrite to replace it")
         shutil.rmtree(target)
     builder = PhoenixSessions(data_dir=data_dir, sources=sources, actions=actions, skip_invalid=skip_invalid)
     with tempfile.TemporaryDirectory() as downloads:  # TFDS wants one; nothing is downloaded
@@ -167,7 +173,7 @@ def prepare(
             if "No examples were yielded" not in str(e):
                 raise
             empty = [s for s in sources if s not in builder.statistics or not builder.statistics[s]["sessions"]]
-            raise ValueError(f"split {empty[0] if empty else '?'!r} has no valid sessions: {e}") from None
+            raise DatasetError(f"split {empty[0] if empty else '?'!r} has no valid sessions: {e}") from None
     report = SkipReport()
     for r in builder.skip_reports.values():
         report.merge(r)

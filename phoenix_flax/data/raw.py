@@ -24,12 +24,14 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from phoenix_flax.errors import PhoenixError
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
 MAX_ACTIONS = 63  # actions are stored as int64 bitmasks
 
 
-class SessionFormatError(ValueError):
+class SessionFormatError(PhoenixError, ValueError):
     """A record that does not follow the raw format, located by file, line and field."""
 
     def __init__(self, path: str, line: int, field: str | None, problem: str):
@@ -68,23 +70,24 @@ def _int64(value, field: str) -> int:
     return value
 
 
-def _surface(value, field: str) -> int:
-    if type(value) is not int:
-        raise _Invalid(field, f"expected an integer: got {type(value).__name__} {value!r}")
-    if not 0 <= value <= INT32_MAX:
-        raise _Invalid(field, f"out of range [0, {INT32_MAX}]: {value}")
-    return value
-
-
 class SessionParser:
-    """Validates raw records against an action vocabulary."""
+    """Validates raw records against an action vocabulary (and, where a model reads them, its
+    product-surface vocabulary: `surface_vocab_size`)."""
 
-    def __init__(self, actions: Sequence[str], require_candidates: bool = True):
+    def __init__(self, actions: Sequence[str], require_candidates: bool = True, surface_vocab_size: int | None = None):
         self.require_candidates = require_candidates
+        self.surface_limit = INT32_MAX + 1 if surface_vocab_size is None else surface_vocab_size
         if len(actions) > MAX_ACTIONS:
             raise ValueError(f"at most {MAX_ACTIONS} actions are supported, got {len(actions)}")
         self.actions = tuple(actions)
         self._bit = {name: 1 << i for i, name in enumerate(self.actions)}
+
+    def _surface(self, value, field: str) -> int:
+        if type(value) is not int:
+            raise _Invalid(field, f"expected an integer: got {type(value).__name__} {value!r}")
+        if not 0 <= value < self.surface_limit:
+            raise _Invalid(field, f"out of range [0, {self.surface_limit - 1}] (the surface vocabulary): {value}")
+        return value
 
     def _actions(self, value, field: str) -> int:
         if not isinstance(value, (list, tuple, np.ndarray)):
@@ -114,7 +117,7 @@ class SessionParser:
                     raise _Invalid(f"{f}.{name}", "missing")
             cols[0].append(_int64(item["post_id"], f"{f}.post_id"))
             cols[1].append(_int64(item["author_id"], f"{f}.author_id"))
-            cols[2].append(_surface(item["product_surface"], f"{f}.product_surface"))
+            cols[2].append(self._surface(item["product_surface"], f"{f}.product_surface"))
             has = item.get("actions") is not None
             if not has and not labels_optional:
                 raise _Invalid(f"{f}.actions", "missing")
@@ -180,6 +183,10 @@ class SkipReport:
         return "\n".join(lines)
 
 
+class InputFileError(PhoenixError, FileNotFoundError):
+    """An input pattern that matches no file."""
+
+
 def expand_paths(patterns: Sequence[str]) -> list[str]:
     """Globs -> sorted, de-duplicated file list; a pattern matching nothing is an error."""
     paths: list[str] = []
@@ -187,7 +194,7 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise FileNotFoundError(f"no input file matches {pattern!r}")
+            raise InputFileError(f"no input file matches {pattern!r}")
         paths.extend(m for m in matches if m not in paths)
     return paths
 
@@ -197,21 +204,32 @@ def _records(path: str) -> Iterator[tuple[int, object, SessionFormatError | None
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        except (pa.ArrowException, OSError) as e:
+            raise SessionFormatError(path, 1, None, f"not a readable Parquet file: {e}") from None
         line = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for batch in batches:
             for record in batch.to_pylist():
                 line += 1
                 yield line, record, None
         return
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line: a bad byte spoils its line, not the file
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8: byte {raw[e.start]:#04x} at column {e.start + 1}"
+                yield line, None, SessionFormatError(path, line, None, problem)
+                continue
             if not text.strip():
                 continue
             try:
                 yield line, json.loads(text), None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                problem = f"not valid JSON: {getattr(e, 'msg', e)}"
-                yield line, None, SessionFormatError(path, line, None, problem)
+            except json.JSONDecodeError as e:
+                yield line, None, SessionFormatError(path, line, None, f"not valid JSON: {e.msg}")
 
 
 def read_sessions(
@@ -221,6 +239,7 @@ def read_sessions(
     skip_invalid: bool = False,
     report: SkipReport | None = None,
     require_candidates: bool = True,
+    surface_vocab_size: int | None = None,
 ) -> Iterator[tuple[str, Session]]:
     """Streams `(key, Session)` from raw files, in file and line order.
 
@@ -228,7 +247,7 @@ def read_sessions(
     SessionFormatError, or with `skip_invalid` is counted in `report` and skipped. Without
     `require_candidates` (retrieval input) `candidates` may be absent or empty.
     """
-    parser = SessionParser(actions, require_candidates)
+    parser = SessionParser(actions, require_candidates, surface_vocab_size)
     report = report if report is not None else SkipReport()
     ordinal = 0
     for file_index, path in enumerate(paths):
