@@ -9,7 +9,6 @@ on a fixed batch (no input pipeline). Prints sessions/s of each and their ratio.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -34,7 +33,7 @@ def timed(step, steps: int) -> float:
 
 def project_step_rate(cfg, steps: int = 20, rounds: int = 3) -> float:
     """Sessions/s of the project's training step on a fixed batch (no input pipeline)."""
-    mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+    mesh = make_mesh(cfg.mesh.axis_sizes())
     batch = global_batch(random_batch(cfg.model, cfg.data.batch_size, np.random.default_rng(0)), mesh)
     model, optimizer = create_train_state(cfg, mesh)
     step = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
@@ -48,7 +47,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args, overrides = parser.parse_known_args()
     cfg = apply_overrides(load(args.config), overrides)
-    mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+    mesh = make_mesh(cfg.mesh.axis_sizes())
     batch = global_batch(random_batch(cfg.model, cfg.data.batch_size, np.random.default_rng(0)), mesh)
 
     model, optimizer = create_train_state(cfg, mesh)

@@ -39,6 +39,29 @@ DEVICE_FIELDS = (*INPUT_FIELDS, *TARGET_FIELDS)
 Batch = Mapping[str, jax.Array]
 
 
+def batch_shapes(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every device field of a batch of `batch_size` rows for a `ModelConfig`."""
+    b, s, c, a = batch_size, cfg.history_len, cfg.num_candidates, cfg.num_actions
+    hu, hp, ha = cfg.num_user_hashes, cfg.num_post_hashes, cfg.num_author_hashes
+    i32, flag = np.dtype(np.int32), np.dtype(bool)
+    return {
+        "user_hashes": ((b, hu), i32),
+        "history_post_hashes": ((b, s, hp), i32),
+        "history_author_hashes": ((b, s, ha), i32),
+        "history_actions": ((b, s, a), i32),
+        "history_product_surface": ((b, s), i32),
+        "candidate_post_hashes": ((b, c, hp), i32),
+        "candidate_author_hashes": ((b, c, ha), i32),
+        "candidate_product_surface": ((b, c), i32),
+        "candidate_actions": ((b, c, a), i32),
+        "labeled": ((b,), flag),
+        "positive_post_hashes": ((b, hp), i32),
+        "positive_author_hashes": ((b, ha), i32),
+        "positive_id": ((b,), i32),
+        "positive_valid": ((b,), flag),
+    }
+
+
 def is_valid(hashes: jax.Array) -> jax.Array:
     """[..., H] hashes -> [...] bool: the entity is present (its first hash is not padding)."""
     return hashes[..., 0] != 0

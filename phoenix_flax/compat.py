@@ -34,13 +34,14 @@ REFERENCE_CONFIG_KEYS = (
     "product_surface_vocab_size",
 )
 
-# Where each original parameter lives: (variable, the original's shape, which is ours with
-# the head axes merged).
-ParamMap = dict[str, tuple[nnx.Param, tuple[int, ...]]]
+# Where each original parameter lives: (variable, the original's shape, which is ours with the
+# head axes merged, and the layer's index along a stacked `layers` axis, or None).
+ParamMap = dict[str, tuple[nnx.Param, tuple[int, ...], int | None]]
 
 
-def config_from_reference(reference_config: Mapping) -> ModelConfig:
-    """The original's shape dict -> a ModelConfig with its numerics ("sequential" positions, float32)."""
+def config_from_reference(reference_config: Mapping, **options) -> ModelConfig:
+    """The original's shape dict -> a ModelConfig with its numerics ("sequential" positions,
+    float32). `options` set the others (attention, scan_layers, remat)."""
     missing = [k for k in REFERENCE_CONFIG_KEYS if k not in reference_config]
     if missing:
         raise ValueError(f"reference_config lacks {missing}")
@@ -62,36 +63,41 @@ def config_from_reference(reference_config: Mapping) -> ModelConfig:
         product_surface_vocab_size=int(rc["product_surface_vocab_size"]),
         candidate_positions="sequential",
         dtype="float32",
+        **options,
     )
 
 
-def _same(var: nnx.Param) -> tuple[nnx.Param, tuple[int, ...]]:
-    return var, tuple(var.shape)
+def _same(var: nnx.Param, layer: int | None = None) -> tuple[nnx.Param, tuple[int, ...], int | None]:
+    shape = tuple(var.shape)
+    return var, shape if layer is None else shape[1:], layer
 
 
-def _merge(var: nnx.Param, axes: slice) -> tuple[nnx.Param, tuple[int, ...]]:
-    """The original stores heads flattened: merge `axes` of our shape into one."""
-    shape = list(var.shape)
+def _merge(var: nnx.Param, axes: slice, layer: int | None = None) -> tuple[nnx.Param, tuple[int, ...], int | None]:
+    """The original stores heads flattened: merge `axes` of our (per-layer) shape into one."""
+    _, shape, _ = _same(var, layer)
+    shape = list(shape)
     shape[axes] = [math.prod(shape[axes])]
-    return var, tuple(shape)
+    return var, tuple(shape), layer
 
 
-def _transformer_map(transformer: Transformer) -> ParamMap:
+def _transformer_map(transformer: Transformer, num_layers: int) -> ParamMap:
     out: ParamMap = {}
-    for i, layer in enumerate(transformer.layers):
+    for i in range(num_layers):
+        # Scanned layers share one module whose parameters stack the layers on axis 0.
+        layer, index = (transformer.layers, i) if transformer.scan else (transformer.layers[i], None)
         p = f"transformer/decoder_layer_{i}/"
         attn = layer.attn
-        out[p + "multi_head_attention/query/w"] = _merge(attn.query, slice(1, 3))
-        out[p + "multi_head_attention/key/w"] = _merge(attn.key, slice(1, 3))
-        out[p + "multi_head_attention/value/w"] = _merge(attn.value, slice(1, 3))
-        out[p + "multi_head_attention/linear/w"] = _merge(attn.out, slice(0, 2))
-        out[p + "linear/w"] = _same(layer.ffn.gate)
-        out[p + "linear_v/w"] = _same(layer.ffn.up)
-        out[p + "linear_1/w"] = _same(layer.ffn.down)
-        out[p + "rms_norm/scale"] = _same(layer.pre_attn_norm.scale)
-        out[p + "rms_norm_1/scale"] = _same(layer.post_attn_norm.scale)
-        out[p + "rms_norm_2/scale"] = _same(layer.pre_ffn_norm.scale)
-        out[p + "rms_norm_3/scale"] = _same(layer.post_ffn_norm.scale)
+        out[p + "multi_head_attention/query/w"] = _merge(attn.query, slice(1, 3), index)
+        out[p + "multi_head_attention/key/w"] = _merge(attn.key, slice(1, 3), index)
+        out[p + "multi_head_attention/value/w"] = _merge(attn.value, slice(1, 3), index)
+        out[p + "multi_head_attention/linear/w"] = _merge(attn.out, slice(0, 2), index)
+        out[p + "linear/w"] = _same(layer.ffn.gate, index)
+        out[p + "linear_v/w"] = _same(layer.ffn.up, index)
+        out[p + "linear_1/w"] = _same(layer.ffn.down, index)
+        out[p + "rms_norm/scale"] = _same(layer.pre_attn_norm.scale, index)
+        out[p + "rms_norm_1/scale"] = _same(layer.post_attn_norm.scale, index)
+        out[p + "rms_norm_2/scale"] = _same(layer.pre_ffn_norm.scale, index)
+        out[p + "rms_norm_3/scale"] = _same(layer.post_ffn_norm.scale, index)
     return out
 
 
@@ -109,7 +115,7 @@ def _load(kind: str, params: Mapping[str, np.ndarray], targets: ParamMap) -> Non
     extra = sorted(set(params) - set(targets))
     misshaped = [
         f"{name}: got {tuple(np.shape(params[name]))}, expected {shape}"
-        for name, (_, shape) in targets.items()
+        for name, (_, shape, _) in targets.items()
         if name in params and tuple(np.shape(params[name])) != shape
     ]
     problems = []
@@ -121,43 +127,48 @@ def _load(kind: str, params: Mapping[str, np.ndarray], targets: ParamMap) -> Non
         problems.append("mis-shaped " + "; ".join(misshaped))
     if problems:
         raise ValueError(f"{kind} parameters do not fit the model: " + " | ".join(problems))
-    for name, (var, _) in targets.items():
-        var[...] = np.asarray(params[name], np.float32).reshape(var.shape)
+    for name, (var, _, layer) in targets.items():
+        if layer is None:
+            var[...] = np.asarray(params[name], np.float32).reshape(var.shape)
+        else:
+            var[...] = var[...].at[layer].set(np.asarray(params[name], np.float32).reshape(var.shape[1:]))
 
 
 def ranker_from_reference(
-    params: Mapping[str, np.ndarray], reference_config: Mapping, *, seed: int = 0
+    params: Mapping[str, np.ndarray], reference_config: Mapping, *, seed: int = 0, **options
 ) -> PhoenixRanker:
     """The original ranker's parameters -> a PhoenixRanker computing what it computed.
 
     The hash tables are not part of the original's parameters; they are freshly initialised
-    from `seed`.
+    from `seed`. `options` are ModelConfig fields beyond the shapes (attention, scan_layers, remat).
     """
-    model = PhoenixRanker(config_from_reference(reference_config), rngs=nnx.Rngs(seed))
+    cfg = config_from_reference(reference_config, **options)
+    model = PhoenixRanker(cfg, rngs=nnx.Rngs(seed))
     prefix = "phoenix_model/"
     targets = {
         **_blocks_map(prefix, model),
         prefix + "proj_mat_2": _same(model.candidate_proj),
         prefix + "unembeddings": _same(model.unembed),
         prefix + "rms_norm/scale": _same(model.final_norm.scale),
-        **_transformer_map(model.transformer),
+        **_transformer_map(model.transformer, cfg.num_layers),
     }
     _load("ranker", params, targets)
     return model
 
 
 def retrieval_from_reference(
-    params: Mapping[str, np.ndarray], reference_config: Mapping, *, seed: int = 0
+    params: Mapping[str, np.ndarray], reference_config: Mapping, *, seed: int = 0, **options
 ) -> PhoenixRetrieval:
     """The original two-tower model's parameters -> a PhoenixRetrieval (hash tables from `seed`)."""
-    model = PhoenixRetrieval(config_from_reference(reference_config), rngs=nnx.Rngs(seed))
+    cfg = config_from_reference(reference_config, **options)
+    model = PhoenixRetrieval(cfg, rngs=nnx.Rngs(seed))
     prefix = "phoenix_retrieval_model/"
     tower = prefix + "~build_candidate_representation/candidate_tower/"
     targets = {
         **_blocks_map(prefix, model),
         tower + "candidate_tower_projection_1": _same(model.candidate_tower.proj_1),
         tower + "candidate_tower_projection_2": _same(model.candidate_tower.proj_2),
-        **_transformer_map(model.transformer),
+        **_transformer_map(model.transformer, cfg.num_layers),
     }
     _load("retrieval", params, targets)
     return model

@@ -5,15 +5,20 @@ The hash tables turn a batch (`phoenix_flax.batch`) into an embeddings dict (`EM
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from phoenix_flax.batch import Batch
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.layers import dense_init, param
+from phoenix_flax.sharding import constrain_rows
 
 # Embeddings dict key -> (batch field, table).
 EMBEDDING_KEYS = {
@@ -22,6 +27,8 @@ EMBEDDING_KEYS = {
     "history_author_embeddings": ("history_author_hashes", "author"),
     "candidate_post_embeddings": ("candidate_post_hashes", "post"),
     "candidate_author_embeddings": ("candidate_author_hashes", "author"),
+    "positive_post_embeddings": ("positive_post_hashes", "post"),  # the retrieval positive (training)
+    "positive_author_embeddings": ("positive_author_hashes", "author"),
 }
 
 Embeddings = Mapping[str, jax.Array]
@@ -30,34 +37,137 @@ Embeddings = Mapping[str, jax.Array]
 class HashTable(nnx.Module):
     """One learned table `[rows, D]`; row 0 is padding and always looks up as zeros."""
 
-    def __init__(self, rows: int, dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, rows: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.table = param(rngs, nnx.initializers.normal(1.0), (rows, dim), ("vocab", "table_embed"))
+        self.dtype = dtype
 
     def __call__(self, hashes: jax.Array) -> jax.Array:
-        """[...] int rows -> [..., D] float32."""
-        rows = jnp.take(self.table[...], hashes, axis=0)
-        return rows * (hashes != 0)[..., None]
+        """[B, ...] int rows -> [B, ..., D] in the compute dtype, sharded like the batch."""
+        rows = constrain_rows(sharded_lookup(self.table[...], hashes, self.dtype))
+        return rows * (hashes != 0)[..., None].astype(self.dtype)
+
+
+def sharded_lookup(table: jax.Array, hashes: jax.Array, dtype) -> jax.Array:
+    """`table[hashes]` in `dtype` for a table sharded by rows and hashes sharded by batch.
+
+    Under a mesh whose rules shard `vocab` (table rows) and `batch`, each device looks up only
+    the rows it owns: the hash blocks of the peers that hold other batch rows travel around a
+    ring, collecting each device's rows, and peers that hold the same batch rows sum theirs.
+    Autodiff of that is row-sparse: the cotangents travel back around the ring and each device
+    scatter-adds into its own rows, so no table-sized gradient is built beyond the shard, and
+    the lookup's working set is one block, O(local lookups x D), whatever the table's size.
+    """
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return jnp.take(table, hashes, axis=0).astype(dtype)
+    table_axes = _mesh_axes("vocab", rules)
+    batch_axes = _mesh_axes("batch", rules)
+    if not any(mesh.shape[a] > 1 for a in table_axes):
+        return jnp.take(table, hashes, axis=0).astype(dtype)
+    shape = hashes.shape
+    flat = hashes.reshape(shape[0], -1)  # [B, n]
+    gathered = tuple(a for a in table_axes if a in batch_axes)  # peers holding other batch rows
+    summed = tuple(a for a in table_axes if a not in batch_axes)  # peers holding the same batch rows
+    replicated = tuple(a for a in batch_axes if a not in table_axes)  # peers holding the same table rows
+
+    def local(table_shard, hashes_shard):  # [R/k, D], [b, n] -> [b, n, D]
+        if replicated:
+            # The shard is the same on every batch-only peer (e.g. along `data`), so its gradient
+            # sums over them: marked varying here, the backward's psum happens once, after the
+            # ring, not at every step of it.
+            table_shard = jax.lax.pcast(table_shard, replicated, to="varying")
+        own_rows = table_shard.shape[0]
+        start = jax.lax.axis_index(table_axes) * own_rows
+
+        def mine(hashes):  # the rows of `hashes` this device owns; zeros for the others
+            offset = hashes - start
+            owned = (offset >= 0) & (offset < own_rows)
+            return (jnp.take(table_shard, jnp.where(owned, offset, 0), axis=0) * owned[..., None]).astype(dtype)
+
+        if gathered:
+            # A ring over the peers that hold other batch rows: each adds its rows to the block
+            # it holds and passes block and hashes on; after k steps every block is whole and
+            # home. One block in flight per device, never all k.
+            k = math.prod(mesh.shape[a] for a in gathered)
+            ring = [(j, (j + 1) % k) for j in range(k)]
+
+            def step(carry, _):
+                rows, hashes = carry
+                rows = rows + mine(hashes)
+                return (jax.lax.ppermute(rows, gathered, ring), jax.lax.ppermute(hashes, gathered, ring)), None
+
+            varying = tuple(dict.fromkeys(table_axes + batch_axes))  # what rows depend on
+            zeros = jax.lax.pcast(jnp.zeros((*hashes_shard.shape, table_shard.shape[1]), dtype), varying, to="varying")
+            (rows, _), _ = jax.lax.scan(step, (zeros, hashes_shard), length=k)
+        else:
+            rows = mine(hashes_shard)
+        return jax.lax.psum(rows, summed) if summed else rows
+
+    lookup = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(table_axes, None), PartitionSpec(batch_axes or None, None)),
+        out_specs=PartitionSpec(batch_axes or None, None, None),
+    )
+    return lookup(table, flat).reshape(*shape, table.shape[-1])
+
+
+def _mesh_axes(name: str, rules) -> tuple[str, ...]:
+    """The mesh axes a logical name is placed on by `rules` (() when replicated)."""
+    axes = dict(rules).get(name)
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 class HashEmbeddings(nnx.Module):
     """The user, post and author tables. Ranker and retrieval may share one instance."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d = cfg.emb_size
-        self.user = HashTable(cfg.user_vocab_rows, d, rngs=rngs)
-        self.post = HashTable(cfg.post_vocab_rows, d, rngs=rngs)
-        self.author = HashTable(cfg.author_vocab_rows, d, rngs=rngs)
+        d, dtype = cfg.emb_size, cfg.compute_dtype
+        self.user = HashTable(cfg.user_vocab_rows, d, rngs=rngs, dtype=dtype)
+        self.post = HashTable(cfg.post_vocab_rows, d, rngs=rngs, dtype=dtype)
+        self.author = HashTable(cfg.author_vocab_rows, d, rngs=rngs, dtype=dtype)
 
     def __call__(self, batch: Batch) -> dict[str, jax.Array]:
-        """Looks up every hash field present in `batch`: `[..., H]` -> `[..., H, D]`."""
-        return {
-            key: getattr(self, table)(batch[field]) for key, (field, table) in EMBEDDING_KEYS.items() if field in batch
-        }
+        """Looks up every hash field present in `batch`: `[B, ..., H]` -> `[B, ..., H, D]`.
+
+        The fields of one table are looked up together, in one gather: its backward pass then
+        builds one gradient per table, not one per field.
+        """
+        out = {}
+        for table in ("user", "post", "author"):
+            keys = [k for k, (field, t) in EMBEDDING_KEYS.items() if t == table and field in batch]
+            if not keys:
+                continue
+            hashes = [batch[EMBEDDING_KEYS[k][0]] for k in keys]
+            flat = jnp.concatenate([h.reshape(h.shape[0], -1) for h in hashes], axis=1)  # [B, n]
+            rows = getattr(self, table)(flat)  # [B, n, D]
+            bounds = np.cumsum([0] + [math.prod(h.shape[1:]) for h in hashes])
+            for k, h, start, stop in zip(keys, hashes, bounds[:-1], bounds[1:], strict=True):
+                out[k] = rows[:, start:stop].reshape(*h.shape, rows.shape[-1])
+        return out
 
 
 def flatten_hashes(x: jax.Array) -> jax.Array:
     """[..., H, D] -> [..., H*D]."""
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def concat_dense(parts: Sequence[jax.Array], w: jax.Array, dtype) -> jax.Array:
+    """`concatenate(parts, axis=-1) @ w`, as the sum of each part's product with its rows of `w`.
+
+    The original concatenates its inputs before projecting them; the concatenation is the widest
+    activation of the input blocks ([B, S, (Hp + Ha + 2) * D] for the history), so it is never
+    materialised.
+    """
+    out, start = None, 0
+    for x in parts:
+        width = x.shape[-1]
+        x = constrain_rows(x.astype(dtype), None)  # and so its cotangent: XLA never gathers the batch
+        y = x @ w[start : start + width].astype(dtype)
+        out, start = y if out is None else out + y, start + width
+    if start != w.shape[0]:
+        raise ValueError(f"parts of total width {start} do not match the projection's {w.shape[0]} rows")
+    return out
 
 
 class UserHistoryBlocks(nnx.Module):
@@ -79,27 +189,26 @@ class UserHistoryBlocks(nnx.Module):
         )
 
     def surface(self, surface: jax.Array) -> jax.Array:
-        """[...] ids -> [..., D]; an id outside the vocabulary embeds as zeros (as one_hot does)."""
-        table = self.surface_table[...]
-        return jnp.take(table, surface, axis=0, mode="fill", fill_value=0).astype(self.dtype)
+        """[...] ids -> [..., D]: `one_hot(surface) @ table`, as the original computes it (a matmul
+        shards where a gather from a tiny table would be replicated); an id outside the
+        vocabulary embeds as zeros."""
+        table = self.surface_table[...].astype(self.dtype)
+        return jax.nn.one_hot(surface, table.shape[0], dtype=self.dtype) @ table
 
     def user(self, emb: Embeddings) -> jax.Array:
         """-> [B, 1, D]."""
         x = flatten_hashes(emb["user_embeddings"].astype(self.dtype))[:, None, :]
-        return x @ self.user_proj[...].astype(self.dtype)
+        return constrain_rows(x @ self.user_proj[...].astype(self.dtype))
 
     def history(self, batch: Batch, emb: Embeddings) -> jax.Array:
         """-> [B, S, D]."""
         actions = batch["history_actions"].astype(self.dtype)  # [B, S, A] multi-hot
         action_emb = (2 * actions - 1) @ self.action_proj[...].astype(self.dtype)
         action_emb = action_emb * jnp.any(actions != 0, axis=-1, keepdims=True).astype(self.dtype)
-        x = jnp.concatenate(
-            [
-                flatten_hashes(emb["history_post_embeddings"].astype(self.dtype)),
-                flatten_hashes(emb["history_author_embeddings"].astype(self.dtype)),
-                action_emb,
-                self.surface(batch["history_product_surface"]),
-            ],
-            axis=-1,
-        )
-        return x @ self.history_proj[...].astype(self.dtype)
+        parts = [
+            flatten_hashes(emb["history_post_embeddings"]),
+            flatten_hashes(emb["history_author_embeddings"]),
+            action_emb,
+            self.surface(batch["history_product_surface"]),
+        ]
+        return constrain_rows(concat_dense(parts, self.history_proj[...], self.dtype))

@@ -27,7 +27,7 @@ from phoenix_flax.data.raw import read_corpus
 from phoenix_flax.metrics import auc, normalized_entropy, recall_at_k
 from phoenix_flax.scoring import action_weights, weighted_score
 from phoenix_flax.serving import CorpusIndex
-from phoenix_flax.sharding import make_mesh
+from phoenix_flax.sharding import make_mesh, use_mesh
 from phoenix_flax.training import make_eval_step
 
 POPULARITY_PRIOR = 10.0  # impressions of smoothing toward the global rate
@@ -50,7 +50,7 @@ def collect(model, cfg: ExperimentConfig, split: str, batch_size: int, mesh) -> 
     out: dict[str, list] = {k: [] for k in ("probs", "labels", "session_id", "position", "post_id")}
     out.update({k: [] for k in ("users", "positive_post_id", "in_batch_rank")})
     for batch in data:
-        _, outputs = eval_step(model, global_batch(batch, mesh))
+        _, outputs = eval_step(model, global_batch(batch, mesh, cfg.mesh.logical_rules()))
         outputs = jax.device_get(outputs)
         valid = is_valid(batch["candidate_post_hashes"]) & batch["labeled"][:, None]
         if "logits" in outputs:
@@ -146,7 +146,8 @@ def evaluate(
     print(f"evaluating step {step} of {workdir} on '{split}' ({jax.device_count()} devices)", file=sys.stderr)
 
     actions = cfg.model.actions
-    got = collect(model, cfg, split, batch_size, mesh)
+    with use_mesh(mesh, cfg.mesh.logical_rules()):
+        got = collect(model, cfg, split, batch_size, mesh)
     result: dict = {"step": step, "split": split}
     if len(got["probs"]):
         labels, probs = got["labels"], got["probs"]

@@ -1,24 +1,32 @@
 """Transformer building blocks of the original Grok-style recommender.
 
 Shapes: B batch, T sequence, D model width, Hq query heads, Hkv key/value heads,
-G = Hq // Hkv query heads per key/value head, K head width, F FFN width.
+G = Hq // Hkv query heads per key/value head, K head width, F FFN width, L layers.
+
+A sequence is `[prefix, candidates]`: the prefix (user and history) attends causally; each
+candidate attends to the prefix and to itself (see `attention.py`). Layers are a loop or, with
+`scan_layers`, one compiled body scanned over parameters stacked on a leading `layers` axis;
+`remat` chooses what each layer keeps for the backward pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phoenix_flax.attention import isolated_attention, sequence_attention
 from phoenix_flax.config import ModelConfig
+from phoenix_flax.sharding import constrain
 
-ATTN_SOFTCAP = 30.0
-# A finite stand-in for -inf in attention and the sampled softmax: masked logits keep gradients finite.
-MASKED_LOGIT = -1e30
 RMS_EPS = 1e-5
 ROPE_BASE = 10000.0
+REMAT_POLICIES = {
+    "full": None,  # jax.checkpoint's default: keep nothing but the layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the weight matmuls' outputs
+}
 
 
 def param(
@@ -29,7 +37,7 @@ def param(
 ) -> nnx.Param:
     """A float32 parameter annotated with logical axis names.
 
-    Under a mesh (`jax.set_mesh`) with logical axis rules, the value is created sharded;
+    Under a mesh (`sharding.use_mesh`) with logical axis rules, the value is created sharded;
     without one the names are only metadata, so models build on a single device too.
     """
     if len(names) != len(shape):
@@ -42,12 +50,6 @@ def param(
 
 
 dense_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-
-
-def causal_mask(valid: jax.Array) -> jax.Array:
-    """[B, T] validity -> [B, T, T] bool (True = may attend): earlier or same positions, valid keys."""
-    t = valid.shape[1]
-    return jnp.tril(jnp.ones((t, t), dtype=bool))[None] & valid[:, None, :]
 
 
 class RMSNorm(nnx.Module):
@@ -83,6 +85,7 @@ class Attention(nnx.Module):
         d, k = cfg.emb_size, cfg.key_size
         self.num_kv_heads = cfg.num_kv_heads
         self.multiplier = cfg.attn_output_multiplier
+        self.impl, self.block = cfg.attention, cfg.attention_block
         self.query = param(rngs, dense_init, (d, cfg.num_q_heads, k), ("embed", "q_heads", "head_dim"))
         self.key = param(rngs, dense_init, (d, cfg.num_kv_heads, k), ("embed", "kv_heads", "head_dim"))
         self.value = param(rngs, dense_init, (d, cfg.num_kv_heads, k), ("embed", "kv_heads", "head_dim"))
@@ -92,23 +95,45 @@ class Attention(nnx.Module):
         """x: [B, T, D] -> rotated keys and values, each [B, T, Hkv, K]."""
         k = jnp.einsum("btd,dhk->bthk", x, self.key[...].astype(x.dtype))
         v = jnp.einsum("btd,dhk->bthk", x, self.value[...].astype(x.dtype))
-        return apply_rope(k, positions), v
+        k = constrain(apply_rope(k, positions), "batch", "length", "act_kv_heads", None)
+        return k, constrain(v, "batch", "length", "act_kv_heads", None)
 
     def queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [B, T, D] -> rotated queries [B, T, Hq, K]."""
-        q = jnp.einsum("btd,dhk->bthk", x, self.query[...].astype(x.dtype))
-        return apply_rope(q, positions)
-
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """q: [B, T, Hq, K], k and v: [B, S, Hkv, K], mask: [B, T, S] (True = may attend) -> [B, T, D]."""
+        """x: [B, T, D] -> rotated queries grouped by key/value head [B, T, Hkv, G, K]."""
+        q = apply_rope(jnp.einsum("btd,dhk->bthk", x, self.query[...].astype(x.dtype)), positions)
         b, t, hq, kd = q.shape
-        q = q.reshape(b, t, self.num_kv_heads, hq // self.num_kv_heads, kd)  # [B, T, Hkv, G, K]
-        logits = jnp.einsum("btngk,bsnk->bngts", q, k).astype(jnp.float32) * self.multiplier
-        logits = ATTN_SOFTCAP * jnp.tanh(logits / ATTN_SOFTCAP)
-        logits = jnp.where(mask[:, None, None], logits, MASKED_LOGIT)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, Hkv, G, T, S]
-        out = jnp.einsum("bngts,bsnk->btngk", weights, v).reshape(b, t, hq, kd)
-        return jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(out.dtype))
+        return constrain(
+            q.reshape(b, t, self.num_kv_heads, hq // self.num_kv_heads, kd),
+            "batch",
+            "length",
+            "act_kv_heads",
+            None,
+            None,
+        )
+
+    def project(self, out: jax.Array) -> jax.Array:
+        """[B, T, Hkv, G, K] -> [B, T, D]."""
+        b, t = out.shape[:2]
+        return jnp.einsum("bthk,hkd->btd", out.reshape(b, t, -1, out.shape[-1]), self.out[...].astype(out.dtype))
+
+    def __call__(self, x, positions, prefix_valid, candidate_valid) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention over a `[prefix, candidates]` sequence x [B, T, D] -> ([B, T, D], keys, values)."""
+        k, v = self.keys_values(x, positions)
+        out = sequence_attention(
+            self.queries(x, positions), k, v, prefix_valid, candidate_valid,
+            multiplier=self.multiplier, impl=self.impl, block=self.block,
+        )  # fmt: skip
+        return self.project(out), k, v
+
+    def isolated(self, x, position, context_k, context_v, context_valid) -> jax.Array:
+        """Items x [N, 1, D], each over its own cached context [N, P, Hkv, K] and itself -> [N, 1, D]."""
+        positions = jnp.reshape(position, (1,))
+        k, v = self.keys_values(x, positions)
+        out = isolated_attention(
+            self.queries(x, positions), context_k, context_v, context_valid, k, v,
+            multiplier=self.multiplier, impl=self.impl, block=self.block,
+        )  # fmt: skip
+        return self.project(out)
 
 
 class FeedForward(nnx.Module):
@@ -122,7 +147,8 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate = jax.nn.gelu(x @ self.gate[...].astype(x.dtype), approximate=True)
-        return (gate * (x @ self.up[...].astype(x.dtype))) @ self.down[...].astype(x.dtype)
+        hidden = constrain(gate * (x @ self.up[...].astype(x.dtype)), "batch", "length", "act_mlp")
+        return hidden @ self.down[...].astype(x.dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -141,51 +167,66 @@ class DecoderLayer(nnx.Module):
         h = h + self.post_attn_norm(attn_out)
         return h + self.post_ffn_norm(self.ffn(self.pre_ffn_norm(h)))
 
-    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        return self.with_keys_values(h, positions, mask)[0]
-
-    def with_keys_values(self, h, positions, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """As __call__, also returning this layer's rotated keys and values [B, T, Hkv, K]."""
-        x = self.pre_attn_norm(h)
-        k, v = self.attn.keys_values(x, positions)
-        return self._after_attention(h, self.attn.attend(self.attn.queries(x, positions), k, v, mask)), k, v
+    def __call__(self, h, positions, prefix_valid, candidate_valid) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """h [B, T, D] -> (h [B, T, D], this layer's rotated keys and values [B, T, Hkv, K])."""
+        attn_out, k, v = self.attn(self.pre_attn_norm(h), positions, prefix_valid, candidate_valid)
+        return self._after_attention(h, attn_out), k, v
 
     def isolated(self, h, position, context_k, context_v, context_valid) -> jax.Array:
-        """Items that each attend to their own cached context and to themselves only.
-
-        h: [N, D]; position: [] rotary position of every item; context_k, context_v:
-        [N, P, Hkv, K]; context_valid: [N, P] -> [N, D].
-        """
+        """Items h [N, D] that each attend to their own cached context and to themselves only."""
         x = self.pre_attn_norm(h)[:, None]  # [N, 1, D]
-        positions = jnp.reshape(position, (1,))
-        k, v = self.attn.keys_values(x, positions)
-        keys = jnp.concatenate([context_k, k.astype(context_k.dtype)], axis=1)  # [N, P+1, Hkv, K]
-        values = jnp.concatenate([context_v, v.astype(context_v.dtype)], axis=1)
-        mask = jnp.concatenate([context_valid, jnp.ones_like(context_valid[:, :1])], axis=1)[:, None]
-        out = self.attn.attend(self.attn.queries(x, positions), keys, values, mask)
-        return self._after_attention(h, out[:, 0])
+        attn_out = self.attn.isolated(x, position, context_k, context_v, context_valid)
+        return self._after_attention(h, attn_out[:, 0])
 
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.scan = cfg.scan_layers
+        self.remat = cfg.remat
+        if cfg.scan_layers:
 
-    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """h: [B, T, D], positions: [T] or [B, T], mask: [B, T, T] -> [B, T, D]."""
-        for layer in self.layers:
-            h = layer(h, positions, mask)
-        return h
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(rngs: nnx.Rngs) -> DecoderLayer:
+                return DecoderLayer(cfg, rngs=rngs)
 
-    def with_keys_values(self, h, positions, mask) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
-        """As __call__, also returning every layer's keys and values."""
-        cache = []
-        for layer in self.layers:
-            h, k, v = layer.with_keys_values(h, positions, mask)
-            cache.append((k, v))
-        return h, cache
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
-    def isolated(self, h, position, cache, context_valid) -> jax.Array:
-        """h: [N, D] items over per-layer cached contexts `cache` ([N, P, Hkv, K] pairs) -> [N, D]."""
-        for layer, (k, v) in zip(self.layers, cache, strict=True):
-            h = layer.isolated(h, position, k, v, context_valid)
-        return h
+    def _run(self, body: Callable, h: jax.Array, per_layer=None):
+        """`h, y_l = body(layer_l, h, per_layer[l])` for every layer in order -> (h, ys stacked [L, ...]).
+
+        One scanned body over the stacked layers, or a loop; either way under the remat policy.
+        """
+        if self.remat != "none":
+            body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])
+        if self.scan:
+            return nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(self.layers, h, per_layer)
+        ys = []
+        for i, layer in enumerate(self.layers):
+            h, y = body(layer, h, jax.tree.map(lambda x, i=i: x[i], per_layer))
+            ys.append(y)
+        return h, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+    def __call__(self, h, positions, prefix_valid, candidate_valid=None, *, keys_values: bool = False):
+        """h [B, T, D] over `[prefix, candidates]` (no candidates: the prefix alone) -> [B, T, D].
+
+        With `keys_values`, also every layer's keys and values, stacked: ([L, B, T, Hkv, K]) x 2.
+        """
+
+        def layer_fn(layer, h, _):
+            h, k, v = layer(constrain(h, "batch", "length", "act_embed"), positions, prefix_valid, candidate_valid)
+            return constrain(h, "batch", "length", "act_embed"), (k, v) if keys_values else None
+
+        h, kv = self._run(layer_fn, h)
+        return (h, kv) if keys_values else h
+
+    def isolated(self, h, position, context_k, context_v, context_valid) -> jax.Array:
+        """Items h [N, D] over per-layer cached contexts context_k/v [L, N, P, Hkv, K] -> [N, D]."""
+
+        def layer_fn(layer, h, kv):
+            h = layer.isolated(constrain(h, "batch", "act_embed"), position, *kv, context_valid)
+            return h, None
+
+        return self._run(layer_fn, h, (context_k, context_v))[0]

@@ -10,29 +10,17 @@ from flax import nnx
 
 from phoenix_flax.batch import Batch, is_valid, prefix_valid
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, flatten_hashes
-from phoenix_flax.layers import RMSNorm, Transformer, causal_mask, dense_init, param
+from phoenix_flax.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, concat_dense, flatten_hashes
+from phoenix_flax.layers import RMSNorm, Transformer, dense_init, param
+from phoenix_flax.sharding import constrain_rows
 
 
 class UserContext(NamedTuple):
-    """Per layer, the keys and values `[B, P, Hkv, K]` of [user, history]; `valid [B, P]`."""
+    """Every layer's keys and values of [user, history], `[L, B, P, Hkv, K]` each; `valid [B, P]`."""
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     valid: jax.Array
-
-
-def ranker_attention_mask(prefix_valid: jax.Array, candidate_valid: jax.Array) -> jax.Array:
-    """[B, P] and [B, C] validity -> [B, T, T] bool mask (True = may attend), T = P + C.
-
-    Prefix positions (user and history) attend causally; each candidate attends to the whole
-    prefix and to itself only ("candidate isolation"); padded keys are never attended.
-    """
-    p = prefix_valid.shape[1]
-    mask = causal_mask(jnp.concatenate([prefix_valid, candidate_valid], axis=1))  # [B, T, T]
-    idx = jnp.arange(mask.shape[1])
-    other_candidate = (idx[:, None] >= p) & (idx[None, :] >= p) & (idx[:, None] != idx[None, :])
-    return mask & ~other_candidate[None]
 
 
 def sequence_positions(prefix_len: int, num_candidates: int, candidate_positions: str) -> jax.Array:
@@ -66,15 +54,8 @@ class PhoenixRanker(nnx.Module):
 
     def candidate_block(self, post_emb: jax.Array, author_emb: jax.Array, surface: jax.Array) -> jax.Array:
         """[post, author, surface emb] @ candidate_proj: [..., Hp, D], [..., Ha, D], [...] -> [..., D]."""
-        x = jnp.concatenate(
-            [
-                flatten_hashes(post_emb.astype(self.dtype)),
-                flatten_hashes(author_emb.astype(self.dtype)),
-                self.blocks.surface(surface),
-            ],
-            axis=-1,
-        )
-        return x @ self.candidate_proj[...].astype(self.dtype)
+        parts = [flatten_hashes(post_emb), flatten_hashes(author_emb), self.blocks.surface(surface)]
+        return constrain_rows(concat_dense(parts, self.candidate_proj[...], self.dtype))
 
     def _head(self, h: jax.Array) -> jax.Array:
         """Final norm and unembedding: [..., D] -> float32 logits [..., A]."""
@@ -89,12 +70,13 @@ class PhoenixRanker(nnx.Module):
             emb["candidate_post_embeddings"], emb["candidate_author_embeddings"], batch["candidate_product_surface"]
         )  # [B, C, D]
         prefix_len = 1 + history.shape[1]
-        num_candidates = candidates.shape[1]
-
-        mask = ranker_attention_mask(prefix_valid(batch), is_valid(batch["candidate_post_hashes"]))
-        positions = sequence_positions(prefix_len, num_candidates, self.candidate_positions)
-
-        h = self.transformer(jnp.concatenate([user, history, candidates], axis=1), positions, mask)
+        positions = sequence_positions(prefix_len, candidates.shape[1], self.candidate_positions)
+        h = self.transformer(
+            jnp.concatenate([user, history, candidates], axis=1),
+            positions,
+            prefix_valid(batch),
+            is_valid(batch["candidate_post_hashes"]),
+        )
         return self._head(h[:, prefix_len:])
 
     def user_context(self, batch: Batch) -> UserContext:
@@ -108,8 +90,8 @@ class PhoenixRanker(nnx.Module):
         emb = self.embeddings({k: batch[k] for k in ("user_hashes", "history_post_hashes", "history_author_hashes")})
         x = jnp.concatenate([self.blocks.user(emb), self.blocks.history(batch, emb)], axis=1)  # [B, P, D]
         valid = prefix_valid(batch)
-        _, cache = self.transformer.with_keys_values(x, jnp.arange(x.shape[1]), causal_mask(valid))
-        return UserContext(tuple(k for k, _ in cache), tuple(v for _, v in cache), valid)
+        _, (keys, values) = self.transformer(x, jnp.arange(x.shape[1]), valid, keys_values=True)
+        return UserContext(keys, values, valid)
 
     def score_candidates(
         self,
@@ -125,6 +107,6 @@ class PhoenixRanker(nnx.Module):
         logits for the same candidates; any N, in any chunks.
         """
         h = self.candidate_block(self.embeddings.post(post_hashes), self.embeddings.author(author_hashes), surface)
-        cache = [(k[rows], v[rows]) for k, v in zip(context.keys, context.values, strict=True)]
         position = context.valid.shape[1]  # shared: right after the history
-        return self._head(self.transformer.isolated(h, position, cache, context.valid[rows]))
+        keys, values = context.keys[:, rows], context.values[:, rows]  # [L, N, P, Hkv, K]
+        return self._head(self.transformer.isolated(h, position, keys, values, context.valid[rows]))

@@ -10,8 +10,9 @@ from flax import nnx
 
 from phoenix_flax.batch import Batch, prefix_valid
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, flatten_hashes
-from phoenix_flax.layers import Transformer, causal_mask, dense_init, param
+from phoenix_flax.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, concat_dense, flatten_hashes
+from phoenix_flax.layers import Transformer, dense_init, param
+from phoenix_flax.sharding import constrain_rows
 
 L2_EPS = 1e-12
 # Bounds of a learned temperature, so the logits' scale cannot run away.
@@ -36,12 +37,9 @@ class CandidateTower(nnx.Module):
 
     def __call__(self, post_emb: jax.Array, author_emb: jax.Array) -> jax.Array:
         """[..., Hp, D] and [..., Ha, D] -> [..., D] unit vectors (float32)."""
-        x = jnp.concatenate(
-            [flatten_hashes(post_emb.astype(self.dtype)), flatten_hashes(author_emb.astype(self.dtype))],
-            axis=-1,
-        )
-        x = jax.nn.silu(x @ self.proj_1[...].astype(self.dtype))
-        return l2_normalize(x @ self.proj_2[...].astype(self.dtype))
+        x = concat_dense([flatten_hashes(post_emb), flatten_hashes(author_emb)], self.proj_1[...], self.dtype)
+        x = constrain_rows(jax.nn.silu(x), "act_mlp")
+        return l2_normalize(constrain_rows(x @ self.proj_2[...].astype(self.dtype)))
 
 
 class PhoenixRetrieval(nnx.Module):
@@ -79,7 +77,7 @@ class PhoenixRetrieval(nnx.Module):
         """Mean of the transformer's outputs over valid [user, history] positions, L2-normalised."""
         x = jnp.concatenate([self.blocks.user(emb), self.blocks.history(batch, emb)], axis=1)  # [B, P, D]
         valid = prefix_valid(batch)  # [B, P]
-        h = self.transformer(x, jnp.arange(x.shape[1]), causal_mask(valid)).astype(jnp.float32)
+        h = self.transformer(x, jnp.arange(x.shape[1]), valid).astype(jnp.float32)
         w = valid.astype(jnp.float32)[..., None]
         mean = jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
         return l2_normalize(mean)

@@ -10,7 +10,6 @@ while a run trains in it. Everything that can be checked before device work is c
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -28,7 +27,7 @@ from phoenix_flax.cli import log
 from phoenix_flax.config import ConfigError, ExperimentConfig, dumps
 from phoenix_flax.data.pipeline import dataset_actions, dataset_splits, dataset_statistics, global_batch, make_dataset
 from phoenix_flax.errors import PhoenixError
-from phoenix_flax.sharding import make_mesh, mesh_shape
+from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
 from phoenix_flax.training import create_train_state, make_eval_step, make_train_step
 from phoenix_flax.workdir import WorkdirLock
 
@@ -139,7 +138,7 @@ def preflight(cfg: ExperimentConfig) -> set[str]:
     if data.batch_size % processes:
         problems.append(f"data.batch_size={data.batch_size}: does not divide over {processes} processes")
     try:
-        shape = dict(zip(("data", "fsdp", "model"), mesh_shape(dataclasses.asdict(cfg.mesh), devices), strict=True))
+        shape = dict(zip(("data", "fsdp", "model"), mesh_shape(cfg.mesh.axis_sizes(), devices), strict=True))
         batch_devices = shape["data"] * shape["fsdp"]
         if data.batch_size % batch_devices:
             problems.append(
@@ -157,7 +156,7 @@ def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> d
     data = iter(make_dataset(cfg.model, cfg.data, cfg.data.eval_split, shuffle=False))
     totals: dict[str, list] = {}
     for _ in range(cfg.eval.batches):
-        metrics, _ = eval_step(model, global_batch(next(data), mesh))
+        metrics, _ = eval_step(model, global_batch(next(data), mesh, cfg.mesh.logical_rules()))
         for k, v in metrics.items():
             totals.setdefault(k, []).append(v)
     return {f"eval_{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()}
@@ -196,7 +195,7 @@ def train(
             lock = stack.enter_context(WorkdirLock(workdir))
             if lock.stale:
                 report(f"note: a previous run ({lock.stale}); taking it over")
-        mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+        mesh = make_mesh(cfg.mesh.axis_sizes())
         report(
             f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
             f"{jax.process_count()} process(es)"
@@ -213,6 +212,7 @@ def train(
         stack.callback(writer.close)
         preemption = Preemption()
         stack.callback(preemption.restore)
+        stack.enter_context(use_mesh(mesh, cfg.mesh.logical_rules()))  # the steps trace with the rules
         return _loop(
             cfg,
             mesh,
@@ -231,6 +231,7 @@ def train(
 
 def _loop(cfg, mesh, model, optimizer, data, checkpoints, writer, preemption, step, stop_after, *, has_eval, report):
     train_step = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
+    rules = cfg.mesh.logical_rules()
     eval_step = make_eval_step(cfg.loss)
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, step + stop_after)
     logged: list[dict] = []
@@ -265,7 +266,7 @@ def _loop(cfg, mesh, model, optimizer, data, checkpoints, writer, preemption, st
     try:
         while step < last:
             position = data.get_state()
-            metrics = train_step(global_batch(next(data), mesh))
+            metrics = train_step(global_batch(next(data), mesh, rules))
             step += 1
             window.append((step, position, metrics))
             boundary = step % cfg.train.log_every == 0 or step == last

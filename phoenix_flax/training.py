@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -12,7 +11,7 @@ from phoenix_flax.batch import is_valid
 from phoenix_flax.config import ExperimentConfig, LossConfig, OptimizerConfig
 from phoenix_flax.losses import ranking_bce, sampled_softmax_loss
 from phoenix_flax.model import PhoenixModel
-from phoenix_flax.sharding import DEFAULT_RULES, check_divisible
+from phoenix_flax.sharding import check_divisible, use_mesh
 
 
 def param_labels(params) -> object:
@@ -63,31 +62,27 @@ def _check_fits(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> None:
     check_divisible(nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param), mesh)
 
 
+def new_train_state(cfg: ExperimentConfig) -> tuple[PhoenixModel, nnx.Optimizer]:
+    """The model and optimizer a config trains (created sharded under `sharding.use_mesh`)."""
+    model = build_model(cfg)
+    return model, nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
+
+
 def abstract_train_state(cfg: ExperimentConfig):
     """Shapes and dtypes of the model and optimizer state a config trains, allocating nothing."""
-
-    def create():
-        model = build_model(cfg)
-        return nnx.state((model, nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)))
-
-    return nnx.eval_shape(create)
+    return nnx.state(nnx.eval_shape(lambda: new_train_state(cfg)))
 
 
 def create_train_state(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> tuple[PhoenixModel, nnx.Optimizer]:
     """Model and optimizer, created inside jit directly in their shards (never whole on one device)."""
-
-    def create():
-        model = build_model(cfg)
-        return model, nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    with use_mesh(mesh, cfg.mesh.logical_rules()):
         _check_fits(cfg, mesh)
-        return nnx.jit(create)()
+        return nnx.jit(lambda: new_train_state(cfg))()
 
 
 def create_model(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> PhoenixModel:
     """The model alone, sharded (for evaluation and serving)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    with use_mesh(mesh, cfg.mesh.logical_rules()):
         _check_fits(cfg, mesh)
         return nnx.jit(lambda: build_model(cfg))()
 
@@ -97,8 +92,9 @@ def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[j
     `users [B, D]` and `positives [B, D]`."""
     metrics, outputs = {}, {}
     total = jnp.float32(0.0)
+    emb = model.embeddings(batch)  # every table looked up once, for both towers
     if model.ranker is not None:
-        logits = model.ranker(batch)
+        logits = model.ranker.logits_from_embeddings(batch, emb)
         valid = is_valid(batch["candidate_post_hashes"]) & batch["labeled"][:, None]
         weights = None if cfg.action_weights is None else jnp.asarray(cfg.action_weights, jnp.float32)
         rank = ranking_bce(logits, batch["candidate_actions"], valid, weights)
@@ -106,8 +102,8 @@ def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[j
         metrics["ranking_loss"] = rank
         outputs["logits"] = logits
     if model.retrieval is not None:
-        users = model.retrieval.user(batch)
-        positives = model.retrieval.candidates(batch["positive_post_hashes"], batch["positive_author_hashes"])
+        users = model.retrieval.user_from_embeddings(batch, emb)
+        positives = model.retrieval.candidate_tower(emb["positive_post_embeddings"], emb["positive_author_embeddings"])
         log_q = None if model.frequency is None else model.frequency.log_q(batch["positive_id"])
         temperature = model.retrieval.temperature()
         ret = sampled_softmax_loss(users, positives, batch["positive_id"], batch["positive_valid"], temperature, log_q)

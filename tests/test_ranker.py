@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from phoenix_flax.attention import ranker_attention_mask
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.ranker import PhoenixRanker, ranker_attention_mask
+from phoenix_flax.ranker import PhoenixRanker
 from phoenix_flax.retrieval import PhoenixRetrieval
 from phoenix_flax.sharding import DEFAULT_RULES
 from phoenix_flax.testing import model_inputs, random_batch

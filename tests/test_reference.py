@@ -9,14 +9,21 @@ from phoenix_flax.compat import config_from_reference, ranker_from_reference, re
 ATOL = 1e-4
 
 
-def test_ranker_matches_golden(golden):
-    model = ranker_from_reference(golden["ranker_params"], golden["config"])
+# The import works for every layout and attention form, and each reproduces the original.
+OPTIONS = [{}, {"attention": "dense"}, {"scan_layers": True, "remat": "full"}]
+OPTION_IDS = ["blockwise", "dense", "scanned"]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_ranker_matches_golden(golden, options):
+    model = ranker_from_reference(golden["ranker_params"], golden["config"], **options)
     logits = model.logits_from_embeddings(golden["batch"], golden["embeddings"])
     np.testing.assert_allclose(np.asarray(logits), golden["expected"]["ranker_logits"], atol=ATOL, rtol=0)
 
 
-def test_retrieval_matches_golden(golden):
-    model = retrieval_from_reference(golden["retrieval_params"], golden["config"])
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_retrieval_matches_golden(golden, options):
+    model = retrieval_from_reference(golden["retrieval_params"], golden["config"], **options)
     user = model.user_from_embeddings(golden["batch"], golden["embeddings"])
     cands = model.candidates_from_embeddings(golden["batch"], golden["embeddings"])
     np.testing.assert_allclose(np.asarray(user), golden["expected"]["user_representation"], atol=ATOL, rtol=0)

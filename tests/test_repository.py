@@ -74,3 +74,11 @@ def test_read_only_checkpoint_notices_are_silenced_and_other_warnings_are_not(tm
     with _without_read_only_notices():
         logging.getLogger("absl").warning("a real problem")
     assert [r.getMessage() for r in caplog.records] == ["a real problem"]
+
+
+def test_the_schema_gives_the_shapes_random_batches_have():
+    from phoenix_flax.batch import batch_shapes
+
+    cfg = ModelConfig(history_len=5, num_candidates=3)
+    batch = random_batch(cfg, 4, np.random.default_rng(0))
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == batch_shapes(cfg, 4)

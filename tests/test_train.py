@@ -216,7 +216,7 @@ def test_tpu_pod_config_is_consistent_for_256_chips():
     import flax.linen as nn
     from jax.sharding import AbstractMesh
 
-    from phoenix_flax.sharding import DEFAULT_RULES, MESH_AXES, check_divisible, mesh_shape
+    from phoenix_flax.sharding import MESH_AXES, check_divisible, mesh_shape
     from phoenix_flax.training import build_model
 
     sys.path.insert(0, str(REPO / "configs"))
@@ -230,7 +230,7 @@ def test_tpu_pod_config_is_consistent_for_256_chips():
     assert cfg.model.num_kv_heads % model == 0 and cfg.model.num_q_heads % model == 0
     abstract = nnx.eval_shape(lambda: build_model(cfg))
     mesh = AbstractMesh(shape, MESH_AXES)
-    with nn.logical_axis_rules(DEFAULT_RULES):
+    with nn.logical_axis_rules(cfg.mesh.logical_rules()):
         check_divisible(nnx.state(abstract, nnx.Param), mesh)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert params > 1e11  # production-size tables: 2^28 posts x 512

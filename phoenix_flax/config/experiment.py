@@ -22,26 +22,40 @@ from typing import Literal
 
 from phoenix_flax.config.model import ModelConfig
 from phoenix_flax.data.config import DataConfig
+from phoenix_flax.sharding import DEFAULT_RULE_TEXT, DEFAULT_RULES, MESH_AXES, LogicalRules, parse_rules
 from phoenix_flax.validation import Checks, ConfigError
-
-MESH_AXES = ("data", "fsdp", "model")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; -1 takes the devices the other axes leave."""
+    """Device mesh sizes (-1 takes the devices the other axes leave), and the rules placing
+    logical axis names on mesh axes (`name:axis+axis`; `name:` replicates)."""
 
     data: int = -1
     fsdp: int = 1
     model: int = 1
+    rules: tuple[str, ...] = DEFAULT_RULE_TEXT
 
     def __post_init__(self):
+        object.__setattr__(self, "rules", tuple(self.rules))
         checks = Checks(self)
         for axis in MESH_AXES:
             checks.require(getattr(self, axis) >= 1 or getattr(self, axis) == -1, axis, "must be positive, or -1")
         if [getattr(self, a) for a in MESH_AXES].count(-1) > 1:
             checks.problem("data", "at most one axis may be -1 (the devices the others leave)")
+        try:
+            named = {name for name, _ in parse_rules(self.rules)}
+            missing = [name for name, _ in DEFAULT_RULES if name not in named]
+            checks.require(not missing, "rules", f"name no mesh axes for {missing}")
+        except ValueError as e:
+            checks.problem("rules", str(e))
         checks.raise_if_any()
+
+    def logical_rules(self) -> LogicalRules:
+        return parse_rules(self.rules)
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in MESH_AXES}
 
 
 @dataclasses.dataclass(frozen=True)

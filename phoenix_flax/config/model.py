@@ -65,6 +65,15 @@ class ModelConfig:
     candidate_positions: CandidatePositions = "shared"
     # Compute dtype; parameters stay float32.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # "blockwise": attention without a [B, T, T] tensor (online softmax over blocks of
+    # `attention_block` queries and keys); "dense": the full masked form, the parity reference.
+    attention: Literal["blockwise", "dense"] = "blockwise"
+    attention_block: int = 256
+    # One compiled layer body over stacked parameters (nnx.scan) instead of a loop of layers.
+    scan_layers: bool = False
+    # What each layer keeps for the backward pass: "none" (everything), "full" (its input only;
+    # the rest is recomputed) or "dots" (the outputs of its weight matmuls).
+    remat: Literal["none", "full", "dots"] = "none"
     # Retrieval softmax temperature, and whether it is learned.
     retrieval_temperature: float = 0.05
     learn_temperature: bool = False
@@ -85,12 +94,7 @@ class ModelConfig:
         checks.positive("widening_factor", "attn_output_multiplier", "retrieval_temperature")
         checks.require(bool(self.actions), "actions", "must name at least one action")
         checks.require(len(set(self.actions)) == len(self.actions), "actions", "has duplicates")
-        checks.require(
-            self.candidate_positions in ("shared", "sequential"),
-            "candidate_positions",
-            "expected 'shared' or 'sequential'",
-        )
-        checks.require(self.dtype in _DTYPES, "dtype", f"expected one of {sorted(_DTYPES)}")
+        checks.at_least(1, "attention_block").literals()  # candidate_positions, dtype, attention, remat
         checks.raise_if_any()
 
     @property
