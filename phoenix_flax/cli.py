@@ -14,6 +14,7 @@ import jax
 from phoenix_flax.config import ConfigError, ExperimentConfig, apply_overrides, load
 from phoenix_flax.data.raw import Session, SkipReport, expand_paths, read_sessions
 from phoenix_flax.errors import PhoenixError
+from phoenix_flax.scoring import FeedScoring, parse_weights
 
 DEBUG_ENV = "PHOENIX_DEBUG"
 
@@ -108,6 +109,38 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=step_arg, default="latest", help="a step, 'latest' or 'best' (by the run's best_metric)"
     )
+
+
+def add_scoring_args(parser: argparse.ArgumentParser) -> None:
+    """The final score: action weights and the feed scorer's optional steps (`scoring.py`)."""
+    parser.add_argument("--weights", help="score weights, e.g. favorite=1,report=-20 (others: the defaults)")
+    parser.add_argument(
+        "--offset-negatives",
+        type=float,
+        metavar="OFFSET",
+        help="split the score into positive and negative parts; net negative scores go into [0, OFFSET), "
+        "below every positive one (small, e.g. 0.001)",
+    )
+    parser.add_argument(
+        "--author-decay",
+        type=float,
+        metavar="DECAY",
+        help="author diversity: an author's k-th post in score order is multiplied by (1-floor)*DECAY**k+floor",
+    )
+    parser.add_argument("--author-floor", type=float, default=0.0, help="the floor of --author-decay (default 0)")
+    parser.add_argument(
+        "--out-of-network-factor",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help='multiply the scores of candidates marked "in_network": false by F (default 1)',
+    )
+
+
+def scoring_from_args(args: argparse.Namespace) -> tuple[dict[str, float], FeedScoring]:
+    """(weight overrides, feed-scorer options) of `add_scoring_args`; WeightsError names a bad one."""
+    feed = FeedScoring(args.offset_negatives, args.author_decay, args.author_floor, args.out_of_network_factor)
+    return parse_weights(args.weights), feed
 
 
 def add_session_input_args(parser: argparse.ArgumentParser) -> None:

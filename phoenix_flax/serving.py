@@ -18,6 +18,7 @@ from phoenix_flax.data.raw import Session, read_corpus
 from phoenix_flax.hashing import hash_ids
 from phoenix_flax.model import PhoenixModel
 from phoenix_flax.retrieval import top_k
+from phoenix_flax.scoring import FeedScoring, feed_scores
 
 
 def prefix_batch(sessions: Sequence[Session], cfg: ModelConfig, batch_size: int) -> dict[str, np.ndarray]:
@@ -185,14 +186,20 @@ def retrieve(
     return results
 
 
-def ranked_candidates(session: Session, probs: np.ndarray, actions: Sequence[str], weights: np.ndarray) -> list[dict]:
-    """A session's candidates with their probabilities and score, best first (the programs' output)."""
-    scores = probs.astype(np.float64) @ weights
+def ranked_candidates(
+    session: Session, probs: np.ndarray, actions: Sequence[str], weights: np.ndarray, feed: FeedScoring | None = None
+) -> list[dict]:
+    """A session's candidates with their probabilities and score, best first (the programs' output).
+    With feed-scorer options, `weighted_score` is the plain weighted sum and `score` the final one."""
+    feed = feed or FeedScoring()
+    scores = feed_scores(probs, weights, session.candidate_author_id, session.in_network(), feed)
+    weighted = None if feed.is_plain else probs.astype(np.float64) @ weights
     order = np.argsort(-scores, kind="stable")
     return [
         {
             "post_id": int(session.candidate_post_id[j]),
             "probs": {a: round(float(p), 6) for a, p in zip(actions, probs[j], strict=True)},
+            **({} if weighted is None else {"weighted_score": round(float(weighted[j]), 6)}),
             "score": round(float(scores[j]), 6),
         }
         for j in order

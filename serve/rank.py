@@ -1,11 +1,14 @@
 """`phoenix-rank`: score sessions' candidates with a trained ranker.
 
     phoenix-rank --workdir DIR [--step N] --input sessions.jsonl --output scores.jsonl [--weights a=w,...]
+                 [--offset-negatives 0.001] [--author-decay 0.5 --author-floor 0.25] [--out-of-network-factor 0.7]
 
 Writes one line per input session, in input order:
 {"user_id": ..., "candidates": [{"post_id": ..., "probs": {"favorite": p, ...}, "score": s}, ...]}
 with the candidates sorted by score. Any number of candidates per session: they are scored in
-chunks against the session's user context, computed once.
+chunks against the session's user context, computed once. The score is the weighted sum of the
+probabilities; the options add the steps of X's feed scorer (`phoenix_flax/scoring.py`), and then
+each candidate also has "weighted_score", the plain sum.
 """
 
 from __future__ import annotations
@@ -17,21 +20,28 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from phoenix_flax.cli import add_session_input_args, check_writable, read_session_input, run
-from phoenix_flax.scoring import action_weights, parse_weights
+from phoenix_flax.cli import (
+    add_scoring_args,
+    add_session_input_args,
+    check_writable,
+    read_session_input,
+    run,
+    scoring_from_args,
+)
+from phoenix_flax.scoring import action_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="phoenix-rank", description=__doc__.split("\n\n")[0])
     add_session_input_args(p)
-    p.add_argument("--weights", help="score weights, e.g. favorite=1,report=-20 (others: the defaults)")
+    add_scoring_args(p)
     p.add_argument("--chunk-size", type=int, default=512, help="candidates scored at once")
     args = p.parse_args(argv)
     return run(p.prog, lambda: rank(args), args.debug)
 
 
 def rank(args: argparse.Namespace) -> int:
-    overrides = parse_weights(args.weights)
+    overrides, feed = scoring_from_args(args)
     check_writable(args.output)
 
     from phoenix_flax.checkpoint import restore_model  # JAX starts here
@@ -46,7 +56,7 @@ def rank(args: argparse.Namespace) -> int:
         for session, p_session in zip(sessions, probs, strict=True):
             line = {
                 "user_id": session.user_id,
-                "candidates": ranked_candidates(session, p_session, cfg.actions, weights),
+                "candidates": ranked_candidates(session, p_session, cfg.actions, weights, feed),
             }
             f.write(json.dumps(line, allow_nan=False) + "\n")
     print(

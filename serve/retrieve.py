@@ -1,7 +1,7 @@
 """`phoenix-retrieve`: the top-K posts of a corpus for each session, optionally then ranked.
 
     phoenix-retrieve --workdir DIR --corpus posts.jsonl --input sessions.jsonl --top-k K --output out.jsonl
-                     [--include-seen] [--then-rank [--weights a=w,...]]
+                     [--include-seen] [--then-rank [--weights a=w,...] [feed-scorer options]]
 
 Builds the corpus's candidate-tower vectors once and saves them beside the checkpoint
 (`WORKDIR/index/`), reused while the checkpoint and the corpus are unchanged. Top-K is exact, by
@@ -21,8 +21,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from phoenix_flax.cli import add_session_input_args, check_writable, read_session_input, run
-from phoenix_flax.scoring import action_weights, parse_weights
+from phoenix_flax.cli import (
+    add_scoring_args,
+    add_session_input_args,
+    check_writable,
+    read_session_input,
+    run,
+    scoring_from_args,
+)
+from phoenix_flax.scoring import action_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, required=True)
     p.add_argument("--include-seen", action="store_true", help="keep posts already in the history")
     p.add_argument("--then-rank", action="store_true", help="rank the retrieved posts with the ranker")
-    p.add_argument("--weights", help="score weights for --then-rank")
+    add_scoring_args(p)  # for --then-rank
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error("--top-k must be positive")
@@ -40,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def retrieve_top_k(args: argparse.Namespace) -> int:
-    overrides = parse_weights(args.weights)
+    overrides, feed = scoring_from_args(args)
     check_writable(args.output)
 
     from phoenix_flax.checkpoint import CheckpointError, restore_model  # JAX starts here
@@ -68,6 +75,7 @@ def retrieve_top_k(args: argparse.Namespace) -> int:
                 candidate_product_surface=np.zeros(len(h), np.int32),
                 candidate_actions=np.zeros(len(h), np.int64),
                 labeled=False,
+                candidate_in_network=None,
             )
             for s, h in zip(sessions, hits, strict=True)
         ]
@@ -84,7 +92,7 @@ def retrieve_top_k(args: argparse.Namespace) -> int:
             ]
             if args.then_rank:
                 by_post = {c["post_id"]: c for c in cands}
-                ranked = ranked_candidates(retrieved[i], probs[i], cfg.actions, weights)
+                ranked = ranked_candidates(retrieved[i], probs[i], cfg.actions, weights, feed)
                 cands = [{**by_post[c["post_id"]], **c} for c in ranked]
             f.write(json.dumps({"user_id": session.user_id, "candidates": cands}, allow_nan=False) + "\n")
     print(

@@ -14,7 +14,7 @@ from phoenix_flax.checkpoint import restore_model
 from phoenix_flax.config import apply_overrides
 from phoenix_flax.data.raw import SessionParser
 from phoenix_flax.hashing import hash_ids
-from phoenix_flax.scoring import action_weights
+from phoenix_flax.scoring import FeedScoring, action_weights, feed_scores
 from phoenix_flax.serving import CachedRanker, prefix_batch
 from phoenix_flax.trainer import train
 from serve import rank as rank_cli
@@ -120,6 +120,39 @@ def test_rank_writes_sessions_in_order_with_candidates_by_score(trained, session
         full = full_sequence_probs(model, cfg, session)
         j = int(np.argmax(full @ w))
         assert cands[0]["post_id"] == session.candidate_post_id[j]
+
+
+def test_rank_applies_the_feed_scorer_options(trained, sessions, tmp_path, capsys):
+    records, _ = sessions
+    records = [
+        {**r, "candidates": [{**c, "in_network": c["post_id"] % 2 == 0} for c in r["candidates"]]} for r in records
+    ]  # a post's flag and author are the same wherever it appears, so the output's post IDs find them
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    options = ["--offset-negatives", "0.01", "--author-decay", "0.5", "--author-floor", "0.2"]
+    argv = ["--workdir", trained["workdir"], "--input", path, "--output", str(out), "--weights", "report=-100"]
+    assert rank_cli.main([*argv, *options, "--out-of-network-factor", "0.3"]) == 0
+    actions = trained["cfg"].model.actions
+    w = action_weights(actions, {"report": -100.0})
+    feed = FeedScoring(negative_offset=0.01, author_decay=0.5, author_floor=0.2, out_of_network_factor=0.3)
+    for line, record in zip(map(json.loads, out.read_text().splitlines()), records, strict=True):
+        cands = line["candidates"]
+        by_post = {c["post_id"]: c for c in record["candidates"]}
+        probs = np.array([[c["probs"][a] for a in actions] for c in cands])
+        authors = np.array([by_post[c["post_id"]]["author_id"] for c in cands])
+        in_network = np.array([by_post[c["post_id"]]["in_network"] for c in cands])
+        expected = feed_scores(probs, w, authors, in_network, feed)  # from the printed (rounded) probabilities
+        np.testing.assert_allclose([c["score"] for c in cands], expected, atol=1e-4)
+        np.testing.assert_allclose([c["weighted_score"] for c in cands], probs @ w, atol=1e-4)
+        assert [c["score"] for c in cands] == sorted((c["score"] for c in cands), reverse=True)
+        assert not in_network.all()  # the factor had something to act on
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{**records[0], "candidates": [{**records[0]["candidates"][0], "in_network": 1}]}]
+    )
+    rc = rank_cli.main(["--workdir", trained["workdir"], "--input", bad, "--output", str(tmp_path / "o")])
+    assert (
+        rc == 2 and "bad.jsonl:1: field 'candidates[0].in_network': expected true or false" in capsys.readouterr().err
+    )
 
 
 def test_rank_reports_bad_input(trained, tmp_path, capsys):

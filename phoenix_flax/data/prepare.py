@@ -143,7 +143,7 @@ class PhoenixSessions(tfds.core.GeneratorBasedBuilder):
         ):
             if source.keeps(key):
                 stats.add(session)
-                yield key, dataclasses.asdict(session)
+                yield key, {name: getattr(session, name) for name in FEATURES}
         self.statistics[split] = stats.to_dict()
 
 

@@ -7,7 +7,9 @@
 ```
 IDs are int64; `history` is oldest first; `actions` name actions of the vocabulary (empty: shown,
 no action). Candidate `actions` are labels and may be absent (inference), for all candidates of
-a session or for none. `session_id` (int64) is optional and kept. Other fields are ignored.
+a session or for none. A candidate's optional `in_network` (true or false; default true) says
+whether its author is in the user's network (the feed scorer's out-of-network factor reads it).
+`session_id` (int64) is optional and kept. Other fields are ignored.
 
 Sessions are parsed into `Session`s whose actions are bitmasks over the vocabulary.
 """
@@ -55,6 +57,13 @@ class Session:
     candidate_product_surface: np.ndarray
     candidate_actions: np.ndarray  # [m] int64, zeros when unlabeled
     labeled: bool
+    candidate_in_network: np.ndarray | None = None  # [m] bool; None: all in network
+
+    def in_network(self) -> np.ndarray:
+        """`[m]` bool: whether each candidate is in the user's network."""
+        if self.candidate_in_network is None:
+            return np.ones(len(self.candidate_post_id), bool)
+        return self.candidate_in_network
 
 
 class _Invalid(Exception):
@@ -107,6 +116,7 @@ class SessionParser:
         if not isinstance(items, (list, tuple, np.ndarray)):
             raise _Invalid(key, f"expected a list: got {type(items).__name__}")
         cols = ([], [], [], [])
+        network = []  # in_network flags
         labeled = None
         for i, item in enumerate(items):
             f = f"{key}[{i}]"
@@ -125,13 +135,17 @@ class SessionParser:
                 raise _Invalid(f"{f}.actions", "present for some candidates of the session and absent for others")
             labeled = has
             cols[3].append(self._actions(item["actions"], f"{f}.actions") if has else 0)
+            in_network = item.get("in_network")
+            if in_network is not None and type(in_network) is not bool:
+                raise _Invalid(f"{f}.in_network", f"expected true or false: got {in_network!r}")
+            network.append(in_network is not False)
         arrays = (
             np.array(cols[0], np.int64),
             np.array(cols[1], np.int64),
             np.array(cols[2], np.int32),
             np.array(cols[3], np.int64),
         )
-        return arrays, bool(labeled)
+        return arrays, bool(labeled), np.array(network, bool)
 
     def parse(self, record, default_session_id: int) -> Session:
         """A decoded record -> Session; raises `_Invalid(field, problem)`."""
@@ -142,13 +156,13 @@ class SessionParser:
         user_id = _int64(record["user_id"], "user_id")
         sid = record.get("session_id")
         session_id = default_session_id if sid is None else _int64(sid, "session_id")
-        history, _ = self._items(record, "history", labels_optional=False)
+        history, _, _ = self._items(record, "history", labels_optional=False)
         if not self.require_candidates and record.get("candidates") is None:
             record = {**record, "candidates": []}
-        candidates, labeled = self._items(record, "candidates", labels_optional=True)
+        candidates, labeled, in_network = self._items(record, "candidates", labels_optional=True)
         if self.require_candidates and len(candidates[0]) == 0:
             raise _Invalid("candidates", "empty: a session shows at least one candidate")
-        return Session(session_id, user_id, *history, *candidates, labeled)
+        return Session(session_id, user_id, *history, *candidates, labeled, None if in_network.all() else in_network)
 
 
 class SkipReport:
