@@ -155,12 +155,16 @@ class HashBatch(grain.transforms.Map):
         out = {
             **hash_prefix(ex, cfg),
             "candidate_post_hashes": _hashed(ex["candidate_post_id"], cv, cfg.num_post_hashes, cfg.post_vocab_rows),
-            "candidate_author_hashes": _hashed(ex["candidate_author_id"], cv, cfg.num_author_hashes, cfg.author_vocab_rows),
+            "candidate_author_hashes": _hashed(
+                ex["candidate_author_id"], cv, cfg.num_author_hashes, cfg.author_vocab_rows
+            ),
             "candidate_product_surface": (ex["candidate_product_surface"] * cv).astype(np.int32),
             "candidate_actions": ex["candidate_actions"],
             "labeled": ex["labeled"],
             "positive_post_hashes": _hashed(ex["positive_post_id"], pv, cfg.num_post_hashes, cfg.post_vocab_rows),
-            "positive_author_hashes": _hashed(ex["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows),
+            "positive_author_hashes": _hashed(
+                ex["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows
+            ),
             "positive_id": fingerprint(ex["positive_post_id"]) * pv,
             "positive_valid": pv,
             "session_id": ex["session_id"],

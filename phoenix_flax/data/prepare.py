@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from phoenix_flax.config import DEFAULT_ACTIONS
+from phoenix_flax.data.raw import Session, SkipReport, read_sessions
 from phoenix_flax.errors import DatasetError
-from phoenix_flax.data.raw import Session, SessionFormatError, SkipReport, expand_paths, read_sessions
 
 DATASET_NAME = "phoenix_sessions"
 STATISTICS_FILE = "statistics.json"
@@ -88,7 +88,7 @@ class SplitStatistics:
 
     def to_dict(self) -> dict:
         def rates(counts, n):
-            return {a: float(c) / n if n else 0.0 for a, c in zip(self.actions, counts)}
+            return {a: float(c) / n if n else 0.0 for a, c in zip(self.actions, counts, strict=True)}
 
         n = max(self.sessions, 1)
         return {
@@ -138,9 +138,7 @@ class PhoenixSessions(tfds.core.GeneratorBasedBuilder):
         source = self._sources[split]
         report = self.skip_reports[source.paths] = SkipReport()  # each pass over the inputs recounts
         stats = SplitStatistics(self._actions)
-        for key, session in read_sessions(
-            source.paths, self._actions, skip_invalid=self._skip_invalid, report=report
-        ):
+        for key, session in read_sessions(source.paths, self._actions, skip_invalid=self._skip_invalid, report=report):
             if source.keeps(key):
                 stats.add(session)
                 yield key, {name: getattr(session, name) for name in FEATURES}
@@ -184,8 +182,9 @@ def prepare(
 
 def print_statistics(stats: dict[str, dict]) -> None:
     for split, s in stats.items():
-        print(f"{split}: {s['sessions']:,} sessions ({s['labeled_sessions']:,} labeled), "
-              f"mean history {s['mean_history_length']:.1f}, mean candidates {s['mean_candidates']:.1f}")
+        print(
+            f"{split}: {s['sessions']:,} sessions ({s['labeled_sessions']:,} labeled), "
+            f"mean history {s['mean_history_length']:.1f}, mean candidates {s['mean_candidates']:.1f}"
+        )
         rates = " ".join(f"{a}={r:.3f}" for a, r in s["candidate_action_rates"].items())
         print(f"  candidate action rates: {rates}")
-

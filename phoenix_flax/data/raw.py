@@ -216,9 +216,8 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
 def _records(path: str) -> Iterator[tuple[int, object, SessionFormatError | None]]:
     """(line number, decoded record, decoding error) of a JSON Lines or Parquet file."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         try:
             batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
@@ -278,6 +277,39 @@ def read_sessions(
                 continue
             ordinal += 1
             yield f"{file_index}:{line}", session
+
+
+def items_column(
+    post_ids: np.ndarray,
+    author_ids: np.ndarray,
+    surfaces: np.ndarray,
+    masks: np.ndarray,
+    lengths: np.ndarray,
+    actions: Sequence[str],
+):
+    """Items of many sessions, flat `[n]` arrays with per-session `lengths`, -> the raw format's
+    Arrow column: a list per session of {post_id, author_id, product_surface, actions}, with
+    `actions` the names of each bitmask's set bits."""
+    import pyarrow as pa
+
+    masks = np.asarray(masks, np.int64)
+    bits = (masks[:, None] >> np.arange(len(actions))) & 1
+    _, action_idx = np.nonzero(bits)
+    action_offsets = np.concatenate([[0], np.cumsum(bits.sum(1))])
+    # Plain strings: Parquet dictionary-encodes them on disk anyway, and nested dictionary columns
+    # written in several row groups cannot be read back in batches.
+    names = pa.array(list(actions), pa.string()).take(pa.array(action_idx.astype(np.int64)))
+    struct = pa.StructArray.from_arrays(
+        [
+            pa.array(np.asarray(post_ids, np.int64)),
+            pa.array(np.asarray(author_ids, np.int64)),
+            pa.array(np.asarray(surfaces, np.int64)),
+            pa.ListArray.from_arrays(pa.array(action_offsets.astype(np.int32)), names),
+        ],
+        names=["post_id", "author_id", "product_surface", "actions"],
+    )
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # callers write < 2^31 items at once
+    return pa.ListArray.from_arrays(pa.array(offsets), struct)
 
 
 def read_corpus(path: str) -> tuple[np.ndarray, np.ndarray]:

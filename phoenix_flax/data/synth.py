@@ -21,11 +21,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
 
 import numpy as np
 
 from phoenix_flax.config import DEFAULT_ACTIONS
+from phoenix_flax.data.raw import items_column
 
 ACTIONS = DEFAULT_ACTIONS
 A = {name: i for i, name in enumerate(ACTIONS)}
@@ -36,15 +36,39 @@ NUM_SURFACES = 4
 
 # Logit of each action for an average pair (affinity, quality and popularity at 0).
 BASE_LOGIT = {
-    "favorite": -2.0, "reply": -4.8, "repost": -3.6, "quote": -4.6, "share": -4.2, "follow_author": -5.6,
-    "click": -1.4, "profile_click": -3.4, "video_view": -0.6, "photo_expand": -1.0, "dwell": -1.0,
-    "not_interested": -3.4, "block_author": -5.0, "mute_author": -4.8, "report": -5.6,
+    "favorite": -2.0,
+    "reply": -4.8,
+    "repost": -3.6,
+    "quote": -4.6,
+    "share": -4.2,
+    "follow_author": -5.6,
+    "click": -1.4,
+    "profile_click": -3.4,
+    "video_view": -0.6,
+    "photo_expand": -1.0,
+    "dwell": -1.0,
+    "not_interested": -3.4,
+    "block_author": -5.0,
+    "mute_author": -4.8,
+    "report": -5.6,
 }
 # Weight of the engagement signal (affinity, quality, popularity); negative actions get minus.
 SIGNAL_WEIGHT = {
-    "favorite": 1.0, "reply": 0.9, "repost": 0.9, "quote": 0.8, "share": 0.8, "follow_author": 0.7,
-    "click": 0.6, "profile_click": 0.5, "video_view": 0.5, "photo_expand": 0.5, "dwell": 0.6,
-    "not_interested": -0.9, "block_author": -0.7, "mute_author": -0.7, "report": -0.6,
+    "favorite": 1.0,
+    "reply": 0.9,
+    "repost": 0.9,
+    "quote": 0.8,
+    "share": 0.8,
+    "follow_author": 0.7,
+    "click": 0.6,
+    "profile_click": 0.5,
+    "video_view": 0.5,
+    "photo_expand": 0.5,
+    "dwell": 0.6,
+    "not_interested": -0.9,
+    "block_author": -0.7,
+    "mute_author": -0.7,
+    "report": -0.6,
 }
 FAMILIARITY_WEIGHT = {"follow_author": 1.0, "reply": 0.6, "profile_click": 0.5}
 SPAM_WEIGHT = {**{a: -1.0 for a in POSITIVE}, **{a: 2.5 for a in NEGATIVE}}
@@ -197,7 +221,9 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
             out.session_id.append(next_id)
             next_id += 1
             out.user.append(u)
-            out.history.append((hist_post[u, h - n :].copy(), hist_surface[u, h - n :].copy(), hist_mask[u, h - n :].copy()))
+            out.history.append(
+                (hist_post[u, h - n :].copy(), hist_surface[u, h - n :].copy(), hist_mask[u, h - n :].copy())
+            )
             out.cand_posts.append(posts[i])
             out.cand_surface.append(surface[i])
             out.cand_masks.append(masks[i])
@@ -210,11 +236,19 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
             hist_post[u] = np.roll(hist_post[u], -k)
             hist_surface[u] = np.roll(hist_surface[u], -k)
             hist_mask[u] = np.roll(hist_mask[u], -k)
-            hist_post[u, h - k :], hist_surface[u, h - k :], hist_mask[u, h - k :] = posts[i][e], surface[i][e], masks[i][e]
+            hist_post[u, h - k :], hist_surface[u, h - k :], hist_mask[u, h - k :] = (
+                posts[i][e],
+                surface[i][e],
+                masks[i][e],
+            )
             hist_len[u] = min(h, hist_len[u] + k)
         if progress and (r % 20 == 0):
-            print(f"\r  simulated round {r + 1}/{total_rounds.max()}, {next_id:,} sessions, "
-                  f"{time.time() - start:.0f}s", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r  simulated round {r + 1}/{total_rounds.max()}, {next_id:,} sessions, {time.time() - start:.0f}s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
     if progress:
         print(file=sys.stderr)
     return splits
@@ -224,24 +258,12 @@ def _table(world: World, s: Sessions):
     """Sessions -> a pyarrow Table in the raw format (nested lists of structs)."""
     import pyarrow as pa
 
-    names = pa.array(ACTIONS)
-
     def items(posts, surfaces, masks, lengths):
         posts = np.concatenate(posts) if posts else np.zeros(0, np.int64)
-        surfaces = np.concatenate(surfaces).astype(np.int64) if surfaces else np.zeros(0, np.int64)
+        surfaces = np.concatenate(surfaces) if surfaces else np.zeros(0, np.int64)
         masks = np.concatenate(masks) if masks else np.zeros(0, np.int64)
-        bits = (masks[:, None] >> np.arange(len(ACTIONS))) & 1
-        item_idx, action_idx = np.nonzero(bits)
-        action_offsets = np.concatenate([[0], np.cumsum(bits.sum(1))]).astype(np.int32)
-        actions = pa.ListArray.from_arrays(
-            pa.array(action_offsets), pa.DictionaryArray.from_arrays(pa.array(action_idx.astype(np.int32)), names)
-        )
-        struct = pa.StructArray.from_arrays(
-            [pa.array(world.post_ids[posts]), pa.array(world.author_ids[world.post_author[posts]]), pa.array(surfaces), actions],
-            names=["post_id", "author_id", "product_surface", "actions"],
-        )
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), struct)
+        authors = world.author_ids[world.post_author[posts]]
+        return items_column(world.post_ids[posts], authors, surfaces, masks, lengths, ACTIONS)
 
     hist_lengths = [len(x[0]) for x in s.history]
     history = items([x[0] for x in s.history], [x[1] for x in s.history], [x[2] for x in s.history], hist_lengths)
@@ -285,17 +307,30 @@ def write_world(world: World, splits: dict[str, Sessions], out: str, fmt: str = 
     with open(os.path.join(out, "corpus.jsonl"), "w") as f:
         for p in range(world.cfg.posts):
             a = world.post_author[p]
-            f.write(json.dumps({
-                "post_id": int(world.post_ids[p]), "author_id": int(world.author_ids[a]),
-                "topic": int(world.post_topic[p]), "media": ["text", "photo", "video"][world.post_media[p]],
-                "quality": round(float(world.post_quality[p]), 4), "popularity": round(float(world.post_popularity[p]), 4),
-                "spam_author": bool(world.author_spam[a]),
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "post_id": int(world.post_ids[p]),
+                        "author_id": int(world.author_ids[a]),
+                        "topic": int(world.post_topic[p]),
+                        "media": ["text", "photo", "video"][world.post_media[p]],
+                        "quality": round(float(world.post_quality[p]), 4),
+                        "popularity": round(float(world.post_popularity[p]), 4),
+                        "spam_author": bool(world.author_spam[a]),
+                    }
+                )
+                + "\n"
+            )
     with open(os.path.join(out, "world.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(world.cfg), "actions": list(ACTIONS),
-                   "sessions": {k: len(v.session_id) for k, v in splits.items()},
-                   "spam_authors": int(world.author_spam.sum()),
-                   "largest_author_share": float(np.bincount(world.post_author).max() / world.cfg.posts)},
-                  f, indent=2)
+        json.dump(
+            {
+                "config": dataclasses.asdict(world.cfg),
+                "actions": list(ACTIONS),
+                "sessions": {k: len(v.session_id) for k, v in splits.items()},
+                "spam_authors": int(world.author_spam.sum()),
+                "largest_author_share": float(np.bincount(world.post_author).max() / world.cfg.posts),
+            },
+            f,
+            indent=2,
+        )
     return files
-
