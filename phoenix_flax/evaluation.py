@@ -4,7 +4,8 @@ Reports, per action, the model's AUC and normalized entropy (NE); the AUC of the
 (label: the weighted engagement value is positive); retrieval recall@1/10/100 within each batch
 and against the whole corpus; and, where the data has true probabilities (the synthetic world),
 the oracle's AUC per action beside the model's and a popularity baseline's (each post's action
-rates in the training split). Runs in one process on this machine's devices, whatever mesh the
+rates in the training split). The `next-item` protocol adds HR@k, NDCG@k and MRR of each
+positive candidate in a full ranking of the corpus (`next_item`). Runs in one process on this machine's devices, whatever mesh the
 checkpoint was trained on.
 """
 
@@ -20,13 +21,14 @@ import jax
 import numpy as np
 
 from phoenix_flax.batch import is_valid
-from phoenix_flax.checkpoint import restore_model
+from phoenix_flax.checkpoint import CheckpointError, restore_model
 from phoenix_flax.config import ExperimentConfig, replace_fields
-from phoenix_flax.data.pipeline import dataset_actions, global_batch, make_dataset, open_source
-from phoenix_flax.data.raw import read_corpus
-from phoenix_flax.metrics import auc, normalized_entropy, recall_at_k
+from phoenix_flax.data.pipeline import bit_positions, dataset_actions, global_batch, make_dataset, open_source
+from phoenix_flax.data.prepare import FEATURES
+from phoenix_flax.data.raw import Session, read_corpus
+from phoenix_flax.metrics import auc, normalized_entropy, ranking_metrics, recall_at_k
 from phoenix_flax.scoring import action_weights, weighted_score
-from phoenix_flax.serving import CorpusIndex
+from phoenix_flax.serving import CorpusIndex, prefix_batch
 from phoenix_flax.sharding import make_mesh, use_mesh
 from phoenix_flax.training import make_eval_step
 
@@ -72,19 +74,23 @@ def collect(model, cfg: ExperimentConfig, split: str, batch_size: int, mesh) -> 
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
-def popularity_scores(cfg: ExperimentConfig, post_ids: np.ndarray, actions: Sequence[str]) -> np.ndarray:
-    """Each post's smoothed action rates in the training split -> [N, A] scores for `post_ids`."""
-    data_actions = dataset_actions(cfg.data.data_dir)
-    bits = np.array([data_actions.index(a) for a in actions], np.int64)
+def training_labels(cfg: ExperimentConfig, actions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Post IDs `[n]` and labels `[n, A]` (for `actions`) of every labeled candidate of the training split."""
+    bits = bit_positions(actions, dataset_actions(cfg.data.data_dir), "actions")
     source = open_source(cfg.data.data_dir, cfg.data.train_split)
-    posts, masks = [], []
+    posts, masks = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for start in range(0, len(source), 1024):
         for record in source.__getitems__(range(start, min(start + 1024, len(source)))):
             if record["labeled"]:
                 posts.append(record["candidate_post_id"])
                 masks.append(record["candidate_actions"])
     posts, masks = np.concatenate(posts), np.concatenate(masks)
-    labels = ((masks[:, None] >> bits) & 1).astype(np.float64)
+    return posts, ((masks[:, None] >> bits) & 1).astype(np.float64)
+
+
+def popularity_scores(cfg: ExperimentConfig, post_ids: np.ndarray, actions: Sequence[str]) -> np.ndarray:
+    """Each post's smoothed action rates in the training split -> [N, A] scores for `post_ids`."""
+    posts, labels = training_labels(cfg, actions)
     unique, inverse = np.unique(posts, return_inverse=True)
     counts = np.zeros((len(unique), len(actions)))
     np.add.at(counts, inverse, labels)
@@ -122,6 +128,79 @@ def corpus_ranks(model, cfg: ExperimentConfig, corpus_file: str, users: np.ndarr
     return ranks
 
 
+def full_ranks(scores: np.ndarray, target: np.ndarray, excluded: np.ndarray | None) -> np.ndarray:
+    """1-based rank of each row's `target` column among `scores` `[b, N]`: 1 + the items scoring
+    higher or the same (ties count against the target), items `excluded` `[b, N]` left out;
+    inf where the target is -1 (not in the corpus)."""
+    rows = np.arange(len(scores))
+    own = scores[rows, np.maximum(target, 0)][:, None]
+    competitor = np.ones(scores.shape, bool) if excluded is None else ~excluded
+    competitor[rows, np.maximum(target, 0)] = False
+    rank = 1.0 + ((scores >= own) & competitor).sum(1)
+    return np.where(target >= 0, rank, np.inf)
+
+
+def next_item(model, cfg: ExperimentConfig, split: str, corpus_file: str, ks=(10, 20), batch_size: int = 256) -> dict:
+    """Next-item metrics with full ranking over the corpus: each labeled candidate with a
+    retrieval-positive action (`data.positive_actions`) is a target, ranked by the user tower's
+    score among every corpus item, with the items of the session's history excluded (as
+    RecBole's full sort does) and included; beside a popularity baseline (positives per item in
+    the training split)."""
+    from flax import nnx
+
+    if model.retrieval is None:
+        raise CheckpointError("next-item evaluation needs a retrieval model (this checkpoint's retrieval_weight was 0)")
+    index = CorpusIndex.build(model, cfg.model, *read_corpus(corpus_file))
+    row_of = {int(p): j for j, p in enumerate(index.post_ids)}
+    data_actions = dataset_actions(cfg.data.data_dir)
+    positive_mask = np.bitwise_or.reduce(
+        np.int64(1) << bit_positions(cfg.data.positive_actions, data_actions, "positive_actions")
+    )
+    bits = bit_positions(cfg.model.actions, data_actions, "the model's actions")
+    train_posts, train_labels = training_labels(cfg, cfg.data.positive_actions)
+    popularity = np.zeros(len(index.post_ids))
+    for post, n in zip(train_posts.tolist(), train_labels.max(1).tolist(), strict=True):
+        if post in row_of:
+            popularity[row_of[post]] += n
+    source = open_source(cfg.data.data_dir, split)
+    sessions, targets = [], []  # targets: (session, corpus row or -1)
+    for start in range(0, len(source), 1024):
+        for record in source.__getitems__(range(start, min(start + 1024, len(source)))):
+            if not record["labeled"]:
+                continue
+            session = Session(**{k: np.asarray(record[k]) for k in FEATURES})
+            for j in np.nonzero(session.candidate_actions & positive_mask)[0]:
+                targets.append((len(sessions), row_of.get(int(session.candidate_post_id[j]), -1)))
+            sessions.append(session)
+    users_fn = nnx.jit(lambda m, b: m.retrieval.user(b))
+    ranks = {(who, seen): [] for who in ("model", "popularity") for seen in ("seen_excluded", "seen_included")}
+    targets = np.array(targets, np.int64).reshape(-1, 2)
+    rows = max(1, min(batch_size, (1 << 26) // max(1, len(index.post_ids))))  # [rows, N] scores at once
+    for start in range(0, len(targets), rows):
+        chunk = targets[start : start + rows]
+        group = [sessions[i] for i in chunk[:, 0]]
+        users = np.asarray(users_fn(model, prefix_batch(group, cfg.model, rows, bits)))[: len(group)]
+        scores = {
+            "model": users @ index.vectors.T,
+            "popularity": np.broadcast_to(popularity, (len(group), len(popularity))),
+        }
+        seen = np.zeros((len(group), len(index.post_ids)), bool)
+        for r, s in enumerate(group):
+            cols = [row_of[p] for p in s.history_post_id.tolist() if p in row_of]
+            seen[r, cols] = True
+        for who, score in scores.items():
+            ranks[(who, "seen_excluded")].append(full_ranks(score, chunk[:, 1], seen))
+            ranks[(who, "seen_included")].append(full_ranks(score, chunk[:, 1], None))
+    result = {
+        "targets": len(targets),
+        "targets_outside_corpus": int((targets[:, 1] < 0).sum()),
+        "corpus": len(index.post_ids),
+    }
+    for (who, seen), parts in ranks.items():
+        result.setdefault(who, {})[seen] = ranking_metrics(np.concatenate(parts) if parts else np.zeros(0), ks)
+    return result
+
+
 def evaluate(
     workdir: str,
     *,
@@ -131,6 +210,7 @@ def evaluate(
     truth_file: str | None = None,
     corpus_file: str | None = None,
     batch_size: int | None = None,
+    protocol: str = "sessions",
 ) -> dict:
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
     cfg, step, model, _ = restore_model(workdir, step, mesh)
@@ -138,6 +218,10 @@ def evaluate(
         cfg = replace_fields(cfg, data={"data_dir": data_dir})
     truth_file = truth_file or (cfg.data.truth_file if split == "test" else None)
     corpus_file = corpus_file or cfg.data.corpus_file
+    if protocol == "next-item" and not corpus_file:
+        raise FileNotFoundError(
+            errno.ENOENT, "next-item evaluation ranks the whole corpus: give its file (--corpus)", ""
+        )
     for what, path in (("true probabilities", truth_file), ("corpus", corpus_file)):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(errno.ENOENT, f"the {what} file is missing", path)
@@ -176,6 +260,8 @@ def evaluate(
         if corpus_file:
             ranks = corpus_ranks(model, cfg, corpus_file, got["users"], got["positive_post_id"])
             result["retrieval_corpus"] = recall_at_k(ranks)
+    if protocol == "next-item":
+        result["next_item"] = next_item(model, cfg, split, corpus_file)
     return _undefined_as_none(result)
 
 
@@ -211,6 +297,20 @@ def format_table(result: dict) -> str:
             + _number(result["weighted_score_auc"], ".4f", 7)
             + (" (oracle" + _number(result["oracle_weighted_score_auc"], ".4f", 7) + ")" if has_oracle else "")
         )
+    if "next_item" in result:
+        got = result["next_item"]
+        lines.append(
+            f"next item: {got['targets']:,} targets ({got['targets_outside_corpus']:,} outside the corpus), "
+            f"full ranking over {got['corpus']:,} items"
+        )
+        names = list(got["model"]["seen_excluded"])
+        lines.append(f"{'':<28}" + "".join(f"{n:>9}" for n in names))
+        for who in ("model", "popularity"):
+            for seen in ("seen_excluded", "seen_included"):
+                row = got[who][seen]
+                lines.append(
+                    f"{who + ', ' + seen.replace('_', ' '):<28}" + "".join(_number(row[n], ".4f", 9) for n in names)
+                )
     for key in ("retrieval_in_batch", "retrieval_corpus"):
         if key in result:
             lines.append(f"{key.replace('_', ' ')}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[key].items()))

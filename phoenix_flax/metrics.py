@@ -36,3 +36,16 @@ def recall_at_k(rank_of_positive: np.ndarray, ks=(1, 10, 100)) -> dict[str, floa
     """rank_of_positive: [N] 0-based rank of each row's positive (inf where not retrieved)."""
     r = np.asarray(rank_of_positive, np.float64)
     return {f"recall@{k}": float(np.mean(r < k)) if len(r) else float("nan") for k in ks}
+
+
+def ranking_metrics(rank: np.ndarray, ks=(10, 20)) -> dict[str, float]:
+    """rank: [N] 1-based rank of each target in a full ranking (inf where it cannot be ranked).
+    HR@k: the share ranked in the top k; NDCG@k: mean 1/log2(1 + rank) within the top k (one
+    relevant item per target); MRR: mean 1/rank."""
+    r = np.asarray(rank, np.float64)
+    if not len(r):
+        return {**{f"hr@{k}": float("nan") for k in ks}, **{f"ndcg@{k}": float("nan") for k in ks}, "mrr": float("nan")}
+    out = {f"hr@{k}": float(np.mean(r <= k)) for k in ks}
+    out |= {f"ndcg@{k}": float(np.mean(np.where(r <= k, 1.0 / np.log2(1.0 + r), 0.0))) for k in ks}
+    out["mrr"] = float(np.mean(1.0 / r))
+    return out

@@ -21,9 +21,12 @@ from phoenix_flax.retrieval import top_k
 from phoenix_flax.scoring import FeedScoring, feed_scores
 
 
-def prefix_batch(sessions: Sequence[Session], cfg: ModelConfig, batch_size: int) -> dict[str, np.ndarray]:
-    """User and history inputs of `sessions`, padded with empty rows to `batch_size`."""
-    bits = np.arange(cfg.num_actions)  # sessions were parsed with the model's vocabulary
+def prefix_batch(
+    sessions: Sequence[Session], cfg: ModelConfig, batch_size: int, bits: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """User and history inputs of `sessions`, padded with empty rows to `batch_size`. `bits`: the
+    bit of each model action in the sessions' masks (default: parsed with the model's vocabulary)."""
+    bits = np.arange(cfg.num_actions) if bits is None else bits
     rows = [recent_history(vars(s), cfg.history_len, bits) for s in sessions]
     ex = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     ex["user_id"] = np.array([s.user_id for s in sessions], np.int64)

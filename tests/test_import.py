@@ -42,7 +42,7 @@ def write_csv(path, rows, sep=","):
 
 def expected_sessions(rows, max_history, implied=True):
     """The importer's rules written out directly: merge per (user, item) at the first time,
-    label, imply, order, split leave-last-out, one candidate per session."""
+    label, imply, order, split leave-last-out, one candidate per session, training histories capped."""
     merged = {}
     for i, r in enumerate(rows):
         acts = (
@@ -68,7 +68,8 @@ def expected_sessions(rows, max_history, implied=True):
         n = len(events)
         for j, (_, _, item, acts) in enumerate(events):
             split = "test" if (j == n - 1 and n >= 2) else "validation" if (j == n - 2 and n >= 3) else "train"
-            history = [(e[2], sorted(e[3])) for e in events[max(0, j - max_history) : j]]
+            first = max(0, j - max_history) if split == "train" else 0  # evaluation splits: all history
+            history = [(e[2], sorted(e[3])) for e in events[first:j]]
             out[split].append((u, history, item, sorted(acts)))
     return out
 
@@ -155,7 +156,7 @@ def test_time_split_and_sessions_of_several_candidates(tmp_path):
     assert [s.candidate_post_id.tolist() for s in sessions["train"]] == [seq(range(4)), seq(range(4, 6))]
     assert [s.history_post_id.tolist() for s in sessions["train"]] == [[], seq([1, 2, 3])]
     assert [s.candidate_post_id.tolist() for s in sessions["validation"]] == [seq([6, 7])]
-    assert [s.history_post_id.tolist() for s in sessions["test"]] == [seq([5, 6, 7])]
+    assert [s.history_post_id.tolist() for s in sessions["test"]] == [seq(range(8))]  # all of it
 
 
 def test_parquet_input_gives_the_csv_result_and_integer_ids_are_kept(tmp_path):

@@ -173,14 +173,17 @@ def test_eval_of_a_damaged_explicit_step_exits_with_one_line(runs, tmp_path, rec
     if record.startswith("without"):
         (step / INTEGRITY_FILE).unlink()
         truncate(largest_file(step, "model"))
-        expected = "OUT_OF_RANGE: Error reading"
+        # Orbax's root cause: a read past the truncated end (its wording varies with the driver
+        # that hits it first: "OUT_OF_RANGE: Error reading ..." or "OUT_OF_RANGE: Error opening ...
+        # Error reading Byte range ...").
+        expected = ("OUT_OF_RANGE", "Error reading")
     else:
         largest_file(step, "model").unlink()
-        expected = "is missing"
+        expected = ("is missing",)
     result = run_program(
         "train.evaluate", "--workdir", str(workdir), "--step", "6", "--output", str(tmp_path / "m.json")
     )
-    assert_one_line_error(result, "phoenix-eval: error: checkpoint step 6 is damaged: model: ", expected)
+    assert_one_line_error(result, "phoenix-eval: error: checkpoint step 6 is damaged: model: ", *expected)
 
 
 def test_config_problems_are_all_named_at_once_before_any_work(tiny_world, capsys):

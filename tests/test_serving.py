@@ -348,3 +348,60 @@ def test_a_retrained_workdir_gets_a_fresh_index(trained, sessions, tiny_world, t
         want = [p for p in post_ids[np.argsort(-(vectors @ u), kind="stable")] if p not in seen][:5]
         assert [x["post_id"] for x in line["candidates"]] == want
     assert any(a["candidates"] != b["candidates"] for a, b in zip(after, before, strict=True))
+
+
+def test_full_ranks_and_ranking_metrics_by_hand():
+    from phoenix_flax.evaluation import full_ranks
+    from phoenix_flax.metrics import ranking_metrics
+
+    scores = np.array([[0.9, 0.5, 0.5, 0.1], [0.2, 0.3, 0.4, 0.5]])
+    excluded = np.array([[True, False, False, False], [False, False, False, False]])
+    # row 0, target 1 (0.5): item 0 higher, item 2 tied (counts against) -> rank 3; item 0 excluded -> 2
+    # row 1, target 0 (0.2): every other item higher -> rank 4
+    np.testing.assert_array_equal(full_ranks(scores, np.array([1, 0]), None), [3, 4])
+    np.testing.assert_array_equal(full_ranks(scores, np.array([1, 0]), excluded), [2, 4])
+    assert full_ranks(scores, np.array([-1, 0]), None)[0] == np.inf  # not in the corpus: never a hit
+    got = ranking_metrics(np.array([1.0, 3.0, 12.0, np.inf]), ks=(10,))
+    assert got["hr@10"] == pytest.approx(2 / 4)
+    assert got["ndcg@10"] == pytest.approx((1.0 + 1 / np.log2(4)) / 4)
+    assert got["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 12 + 0) / 4)
+
+
+def test_next_item_ranks_equal_the_retrieval_programs_top_k(trained, tiny_world):
+    """The evaluation's full-ranking HR@k equals a count over `retrieve`'s exact top-k (seen
+    excluded), an independent path through the corpus index's search."""
+    from phoenix_flax.data.raw import read_corpus, read_sessions
+    from phoenix_flax.evaluation import next_item
+    from phoenix_flax.serving import CorpusIndex, retrieve
+
+    model, cfg = trained["model"], trained["cfg"]
+    got = next_item(model, cfg, "test", tiny_world["corpus"], ks=(10, 20))
+    index = CorpusIndex.build(model, cfg.model, *read_corpus(tiny_world["corpus"]))
+    sessions = [s for _, s in read_sessions([tiny_world["raw"]["test"]], cfg.model.actions)]
+    positive = np.int64(1) << cfg.model.actions.index("favorite")
+    targets = [
+        (s, p) for s in sessions for p, m in zip(s.candidate_post_id, s.candidate_actions, strict=True) if m & positive
+    ]
+    assert got["targets"] == len(targets) > 20
+    top = retrieve(model, cfg.model, index, [s for s, _ in targets], 20)  # seen excluded
+    for k in (10, 20):
+        hits = [
+            int(p) in {int(index.post_ids[j]) for j, _ in row[:k]} for (_, p), row in zip(targets, top, strict=True)
+        ]
+        # Ties at the k-th place could differ between the two paths; float scores make them rare.
+        assert got["model"]["seen_excluded"][f"hr@{k}"] == pytest.approx(np.mean(hits), abs=1.5 / len(targets))
+    assert got["model"]["seen_included"]["mrr"] <= got["model"]["seen_excluded"]["mrr"]
+    assert set(got["popularity"]["seen_excluded"]) == {"hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"}
+
+
+def test_phoenix_eval_next_item_protocol_prints_and_writes_the_metrics(trained, tiny_world, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    argv = ["--workdir", trained["workdir"], "--output", str(out), "--protocol", "next-item"]
+    assert evaluate_cli.main(argv) == 2  # the corpus is required
+    assert "next-item evaluation ranks the whole corpus" in capsys.readouterr().err
+    assert evaluate_cli.main([*argv, "--corpus", tiny_world["corpus"]]) == 0
+    got = json.loads(out.read_text())["next_item"]
+    assert got["corpus"] == len(pathlib.Path(tiny_world["corpus"]).read_text().splitlines())
+    assert 0 < got["model"]["seen_excluded"]["hr@20"] <= 1 and got["popularity"]["seen_included"]["mrr"] > 0
+    printed = capsys.readouterr().out
+    assert "next item:" in printed and "popularity, seen excluded" in printed

@@ -27,8 +27,9 @@ def losses(logged):
     return [(m["step"], m["loss"]) for m in logged if "loss" in m]
 
 
-def test_a_resumed_run_repeats_the_uninterrupted_losses(tiny_world, tmp_path):
-    cfg = tiny_experiment(tiny_world["data_dir"])
+@pytest.mark.parametrize("layers", [{}, {"scan_layers": True, "remat": "full"}], ids=["looped", "scanned"])
+def test_a_resumed_run_repeats_the_uninterrupted_losses(tiny_world, tmp_path, layers):
+    cfg = tiny_experiment(tiny_world["data_dir"], model=layers)
     full = losses(train(cfg, str(tmp_path / "full")))
     first = losses(train(cfg, str(tmp_path / "split"), stop_after=4))
     rest = losses(train(cfg, str(tmp_path / "split")))

@@ -1,6 +1,7 @@
 """`phoenix-eval`: restore a checkpoint and measure it on a split.
 
     phoenix-eval --workdir DIR [--step N|latest|best] [--split test] --output metrics.json
+                 [--protocol next-item --corpus corpus.jsonl]
 
 Prints a table per action (AUC, normalized entropy, the popularity baseline's and, with true
 probabilities, the oracle's AUC) and retrieval recall, and writes every figure as JSON.
@@ -25,6 +26,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--truth", help="true probabilities (phoenix-synth's test_truth.npz); default: the config's")
     p.add_argument("--corpus", help="posts for corpus retrieval (JSON Lines of post_id, author_id)")
     p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--protocol",
+        choices=("sessions", "next-item"),
+        default="sessions",
+        help="next-item: also HR@k, NDCG@k and MRR of each positive in a full ranking of the corpus",
+    )
     add_debug_arg(p)
     args = p.parse_args(argv)
     return run(p.prog, lambda: evaluate_checkpoint(args), args.debug)
@@ -43,6 +50,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
         truth_file=args.truth,
         corpus_file=args.corpus,
         batch_size=args.batch_size,
+        protocol=args.protocol,
     )
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2, allow_nan=False)

@@ -8,7 +8,8 @@ not). Events of one user on one item are merged: their actions united, at the fi
 
 Each user's events, in time order, become sessions: a session's candidates are up to
 `candidates_per_session` consecutive events of one split, labeled with their actions, and its
-history the user's `max_history` events before them (of any split). Splits are per event:
+history the user's events before them (of any split): the last `max_history` in training
+sessions, all of them in validation and test (so evaluation can leave out every item seen). Splits are per event:
 `leave-last-out` puts each user's last event in test and the one before in validation (users with
 at least 3 events; with 2, the last goes to test), the sequential-recommendation protocol;
 `time` cuts globally at `validation_from` and `test_from`.
@@ -417,8 +418,12 @@ def write_sessions(
     starts = np.searchsorted(group, np.arange(n_sessions))  # first event of each session
     ends = np.searchsorted(group, np.arange(n_sessions), side="right")
     user_start = np.arange(len(events)) - _position_in_user(events.user)
-    hist_start = np.maximum(user_start[starts], starts - spec.max_history)
     session_split = split[starts]
+    # Training sessions keep the most recent `max_history` events; validation and test sessions
+    # keep all of them, so that next-item evaluation can leave out everything the user has seen
+    # (the model still reads only its own history length).
+    cap = np.where(session_split == 0, spec.max_history, np.iinfo(np.int64).max // 2)
+    hist_start = np.maximum(user_start[starts], starts - cap)
     counts = {}
     schema = None
     for s, name in enumerate(SPLITS):

@@ -59,7 +59,7 @@ def open_source(data_dir: str, split: str):
     return tfds.data_source(DATASET_NAME, data_dir=data_dir, split=split)
 
 
-def _bit_positions(model_actions: Sequence[str], data_actions: Sequence[str], what: str) -> np.ndarray:
+def bit_positions(model_actions: Sequence[str], data_actions: Sequence[str], what: str) -> np.ndarray:
     missing = [a for a in model_actions if a not in data_actions]
     if missing:
         raise DatasetError(f"{what} {missing} are not in the dataset's vocabulary {list(data_actions)}")
@@ -107,8 +107,8 @@ class SessionToExamples(grain.experimental.FlatMapTransform):
 
     def __init__(self, cfg: ModelConfig, data_actions: Sequence[str], positive_actions: Sequence[str]):
         self.s, self.c = cfg.history_len, cfg.num_candidates
-        self.bits = _bit_positions(cfg.actions, data_actions, "the model's actions")
-        positive_bits = _bit_positions(positive_actions, data_actions, "positive_actions")
+        self.bits = bit_positions(cfg.actions, data_actions, "the model's actions")
+        positive_bits = bit_positions(positive_actions, data_actions, "positive_actions")
         self.positive_mask = np.int64(np.bitwise_or.reduce(np.int64(1) << positive_bits))
 
     def flat_map(self, session: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
