@@ -219,3 +219,28 @@ def test_bad_specs_are_named(tmp_path, capsys):
     assert rc == 2 and "nope" in capsys.readouterr().err
     with pytest.raises(ImportSpecError, match="time split needs"):
         ImportSpec("u", "i", "t", ACTIONS, rules=(ActionRule.parse("click:*"),), split="time")
+
+
+def test_files_without_a_header_are_named_by_columns_and_lines_still_count(tmp_path, capsys):
+    rows = [{**r, "kind": "click"} for r in random_log(seed=3, events=10)]
+    path = tmp_path / "log.data"  # MovieLens' u.data style: tab-separated, no header
+    body = "".join(f"{r['uid']}\t{r['iid']}\t{r['rating']}\t{r['ts']}\n" for r in rows)
+    path.write_text(body)
+    argv = ["--input", str(path), "--user", "uid", "--item", "iid", "--timestamp", "ts", "--rule", "click:*"]
+    argv += ["--rule", "favorite:rating>=4", "--columns", "uid,iid,rating,ts"]
+    assert import_logs.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    with_header = tmp_path / "with_header.tsv"
+    with_header.write_text("u:token\ti:token\tr:float\tt:float\n" + body)
+    assert (
+        import_logs.main([*argv[:1], str(with_header), *argv[2:], "--skip-rows", "1", "--out", str(tmp_path / "b")])
+        == 0
+    )
+    for split in ("train", "validation", "test"):
+        assert pq.read_table(tmp_path / "a" / f"{split}.parquet").equals(
+            pq.read_table(tmp_path / "b" / f"{split}.parquet")
+        )
+    lines = body.splitlines()
+    lines[4] = lines[4].split("\t")[0] + "\tx\tfive\t1"
+    path.write_text("\n".join(lines) + "\n")
+    assert import_logs.main([*argv, "--out", str(tmp_path / "c")]) == 2
+    assert "log.data:5: field 'rating': not a number: 'five'" in capsys.readouterr().err

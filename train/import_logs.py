@@ -5,6 +5,7 @@
                    [--implied 'favorite,reply,repost,quote => click,dwell' ...]
                    [--split leave-last-out | --split time --validation-from T --test-from T]
                    [--max-history 50] [--candidates-per-session 1] [--format csv|tsv|parquet] [--skip-invalid]
+                   [--columns user,item,rating,ts] [--skip-rows N]
 
 Writes DIR/train.parquet, validation.parquet, test.parquet (the raw session format, for
 `phoenix-prepare`), DIR/corpus.jsonl (every item, for `phoenix-retrieve` and evaluation) and
@@ -41,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--input", required=True, nargs="+", help="event files (.csv, .tsv, .parquet; globs allowed)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=("csv", "tsv", "parquet"), help="the inputs' format (default: by extension)")
+    p.add_argument("--columns", help="CSV/TSV without a header: the column names, comma-separated")
+    p.add_argument("--skip-rows", type=int, default=0, help="CSV/TSV: lines to skip first (e.g. a header to rename)")
     p.add_argument("--user", required=True, help="the user ID column")
     p.add_argument("--item", required=True, help="the item (post) ID column")
     p.add_argument("--timestamp", required=True, help="the time column: numbers or ISO 8601 date-times")
@@ -89,7 +92,14 @@ def import_logs(args: argparse.Namespace) -> int:
     total_bytes = sum(os.path.getsize(x) for x in paths)
     with tqdm(desc="read", unit=" rows", total=None, disable=total_bytes < 1 << 20, file=sys.stderr) as bar:
         events = read_events(
-            paths, spec, fmt=args.format, skip_invalid=args.skip_invalid, report=report, progress=bar.update
+            paths,
+            spec,
+            fmt=args.format,
+            skip_invalid=args.skip_invalid,
+            report=report,
+            progress=bar.update,
+            names=[c.strip() for c in args.columns.split(",")] if args.columns else None,
+            skip_rows=args.skip_rows,
         )
     rows = len(events)
     events, split = prepare_events(events, spec)

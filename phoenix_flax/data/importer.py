@@ -167,8 +167,11 @@ class Events:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def _batches(path: str, columns: Sequence[str], fmt: str) -> Iterator[tuple[int, object]]:
-    """(first row's line number, pyarrow RecordBatch of `columns` as read) for each block."""
+def _batches(
+    path: str, columns: Sequence[str], fmt: str, names: Sequence[str] | None = None, skip_rows: int = 0
+) -> Iterator[tuple[int, object]]:
+    """(first row's line number, pyarrow RecordBatch of `columns` as read) for each block. CSV and
+    TSV: `names` name the columns of a file without a header; `skip_rows` lines are skipped first."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -190,7 +193,9 @@ def _batches(path: str, columns: Sequence[str], fmt: str) -> Iterator[tuple[int,
     try:
         reader = pacsv.open_csv(
             path,
-            read_options=pacsv.ReadOptions(block_size=1 << 22),
+            read_options=pacsv.ReadOptions(
+                block_size=1 << 22, column_names=list(names) if names else None, skip_rows=skip_rows
+            ),
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
             # Everything as text: a column's type is then the same in every block, and bad values
             # are found (and named) here rather than by Arrow's inference.
@@ -200,7 +205,8 @@ def _batches(path: str, columns: Sequence[str], fmt: str) -> Iterator[tuple[int,
         )
     except (pa.ArrowInvalid, KeyError) as e:
         raise SessionFormatError(path, 1, None, f"cannot read the header or the columns {list(columns)}: {e}") from None
-    line = 2  # after the header; lines are rows (quoted newlines inside values would shift them)
+    # Lines are rows (quoted newlines inside values would shift them), after the skipped lines and the header.
+    line = 1 + skip_rows + (0 if names else 1)
     while True:
         try:
             batch = reader.read_next_batch()
@@ -268,15 +274,18 @@ def read_events(
     skip_invalid: bool = False,
     report: SkipReport | None = None,
     progress: Callable[[int], None] | None = None,
+    names: Sequence[str] | None = None,
+    skip_rows: int = 0,
 ) -> Events:
     """The events of `paths`, in file and row order. A bad row raises SessionFormatError naming
-    the file, line and column; with `skip_invalid` it is counted in `report` and left out."""
+    the file, line and column; with `skip_invalid` it is counted in `report` and left out. `names`
+    and `skip_rows`: see `_batches`."""
     report = report if report is not None else SkipReport()
     bit = {a: np.int64(1) << np.int64(i) for i, a in enumerate(spec.actions)}
     parts = []
     for path in paths:
         path_fmt = fmt or _format_of(path)
-        for first_line, batch in _batches(path, spec.columns, path_fmt):
+        for first_line, batch in _batches(path, spec.columns, path_fmt, names, skip_rows):
             n = batch.num_rows
             bad: dict[str, tuple[np.ndarray, Callable[[int], str]]] = {}  # column -> (bad mask, problem)
             text = {}
@@ -336,7 +345,7 @@ def _flag(bad: dict, name: str, mask: np.ndarray, text: np.ndarray, what: str) -
 
 def _format_of(path: str) -> str:
     lower = path.lower()
-    for ext, fmt in ((".parquet", "parquet"), (".tsv", "tsv"), (".tab", "tsv"), (".csv", "csv")):
+    for ext, fmt in ((".parquet", "parquet"), (".tsv", "tsv"), (".tab", "tsv"), (".data", "tsv"), (".csv", "csv")):
         if lower.endswith(ext):
             return fmt
     raise ImportSpecError(f"{path}: cannot tell the format from the name; give --format csv, tsv or parquet")
