@@ -96,12 +96,17 @@ class FrequencyState(nnx.Variable):
 
 
 class FrequencyEstimator(nnx.Module):
-    """Streaming estimate of each item's sampling probability (Yi et al., RecSys 2019).
+    """Streaming estimate of how often each item appears in a batch, for the logQ correction.
 
-    IDs are hashed into buckets. Per bucket: `last` is the step it was last seen and
-    `interval` the moving average of steps between sightings; on a sighting at step t,
-    `interval = (1 - alpha) * interval + alpha * (t - last)`, `last = t`. The probability of
-    appearing in a batch is estimated as 1 / interval (capped at 1).
+    IDs are hashed into buckets. Each step adds the batch's count of every bucket to an
+    exponential moving average, `rate = (1 - alpha) * rate + alpha * count`, read with Adam's
+    bias correction (divided by `1 - (1 - alpha)**step`), so the estimate is unbiased from the
+    first step. An item's logQ is the log of its expected count per batch: several sightings in
+    one batch count, and popular items are not capped at one (the interval estimator of Yi et
+    al., RecSys 2019, caps the probability of appearing at 1 and needs about 1/alpha sightings
+    before it corrects at all, so in-batch training under it demotes popular items). Rates are
+    floored at `alpha`, one sighting in the average's window, so that an item never seen in
+    training (at evaluation) gets the correction of the rarest item that was.
     """
 
     def __init__(self, num_buckets: int, alpha: float = 0.01):
@@ -110,25 +115,20 @@ class FrequencyEstimator(nnx.Module):
         self.num_buckets = num_buckets
         self.alpha = alpha
         self.step = FrequencyState(jnp.zeros((), jnp.int32))
-        self.last = FrequencyState(jnp.zeros((num_buckets,), jnp.float32))
-        self.interval = FrequencyState(jnp.zeros((num_buckets,), jnp.float32))
+        self.rate = FrequencyState(jnp.zeros((num_buckets,), jnp.float32))
 
     def _buckets(self, ids: jax.Array) -> jax.Array:
         return jnp.mod(ids, self.num_buckets).astype(jnp.int32)
 
     def log_q(self, ids: jax.Array) -> jax.Array:
-        """[...] IDs -> [...] estimated log sampling probability (0 for never-seen buckets)."""
-        interval = self.interval[...][self._buckets(ids)]
-        return -jnp.log(jnp.maximum(interval, 1.0))
+        """[...] IDs -> [...] log expected count per batch."""
+        seen = 1.0 - (1.0 - self.alpha) ** jnp.maximum(self.step[...], 1).astype(jnp.float32)
+        rate = self.rate[...][self._buckets(ids)] / seen
+        return jnp.log(jnp.maximum(rate, self.alpha))
 
     def update(self, ids: jax.Array, valid: jax.Array) -> None:
         """Records one batch's sightings of `ids [N]` where `valid [N]`."""
-        t = self.step[...] + 1
         buckets = jnp.where(valid, self._buckets(ids), self.num_buckets)  # invalid -> dropped
-        last, interval = self.last[...], self.interval[...]
-        seen = jnp.take(last, buckets, mode="fill", fill_value=0.0)
-        new_interval = (1 - self.alpha) * jnp.take(interval, buckets, mode="fill", fill_value=0.0)
-        new_interval = new_interval + self.alpha * (t.astype(jnp.float32) - seen)
-        self.interval[...] = interval.at[buckets].set(new_interval, mode="drop")
-        self.last[...] = last.at[buckets].set(t.astype(jnp.float32), mode="drop")
-        self.step[...] = t
+        count = jnp.zeros((self.num_buckets,), jnp.float32).at[buckets].add(1.0, mode="drop")
+        self.rate[...] = (1.0 - self.alpha) * self.rate[...] + self.alpha * count
+        self.step[...] = self.step[...] + 1

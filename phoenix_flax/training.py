@@ -123,11 +123,11 @@ def train_step_fn(cfg: LossConfig):
             loss, metrics, _ = compute_losses(m, batch, cfg)
             return loss, metrics
 
+        if model.frequency is not None:  # before the loss: every positive of the batch has a rate
+            model.frequency.update(batch["positive_id"], batch["positive_valid"])
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         metrics["grad_norm"] = optax.tree.norm(grads)
         optimizer.update(model, grads)
-        if model.frequency is not None:  # after the loss: a batch's logQ never counts the batch itself
-            model.frequency.update(batch["positive_id"], batch["positive_valid"])
         return metrics
 
     return train_step

@@ -229,7 +229,7 @@ def test_files_without_a_header_are_named_by_columns_and_lines_still_count(tmp_p
     argv = ["--input", str(path), "--user", "uid", "--item", "iid", "--timestamp", "ts", "--rule", "click:*"]
     argv += ["--rule", "favorite:rating>=4", "--columns", "uid,iid,rating,ts"]
     assert import_logs.main([*argv, "--out", str(tmp_path / "a")]) == 0
-    with_header = tmp_path / "with_header.tsv"
+    with_header = tmp_path / "ratings.inter"  # RecBole's ml-100k.inter: the same with a header
     with_header.write_text("u:token\ti:token\tr:float\tt:float\n" + body)
     assert (
         import_logs.main([*argv[:1], str(with_header), *argv[2:], "--skip-rows", "1", "--out", str(tmp_path / "b")])

@@ -343,9 +343,20 @@ def _flag(bad: dict, name: str, mask: np.ndarray, text: np.ndarray, what: str) -
     bad[name] = (missing | wrong, problem)
 
 
+# `.data`: MovieLens' u.data; `.inter`: RecBole's atomic interaction files.
+FORMAT_OF_EXTENSION = {
+    ".parquet": "parquet",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".data": "tsv",
+    ".inter": "tsv",
+    ".csv": "csv",
+}
+
+
 def _format_of(path: str) -> str:
     lower = path.lower()
-    for ext, fmt in ((".parquet", "parquet"), (".tsv", "tsv"), (".tab", "tsv"), (".data", "tsv"), (".csv", "csv")):
+    for ext, fmt in FORMAT_OF_EXTENSION.items():
         if lower.endswith(ext):
             return fmt
     raise ImportSpecError(f"{path}: cannot tell the format from the name; give --format csv, tsv or parquet")
