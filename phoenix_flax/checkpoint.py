@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -133,23 +134,60 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _ignore_abandoned_reads() -> None:
-    """After a failed restore, the reads Orbax abandoned still complete on tensorstore's threads,
-    find their event loop closed, and Python reports each as an unraisable exception after the
-    program's own error. They say nothing the error did not: drop those, and only those."""
-    previous = sys.unraisablehook
-    if getattr(previous, "phoenix_abandoned_reads", False):
-        return
+class _AbandonedReads(logging.Filter):
+    """When a restore fails, Orbax closes its event loop with reads still in flight. As they
+    finish on tensorstore's threads, amid or after the program's own error, Python reports each:
+    a callback finding the loop closed (a traceback or an unraisable exception), a future or task
+    whose exception was never retrieved (asyncio's logger, naming the checkpoint's files), a read
+    coroutine never awaited (a warning). They say nothing the error did not. Installed once,
+    before any restore (some are reported before the error reaches our code), this drops those
+    and only those: the checkpoint directories restored from are registered with `watch`."""
 
-    def hook(unraisable) -> None:
-        error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
-        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-        abandoned_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-        if not (closed_loop or abandoned_read):
-            previous(unraisable)
+    # Orbax's read coroutines (orbax/checkpoint/_src/serialization/serialization.py).
+    READS = ("_read_shard", "_read_array_index_and_device_put", "_read_and_create_array", "async_deserialize")
+    NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+    installed: _AbandonedReads | None = None
 
-    hook.phoenix_abandoned_reads = True
-    sys.unraisablehook = hook
+    def __init__(self):
+        super().__init__()
+        self.directories: set[str] = set()
+
+    @classmethod
+    def watch(cls, directory: str) -> None:
+        if cls.installed is None:
+            cls.installed = cls()
+            cls.installed._install()
+        cls.installed.directories.add(directory)
+
+    def _install(self) -> None:
+        warnings.filterwarnings("ignore", f"coroutine '({'|'.join(self.READS)})' was never awaited", RuntimeWarning)
+        logging.getLogger("asyncio").addFilter(self)
+        previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+        def unraisable_hook(unraisable) -> None:
+            code = getattr(unraisable.object, "cr_code", None)
+            abandoned_read = code is not None and code.co_name in self.READS
+            if not (_closed_loop(unraisable.exc_value, unraisable.exc_traceback) or abandoned_read):
+                previous_unraisable(unraisable)
+
+        def except_hook(kind, error, tb) -> None:
+            if not _closed_loop(error, tb):
+                previous_except(kind, error, tb)
+
+        sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.NEVER_RETRIEVED) and any(d in message for d in self.directories))
+
+
+def _closed_loop(error: BaseException | None, tb) -> bool:
+    """asyncio's "Event loop is closed", raised where a closed loop is handed work."""
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or tb.tb_frame.f_code.co_name == "_check_closed"
 
 
 @jax.jit
@@ -330,10 +368,10 @@ class Checkpointer:
         return check_integrity(step, self.step_dir(step), items)
 
     def _restore_items(self, step: int, items: dict) -> dict:
+        _AbandonedReads.watch(self.directory)
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # whatever Orbax or tensorstore raise on bad files
-            _ignore_abandoned_reads()
             cause = _root_cause(e)
             reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise DamagedCheckpointError(step, _failed_item(e), reason[:400]) from e

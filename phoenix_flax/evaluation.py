@@ -131,20 +131,23 @@ def corpus_ranks(model, cfg: ExperimentConfig, corpus_file: str, users: np.ndarr
 def full_ranks(scores: np.ndarray, target: np.ndarray, excluded: np.ndarray | None) -> np.ndarray:
     """1-based rank of each row's `target` column among `scores` `[b, N]`: 1 + the items scoring
     higher or the same (ties count against the target), items `excluded` `[b, N]` left out;
-    inf where the target is -1 (not in the corpus)."""
+    inf (never a hit) where the target is -1 (not in the corpus) or is itself excluded, as
+    serving's `retrieve` never returns an excluded item."""
     rows = np.arange(len(scores))
-    own = scores[rows, np.maximum(target, 0)][:, None]
+    column = np.maximum(target, 0)
+    own = scores[rows, column][:, None]
     competitor = np.ones(scores.shape, bool) if excluded is None else ~excluded
-    competitor[rows, np.maximum(target, 0)] = False
+    reachable = (target >= 0) & competitor[rows, column]
+    competitor[rows, column] = False
     rank = 1.0 + ((scores >= own) & competitor).sum(1)
-    return np.where(target >= 0, rank, np.inf)
+    return np.where(reachable, rank, np.inf)
 
 
 def next_item(model, cfg: ExperimentConfig, split: str, corpus_file: str, ks=(10, 20), batch_size: int = 256) -> dict:
     """Next-item metrics with full ranking over the corpus: each labeled candidate with a
     retrieval-positive action (`data.positive_actions`) is a target, ranked by the user tower's
     score among every corpus item, with the items of the session's history excluded (as
-    RecBole's full sort does) and included; beside a popularity baseline (positives per item in
+    RecBole's full sort does; a target already in the history is then a miss) and included; beside a popularity baseline (positives per item in
     the training split)."""
     from flax import nnx
 
@@ -176,6 +179,7 @@ def next_item(model, cfg: ExperimentConfig, split: str, corpus_file: str, ks=(10
     ranks = {(who, seen): [] for who in ("model", "popularity") for seen in ("seen_excluded", "seen_included")}
     targets = np.array(targets, np.int64).reshape(-1, 2)
     rows = max(1, min(batch_size, (1 << 26) // max(1, len(index.post_ids))))  # [rows, N] scores at once
+    targets_in_history = 0  # a miss when seen items are excluded
     for start in range(0, len(targets), rows):
         chunk = targets[start : start + rows]
         group = [sessions[i] for i in chunk[:, 0]]
@@ -188,12 +192,14 @@ def next_item(model, cfg: ExperimentConfig, split: str, corpus_file: str, ks=(10
         for r, s in enumerate(group):
             cols = [row_of[p] for p in s.history_post_id.tolist() if p in row_of]
             seen[r, cols] = True
+        targets_in_history += int(seen[np.arange(len(group)), np.maximum(chunk[:, 1], 0)][chunk[:, 1] >= 0].sum())
         for who, score in scores.items():
             ranks[(who, "seen_excluded")].append(full_ranks(score, chunk[:, 1], seen))
             ranks[(who, "seen_included")].append(full_ranks(score, chunk[:, 1], None))
     result = {
         "targets": len(targets),
         "targets_outside_corpus": int((targets[:, 1] < 0).sum()),
+        "targets_in_history": targets_in_history,
         "corpus": len(index.post_ids),
     }
     for (who, seen), parts in ranks.items():
@@ -300,7 +306,8 @@ def format_table(result: dict) -> str:
     if "next_item" in result:
         got = result["next_item"]
         lines.append(
-            f"next item: {got['targets']:,} targets ({got['targets_outside_corpus']:,} outside the corpus), "
+            f"next item: {got['targets']:,} targets ({got['targets_outside_corpus']:,} outside the corpus, "
+            f"{got['targets_in_history']:,} already in the history: misses when seen items are excluded), "
             f"full ranking over {got['corpus']:,} items"
         )
         names = list(got["model"]["seen_excluded"])
