@@ -60,6 +60,18 @@ def check_writable(path: str, what: str = "--output") -> None:
         os.remove(path)
 
 
+def check_writable_dir(path: str, what: str) -> None:
+    """Fails now, before the work, if folder `path` cannot be made or written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"{what} {path} is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot make {what} {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {what} {path}: not writable")
+
+
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("multi-host (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
     g.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))

@@ -37,8 +37,18 @@ Embeddings = Mapping[str, jax.Array]
 class HashTable(nnx.Module):
     """One learned table `[rows, D]`; row 0 is padding and always looks up as zeros."""
 
-    def __init__(self, rows: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.table = param(rngs, nnx.initializers.normal(1.0), (rows, dim), ("vocab", "table_embed"))
+    def __init__(
+        self,
+        rows: int,
+        dim: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        init: nnx.Initializer | None = None,  # default: normal(1.0)
+        columns: str = "table_embed",
+    ):
+        init = nnx.initializers.normal(1.0) if init is None else init
+        self.table = param(rngs, init, (rows, dim), ("vocab", columns))
         self.dtype = dtype
 
     def __call__(self, hashes: jax.Array) -> jax.Array:

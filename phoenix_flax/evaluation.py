@@ -1,6 +1,7 @@
 """Evaluation of a checkpoint on a split: metrics, baselines and retrieval against the corpus.
 
-Reports, per action, the model's AUC and normalized entropy (NE); the AUC of the weighted score
+Reports, per action, the model's AUC, normalized entropy (NE) and calibration (mean predicted
+probability over the observed rate, and the expected calibration error); the AUC of the weighted score
 (label: the weighted engagement value is positive); retrieval recall@1/10/100 within each batch
 and against the whole corpus; and, where the data has true probabilities (the synthetic world),
 the oracle's AUC per action beside the model's and a popularity baseline's (each post's action
@@ -26,7 +27,7 @@ from phoenix_flax.config import ExperimentConfig, replace_fields
 from phoenix_flax.data.pipeline import bit_positions, dataset_actions, global_batch, make_dataset, open_source
 from phoenix_flax.data.prepare import FEATURES
 from phoenix_flax.data.raw import Session, read_corpus
-from phoenix_flax.metrics import auc, normalized_entropy, ranking_metrics, recall_at_k
+from phoenix_flax.metrics import auc, calibration, normalized_entropy, ranking_metrics, recall_at_k
 from phoenix_flax.scoring import action_weights, weighted_score
 from phoenix_flax.serving import CorpusIndex, prefix_batch
 from phoenix_flax.sharding import make_mesh, use_mesh
@@ -217,7 +218,10 @@ def evaluate(
     corpus_file: str | None = None,
     batch_size: int | None = None,
     protocol: str = "sessions",
+    plots_dir: str | None = None,
 ) -> dict:
+    """Metrics of a checkpoint on `split` (see the module's doc); with `plots_dir`, per action a
+    reliability diagram and ROC curves (model, popularity, oracle) as PNG files there."""
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
     cfg, step, model, _ = restore_model(workdir, step, mesh)
     if data_dir is not None:
@@ -245,10 +249,13 @@ def evaluate(
         oracle = oracle_scores(truth_file, got["session_id"], got["position"], actions) if truth_file else None
         per_action = {}
         for i, a in enumerate(actions):
+            ratio, ece = calibration(probs[:, i], labels[:, i])
             row = {
                 "positives": int(labels[:, i].sum()),
                 "auc": auc(probs[:, i], labels[:, i]),
                 "ne": normalized_entropy(probs[:, i], labels[:, i]),
+                "calibration_ratio": ratio,
+                "ece": ece,
                 "popularity_auc": auc(popular[:, i], labels[:, i]),
             }
             if oracle is not None:
@@ -261,6 +268,11 @@ def evaluate(
         result["weighted_score_auc"] = auc(np.asarray(weighted_score(probs, w)), value)
         if oracle is not None:
             result["oracle_weighted_score_auc"] = auc(oracle @ w, value)
+        if plots_dir:
+            from phoenix_flax.plots import write_plots
+
+            curves = {"model": probs, "popularity": popular} | ({"oracle": oracle} if oracle is not None else {})
+            result["plots"] = write_plots(plots_dir, actions, labels, curves)
     if len(got["users"]):
         result["retrieval_in_batch"] = recall_at_k(got["in_batch_rank"])
         if corpus_file:
@@ -288,10 +300,11 @@ def format_table(result: dict) -> str:
     lines = []
     if "actions" in result:
         has_oracle = any("oracle_auc" in r for r in result["actions"].values())
-        head = f"{'action':<16}{'positives':>10}{'model AUC':>11}{'NE':>7}{'popular AUC':>13}"
+        head = f"{'action':<16}{'positives':>10}{'model AUC':>11}{'NE':>7}{'calib':>7}{'ECE':>7}{'popular AUC':>13}"
         lines.append(head + (f"{'oracle AUC':>12}{'gap closed':>12}" if has_oracle else ""))
         for a, r in result["actions"].items():
             line = f"{a:<16}{r['positives']:>10}" + _number(r["auc"], ".4f", 11) + _number(r["ne"], ".3f", 7)
+            line += _number(r["calibration_ratio"], ".3f", 7) + _number(r["ece"], ".4f", 7)
             line += _number(r["popularity_auc"], ".4f", 13)
             if has_oracle:
                 oracle = r["oracle_auc"]

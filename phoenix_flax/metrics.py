@@ -1,4 +1,4 @@
-"""Evaluation metrics in numpy: AUC, normalized entropy, recall@k."""
+"""Evaluation metrics in numpy: AUC, normalized entropy, calibration, recall@k."""
 
 from __future__ import annotations
 
@@ -30,6 +30,31 @@ def normalized_entropy(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7)
     log_loss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
     base = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
     return float(log_loss / base)
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows sorted by predicted probability into `bins` bins of equal count (equal counts, not
+    equal widths: a rare action's predictions crowd near 0) -> per bin (mean prediction,
+    observed rate, rows)."""
+    p, y = np.asarray(probs, np.float64), np.asarray(labels, np.float64)
+    parts = np.array_split(np.argsort(p, kind="stable"), min(bins, len(p)))
+    return (
+        np.array([p[b].mean() for b in parts]),
+        np.array([y[b].mean() for b in parts]),
+        np.array([len(b) for b in parts]),
+    )
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[float, float]:
+    """(ratio, ECE): the mean predicted probability over the observed rate (1.0 = calibrated on
+    average; NaN without positives), and the expected calibration error over the `reliability`
+    bins: sum over bins of (share of rows) x |mean prediction - observed rate|."""
+    p, y = np.asarray(probs, np.float64), np.asarray(labels, np.float64)
+    if not len(p):
+        return float("nan"), float("nan")
+    ratio = p.mean() / y.mean() if y.sum() > 0 else float("nan")
+    predicted, observed, rows = reliability(p, y, bins)
+    return float(ratio), float((rows * np.abs(predicted - observed)).sum() / len(p))
 
 
 def recall_at_k(rank_of_positive: np.ndarray, ks=(1, 10, 100)) -> dict[str, float]:

@@ -10,7 +10,14 @@ from flax import nnx
 
 from phoenix_flax.batch import Batch, is_valid, prefix_valid
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, concat_dense, flatten_hashes
+from phoenix_flax.embeddings import (
+    Embeddings,
+    HashEmbeddings,
+    HashTable,
+    UserHistoryBlocks,
+    concat_dense,
+    flatten_hashes,
+)
 from phoenix_flax.layers import RMSNorm, Transformer, dense_init, param
 from phoenix_flax.sharding import constrain_rows
 
@@ -33,6 +40,25 @@ def sequence_positions(prefix_len: int, num_candidates: int, candidate_positions
     return jnp.concatenate([prefix, candidates])
 
 
+class ActionBias(nnx.Module):
+    """Per-action logit offsets of a candidate: the sum over its post's and its author's hashes
+    of rows of two tables `[rows, A]` (zero at the start; row 0, padding, adds nothing).
+
+    What counting a post's engagements learns, learned directly: a post's own rates (its media
+    type, its quality) reach the logits without passing through the projection and the
+    transformer, which have to share their width with everything the user brings.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        a, zeros = cfg.num_actions, nnx.initializers.zeros_init()
+        self.post = HashTable(cfg.post_vocab_rows, a, rngs=rngs, init=zeros, columns="actions")
+        self.author = HashTable(cfg.author_vocab_rows, a, rngs=rngs, init=zeros, columns="actions")
+
+    def __call__(self, post_hashes: jax.Array, author_hashes: jax.Array) -> jax.Array:
+        """[..., Hp], [..., Ha] -> float32 [..., A]."""
+        return self.post(post_hashes).sum(-2) + self.author(author_hashes).sum(-2)
+
+
 class PhoenixRanker(nnx.Module):
     """Predicts one logit per engagement action for every candidate: `[B, C, A]`."""
 
@@ -47,6 +73,7 @@ class PhoenixRanker(nnx.Module):
         self.transformer = Transformer(cfg, rngs=rngs)
         self.final_norm = RMSNorm(d, rngs=rngs)
         self.unembed = param(rngs, dense_init, (d, cfg.num_actions), ("embed", "actions"))
+        self.action_bias = ActionBias(cfg, rngs=rngs) if cfg.action_bias else None
 
     def __call__(self, batch: Batch) -> jax.Array:
         """Hashes in, logits `[B, C, A]` (float32) out."""
@@ -57,10 +84,13 @@ class PhoenixRanker(nnx.Module):
         parts = [flatten_hashes(post_emb), flatten_hashes(author_emb), self.blocks.surface(surface)]
         return constrain_rows(concat_dense(parts, self.candidate_proj[...], self.dtype))
 
-    def _head(self, h: jax.Array) -> jax.Array:
-        """Final norm and unembedding: [..., D] -> float32 logits [..., A]."""
+    def _head(self, h: jax.Array, post_hashes: jax.Array, author_hashes: jax.Array) -> jax.Array:
+        """Final norm and unembedding, plus the action bias: [..., D] -> float32 logits [..., A]."""
         h = self.final_norm(h)
-        return (h @ self.unembed[...].astype(h.dtype)).astype(jnp.float32)
+        logits = (h @ self.unembed[...].astype(h.dtype)).astype(jnp.float32)
+        if self.action_bias is not None:
+            logits = logits + self.action_bias(post_hashes, author_hashes)
+        return logits
 
     def logits_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
         """Already looked-up embeddings in (as the original took them), logits `[B, C, A]` out."""
@@ -77,7 +107,7 @@ class PhoenixRanker(nnx.Module):
             prefix_valid(batch),
             is_valid(batch["candidate_post_hashes"]),
         )
-        return self._head(h[:, prefix_len:])
+        return self._head(h[:, prefix_len:], batch["candidate_post_hashes"], batch["candidate_author_hashes"])
 
     def user_context(self, batch: Batch) -> UserContext:
         """The [user, history] part of the sequence, computed once: every layer's keys and values.
@@ -109,4 +139,5 @@ class PhoenixRanker(nnx.Module):
         h = self.candidate_block(self.embeddings.post(post_hashes), self.embeddings.author(author_hashes), surface)
         position = context.valid.shape[1]  # shared: right after the history
         keys, values = context.keys[:, rows], context.values[:, rows]  # [L, N, P, Hkv, K]
-        return self._head(self.transformer.isolated(h, position, keys, values, context.valid[rows]))
+        h = self.transformer.isolated(h, position, keys, values, context.valid[rows])
+        return self._head(h, post_hashes, author_hashes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -22,11 +23,21 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from phoenix_flax.batch import is_valid
 from phoenix_flax.checkpoint import Checkpointer, DamagedCheckpointError, check_compatible, restore_newest
 from phoenix_flax.cli import log
-from phoenix_flax.config import ConfigError, ExperimentConfig, dumps
-from phoenix_flax.data.pipeline import dataset_actions, dataset_splits, dataset_statistics, global_batch, make_dataset
+from phoenix_flax.config import ConfigError, ExperimentConfig, dumps, replace_fields
+from phoenix_flax.data.pipeline import (
+    dataset_actions,
+    dataset_splits,
+    dataset_statistics,
+    global_batch,
+    make_dataset,
+    open_source,
+)
 from phoenix_flax.errors import PhoenixError
+from phoenix_flax.metrics import auc
+from phoenix_flax.scoring import DEFAULT_ACTION_WEIGHTS, action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
 from phoenix_flax.training import create_train_state, make_eval_step, make_train_step
 from phoenix_flax.workdir import WorkdirLock
@@ -152,14 +163,35 @@ def preflight(cfg: ExperimentConfig) -> set[str]:
 
 
 def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> dict[str, float]:
-    """Mean metrics over the first `eval.batches` validation batches (the same ones each time)."""
+    """Over the first `eval.batches` validation batches (the same ones each time): the mean
+    losses and, with a ranker, the actions' mean AUC and the weighted score's AUC (`eval_metric_names`)."""
     data = iter(make_dataset(cfg.model, cfg.data, cfg.data.eval_split, shuffle=False))
     totals: dict[str, list] = {}
+    logits, labels = [], []
     for _ in range(cfg.eval.batches):
-        metrics, _ = eval_step(model, global_batch(next(data), mesh, cfg.mesh.logical_rules()))
+        batch = global_batch(next(data), mesh, cfg.mesh.logical_rules())
+        metrics, outputs = eval_step(model, batch)
         for k, v in metrics.items():
             totals.setdefault(k, []).append(v)
-    return {f"eval_{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()}
+        if "logits" in outputs:
+            got = multihost_utils.process_allgather(
+                (outputs["logits"], batch["candidate_actions"], batch["candidate_post_hashes"], batch["labeled"]),
+                tiled=True,
+            )
+            valid = is_valid(got[2]) & got[3][:, None]
+            logits.append(got[0][valid])
+            labels.append(got[1][valid])
+    result = {f"eval_{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()}
+    if logits:
+        probs, labels = 1 / (1 + np.exp(-np.concatenate(logits))), np.concatenate(labels)
+        aucs = [auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])]
+        result["eval_mean_auc"] = float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
+        if set(cfg.model.actions) <= set(DEFAULT_ACTION_WEIGHTS):
+            weights = action_weights(cfg.model.actions)
+            result["eval_weighted_auc"] = auc(probs @ weights, labels @ weights > 0)
+    # An AUC without both classes in these batches is undefined: left out (the step is then no
+    # candidate for the best checkpoint), never written as a number.
+    return {k: v for k, v in result.items() if not k.endswith("_auc") or np.isfinite(v)}
 
 
 def _resume(checkpoints: Checkpointer, cfg: ExperimentConfig, model, optimizer, data, report) -> int:
@@ -190,6 +222,13 @@ def train(
 ) -> list[dict]:
     """Trains to `cfg.train.steps` (or `stop_after` more steps); returns the logged metrics."""
     splits = preflight(cfg)
+    if cfg.train.epochs is not None:
+        sessions = len(open_source(cfg.data.data_dir, cfg.data.train_split))
+        steps = max(1, math.ceil(cfg.train.epochs * sessions / cfg.data.batch_size))
+        cfg = replace_fields(cfg, train={"steps": steps})
+        report(
+            f"train.epochs={cfg.train.epochs:g}: {steps:,} steps of {cfg.data.batch_size} over {sessions:,} sessions"
+        )
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:
             lock = stack.enter_context(WorkdirLock(workdir))

@@ -15,10 +15,12 @@ from phoenix_flax.sharding import check_divisible, use_mesh
 
 
 def param_labels(params) -> object:
-    """'tables' for the hash-embedding tables, 'dense' for everything else."""
+    """'tables' for the hash tables (the embeddings and the ranker's action bias), 'dense' for
+    everything else."""
 
     def label(path, _):
-        return "tables" if any(getattr(k, "key", None) == "embeddings" for k in path) else "dense"
+        keys = {getattr(k, "key", None) for k in path}
+        return "tables" if keys & {"embeddings", "action_bias"} else "dense"
 
     return jax.tree_util.tree_map_with_path(label, params)
 

@@ -19,6 +19,7 @@ from phoenix_flax.data.raw import SessionFormatError, SkipReport, read_sessions
 from phoenix_flax.data.synth import ACTIONS, PHOTO, VIDEO, World, WorldConfig, simulate, write_world
 from phoenix_flax.errors import DatasetError
 from phoenix_flax.hashing import FINGERPRINT_ROWS, hash_ids
+from phoenix_flax.validation import ConfigError
 from train import prepare as prepare_cli
 
 CFG = ModelConfig(history_len=4, num_candidates=3, user_vocab_rows=97, post_vocab_rows=101, author_vocab_rows=89)
@@ -345,3 +346,28 @@ def test_synthetic_world_is_deterministic_and_its_probabilities_follow_the_rules
     familiar = world.probabilities(users, posts, np.zeros_like(posts), np.full_like(posts, 5))
     follow = ACTIONS.index("follow_author")
     assert (familiar[:, follow] > p[:, follow]).all()
+
+
+def test_a_cold_world_shows_its_new_posts_only_after_training(tmp_path):
+    cfg = WorldConfig(seed=3, users=60, authors=12, posts=300, sessions=600, history=16, cold_fraction=0.3)
+    world = World(cfg)
+    files = write_world(world, simulate(world, progress=False), str(tmp_path))
+    cold = set(world.post_ids[world.post_cold].tolist())
+    assert 0.2 < len(cold) / cfg.posts < 0.4
+
+    def shown(split):
+        rows = pq.read_table(files[split]).to_pylist()
+        return [c["post_id"] for r in rows for c in r["candidates"]], [h["post_id"] for r in rows for h in r["history"]]
+
+    candidates, history = shown("train")
+    assert not cold & set(candidates) and not cold & set(history)  # training never sees them
+    test_candidates, _ = shown("test")
+    assert 0.15 < np.isin(test_candidates, list(cold)).mean() < 0.45  # shown as often as the others
+    # The cold posts are drawn from their own stream: users, authors and posts are those of the
+    # same world without them.
+    warm = World(WorldConfig(seed=3, users=60, authors=12, posts=300, sessions=600, history=16))
+    assert not warm.post_cold.any()
+    for name in ("interest", "post_author", "post_topic", "post_media", "post_quality", "post_popularity"):
+        np.testing.assert_array_equal(getattr(world, name), getattr(warm, name))
+    with pytest.raises(ConfigError, match=r"cold_fraction=0\.9"):
+        WorldConfig(cold_fraction=0.9)

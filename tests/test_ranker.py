@@ -32,9 +32,18 @@ SMALL = ModelConfig(
 CANDIDATE_FIELDS = ("candidate_post_hashes", "candidate_author_hashes", "candidate_product_surface")
 
 
+def with_random_action_bias(model, seed=1):
+    """The action bias starts at zero; random rows make the properties below cover it."""
+    rng = np.random.default_rng(seed)
+    for table in (model.action_bias.post, model.action_bias.author):
+        table.table[...] = jnp.asarray(rng.normal(size=table.table.shape), jnp.float32)
+    return model
+
+
 @pytest.fixture(scope="module", params=["shared", "sequential"])
 def ranker(request):
     model = PhoenixRanker(dataclasses.replace(SMALL, candidate_positions=request.param), rngs=nnx.Rngs(0))
+    with_random_action_bias(model)
     forward = nnx.jit(lambda m, batch: m(batch))
     return request.param, lambda batch: np.asarray(forward(model, model_inputs(batch)))
 
@@ -142,6 +151,28 @@ def test_padded_history_and_candidates_have_no_effect(ranker):
     unpadded["history_post_hashes"] = junk["history_post_hashes"].copy()
     unpadded["history_post_hashes"][:, 3:, 0] = 1
     assert not np.allclose(forward(unpadded)[:, :3], base[:, :3], atol=1e-3)
+
+
+def test_the_action_bias_adds_the_candidates_post_and_author_rows():
+    model = with_random_action_bias(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)))
+    batch = random_batch(SMALL, 3, np.random.default_rng(5))  # with padded candidates and hashes
+    with_bias = np.asarray(model(model_inputs(batch)))
+    post, author = (np.asarray(t.table[...]) for t in (model.action_bias.post, model.action_bias.author))
+    model.action_bias = None
+    without = np.asarray(model(model_inputs(batch)))
+    ph, ah = batch["candidate_post_hashes"], batch["candidate_author_hashes"]
+    want = (post[ph] * (ph != 0)[..., None]).sum(-2) + (author[ah] * (ah != 0)[..., None]).sum(-2)  # [B, C, A]
+    assert (ph == 0).any() and np.abs(want).max() > 0.5
+    np.testing.assert_allclose(with_bias - without, want, atol=1e-5)
+
+
+def test_the_action_bias_trains_with_the_tables_optimizer():
+    from phoenix_flax.training import param_labels
+
+    labels = param_labels(nnx.state(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)), nnx.Param))
+    assert labels["action_bias"]["post"]["table"].get_value() == "tables"
+    assert labels["embeddings"]["post"]["table"].get_value() == "tables"
+    assert labels["unembed"].get_value() == "dense"
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

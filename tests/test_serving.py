@@ -197,18 +197,19 @@ def test_retrieval_equals_brute_force_and_excludes_seen_posts(trained, sessions,
     )
     users = np.asarray(model.retrieval.user(prefix_batch(parsed, cfg, len(parsed))))
     users_only = [{k: r[k] for k in ("user_id", "history")} for r in records]  # no candidates needed
+    K = 40  # a tenth of the corpus: deep enough that some session's top-K holds a post it has seen
 
-    got = retrieve(trained, tmp_path, tiny_world["corpus"], users_only, "--top-k", "7", "--include-seen")
+    got = retrieve(trained, tmp_path, tiny_world["corpus"], users_only, "--top-k", str(K), "--include-seen")
     for line, u in zip(got, users, strict=True):
-        want = np.argsort(-(vectors @ u), kind="stable")[:7]
+        want = np.argsort(-(vectors @ u), kind="stable")[:K]
         assert [c["post_id"] for c in line["candidates"]] == post_ids[want].tolist()
         np.testing.assert_allclose([c["retrieval_score"] for c in line["candidates"]], (vectors @ u)[want], atol=1e-5)
 
-    unseen = retrieve(trained, tmp_path, tiny_world["corpus"], users_only, "--top-k", "7")
+    unseen = retrieve(trained, tmp_path, tiny_world["corpus"], users_only, "--top-k", str(K))
     assert "reused the index" in capsys.readouterr().err
     for line, session, u in zip(unseen, parsed, users, strict=True):
         seen = set(session.history_post_id.tolist())
-        order = [p for p in post_ids[np.argsort(-(vectors @ u), kind="stable")] if p not in seen][:7]
+        order = [p for p in post_ids[np.argsort(-(vectors @ u), kind="stable")] if p not in seen][:K]
         assert [c["post_id"] for c in line["candidates"]] == order
     assert any(
         set(session.history_post_id.tolist()) & {c["post_id"] for c in line["candidates"]}
@@ -408,3 +409,31 @@ def test_phoenix_eval_next_item_protocol_prints_and_writes_the_metrics(trained, 
     assert 0 < got["model"]["seen_excluded"]["hr@20"] <= 1 and got["popularity"]["seen_included"]["mrr"] > 0
     printed = capsys.readouterr().out
     assert "next item:" in printed and "popularity, seen excluded" in printed
+
+
+def test_phoenix_eval_draws_a_reliability_diagram_and_roc_curves_per_action(trained, tmp_path):
+    out = tmp_path / "eval" / "metrics.json"
+    out.parent.mkdir()
+    assert evaluate_cli.main(["--workdir", trained["workdir"], "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    drawn = [a for a, r in result["actions"].items() if r["auc"] is not None]  # both classes present
+    want = sorted(str(out.parent / "plots" / f"{kind}_{a}.png") for a in drawn for kind in ("reliability", "roc"))
+    assert sorted(result["plots"]) == want and len(want) >= 10
+    for path in want:
+        assert pathlib.Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    none = tmp_path / "none.json"
+    assert evaluate_cli.main(["--workdir", trained["workdir"], "--output", str(none), "--plots", ""]) == 0
+    assert "plots" not in json.loads(none.read_text()) and not (tmp_path / "plots").exists()
+
+
+def test_roc_curve_by_hand_and_its_area_is_the_auc():
+    from phoenix_flax.metrics import auc
+    from phoenix_flax.plots import roc_curve
+
+    fpr, tpr = roc_curve(np.array([0.9, 0.8, 0.8, 0.1]), np.array([1, 0, 1, 0]))
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 1, 1])
+    rng = np.random.default_rng(0)
+    scores, labels = np.round(rng.random(500), 1), rng.random(500) < 0.3  # many ties
+    fpr, tpr = roc_curve(scores, labels)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auc(scores, labels))

@@ -17,7 +17,7 @@ from flax import nnx
 from phoenix_flax.checkpoint import Checkpointer, CheckpointError, restore_model
 from phoenix_flax.config import ConfigError, apply_overrides, from_dict, load, to_dict
 from phoenix_flax.evaluation import evaluate, format_table
-from phoenix_flax.metrics import auc, normalized_entropy, recall_at_k
+from phoenix_flax.metrics import auc, calibration, normalized_entropy, recall_at_k
 from phoenix_flax.sharding import make_mesh
 from phoenix_flax.trainer import NonFiniteLossError, train
 from phoenix_flax.training import create_model
@@ -75,8 +75,9 @@ def test_checkpoint_restores_onto_another_mesh_and_evaluates(tiny_world, tmp_pat
     result = evaluate(str(tmp_path), split="test")  # all 8 devices, data=8: another mesh again
     assert result["step"] == 6 and result["candidates"] > 100
     for row in result["actions"].values():
-        for key in ("auc", "popularity_auc", "oracle_auc"):
+        for key in ("auc", "popularity_auc", "oracle_auc", "ece"):
             assert np.isnan(row[key]) or 0 <= row[key] <= 1
+        assert row["calibration_ratio"] > 0 if row["positives"] else row["calibration_ratio"] is None
     assert result["actions"]["favorite"]["oracle_auc"] > 0.6
     assert set(result["retrieval_corpus"]) == {"recall@1", "recall@10", "recall@100"}
     assert "favorite" in format_table(result)
@@ -256,6 +257,69 @@ def test_normalized_entropy_and_recall():
     assert normalized_entropy(np.full(5, 0.4), y) == pytest.approx(1.0)
     assert normalized_entropy(np.array([0.9, 0.1, 0.1, 0.9, 0.1]), y) < 0.5
     assert recall_at_k(np.array([0, 5, 50, np.inf])) == {"recall@1": 0.25, "recall@10": 0.5, "recall@100": 0.75}
+
+
+def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path):
+    """best_metric eval_mean_auc: the kept best step is the one with the highest logged value,
+    and that value equals the actions' mean AUC computed by phoenix-eval's own pass over the
+    same validation sessions with the restored model."""
+    from phoenix_flax.data.pipeline import open_source
+    from phoenix_flax.evaluation import collect
+
+    cfg = tiny_experiment(
+        tiny_world["data_dir"],
+        eval={"every_steps": 2, "batches": 10},
+        checkpoint={"every_steps": 2, "keep": 1, "best_metric": "eval_mean_auc", "best_mode": "max"},
+        optimizer={"learning_rate": 3e-2},
+    )
+    logged = train(cfg, str(tmp_path))
+    evals = {m["step"]: m for m in logged if "eval_mean_auc" in m}
+    assert sorted(evals) == [2, 4, 6] and all("eval_weighted_auc" in m for m in evals.values())
+    best = max(evals, key=lambda s: evals[s]["eval_mean_auc"])
+    restored = restore_model(str(tmp_path), "best")
+    assert restored.step == best
+    mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    got = collect(restored.model, restored.cfg, "validation", 16, mesh)
+    source = open_source(cfg.data.data_dir, "validation")
+    first = {int(source[i]["session_id"]) for i in range(10 * cfg.data.batch_size)}  # stored order
+    rows = np.isin(got["session_id"], list(first))
+    probs, labels = got["probs"][rows], got["labels"][rows]
+    want = np.nanmean([auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])])
+    assert evals[best]["eval_mean_auc"] == pytest.approx(want, abs=1e-5)
+
+
+def test_training_length_in_epochs(tiny_world, tmp_path):
+    import pyarrow.parquet as pq
+
+    sessions = pq.read_metadata(tiny_world["raw"]["train"]).num_rows
+    cfg = tiny_experiment(tiny_world["data_dir"], train={"epochs": 0.25, "steps": 1}, checkpoint={"every_steps": 100})
+    reports = []
+    logged = train(cfg, str(tmp_path), report=reports.append)
+    steps = -(-sessions // (4 * 16))  # a quarter of the sessions, 16 per step, rounded up
+    assert max(m["step"] for m in logged) == steps > 1
+    assert any(f"{steps:,} steps of 16 over {sessions:,} sessions" in r for r in reports)
+    with pytest.raises(ConfigError, match=r"epochs=0\.0: must be a positive number"):
+        tiny_experiment(tiny_world["data_dir"], train={"epochs": 0.0})
+
+
+def test_an_auc_best_metric_must_be_maximized(tiny_world):
+    with pytest.raises(ConfigError, match="is better higher: set best_mode='max'"):
+        tiny_experiment(tiny_world["data_dir"], checkpoint={"best_metric": "eval_mean_auc"})
+
+
+def test_calibration_ratio_and_ece_by_hand():
+    probs = np.array([0.1, 0.1, 0.2, 0.2, 0.6, 0.8])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    # mean prediction 2.0/6 over rate 3/6
+    # 3 bins of 2 by prediction: (0.1, 0.1) vs 0/2, (0.2, 0.2) vs 1/2, (0.6, 0.8) vs 2/2
+    ratio, ece = calibration(probs, labels, bins=3)
+    assert ratio == pytest.approx(2.0 / 3.0)
+    assert ece == pytest.approx((2 * 0.1 + 2 * 0.3 + 2 * 0.3) / 6)
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000) * 0.2
+    ratio, ece = calibration(p, rng.random(len(p)) < p)  # labels drawn from the predictions
+    assert ratio == pytest.approx(1.0, abs=0.01) and ece < 0.005
+    assert np.isnan(calibration(p, np.zeros(len(p)))[0])
 
 
 def test_the_best_checkpoint_is_kept_and_found_after_reopening(tiny_world, tmp_path):

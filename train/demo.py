@@ -41,16 +41,15 @@ def main(argv=None) -> int:
     return run(p.prog, lambda: demo(args), args.debug)
 
 
-def demo(args: argparse.Namespace) -> int:
-    root = args.workdir
-    if args.fresh and os.path.exists(root):
-        shutil.rmtree(root)
-    world_dir, data_dir, train_dir = (os.path.join(root, d) for d in ("world", "prepared", "train"))
-    timings = {}
-
-    start = stage(f"synthesize a world: {WORLD.users} users, {WORLD.posts} posts, {WORLD.sessions} sessions")
+def make_world(world_cfg: synth.WorldConfig, root: str, timings: dict) -> dict[str, str]:
+    """Synthesizes the world and prepares its dataset under `root`, reusing what is there ->
+    the config's data section (data_dir, truth_file, corpus_file)."""
+    world_dir, data_dir = os.path.join(root, "world"), os.path.join(root, "prepared")
+    start = stage(
+        f"synthesize a world: {world_cfg.users} users, {world_cfg.posts} posts, {world_cfg.sessions} sessions"
+    )
     if not os.path.exists(os.path.join(world_dir, "world.json")):
-        world = synth.World(WORLD)
+        world = synth.World(world_cfg)
         synth.write_world(world, synth.simulate(world), world_dir)
     else:
         print(f"reusing {world_dir}")
@@ -66,41 +65,71 @@ def demo(args: argparse.Namespace) -> int:
     else:
         print(f"reusing {dataset_dir(data_dir)}")
     timings["prepare"] = time.perf_counter() - start
+    return {
+        "data_dir": data_dir,
+        "truth_file": os.path.join(world_dir, "test_truth.npz"),
+        "corpus_file": os.path.join(world_dir, "corpus.jsonl"),
+    }
 
-    from phoenix_flax.evaluation import evaluate, format_table  # JAX starts here, not before
+
+def train_and_evaluate(cfg, root: str, timings: dict) -> dict | None:
+    """Trains `cfg` in `root/train` (resuming) and evaluates its best checkpoint on the test split,
+    plots in `root/plots` -> the evaluation, or None when training was preempted."""
+    from phoenix_flax.evaluation import evaluate  # JAX starts here, not before
     from phoenix_flax.trainer import train
 
-    cfg = replace_fields(
-        load(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")),
-        data={
-            "data_dir": data_dir,
-            "truth_file": os.path.join(world_dir, "test_truth.npz"),
-            "corpus_file": os.path.join(world_dir, "corpus.jsonl"),
-        },
-    )
-    start = stage(f"train configs/demo.py for {cfg.train.steps} steps of {cfg.data.batch_size} sessions")
+    train_dir = os.path.join(root, "train")
+    start = stage(f"train for {cfg.train.steps} steps of {cfg.data.batch_size} sessions")
     logged = train(cfg, train_dir)
     timings["train"] = time.perf_counter() - start
     if not logged or logged[-1]["step"] < cfg.train.steps:
-        print("training stopped before its last step (preempted); run the demo again to resume it")
-        return 1
+        print("training stopped before its last step (preempted); run again to resume it")
+        return None
 
-    start = stage("evaluate the best checkpoint (by validation ranking loss) on the test split")
-    result = evaluate(train_dir, step="best", split="test")
+    start = stage(f"evaluate the best checkpoint (by {cfg.checkpoint.best_metric}) on the test split")
+    result = evaluate(train_dir, step="best", split="test", plots_dir=os.path.join(root, "plots"))
     timings["evaluate"] = time.perf_counter() - start
+    return result
+
+
+def judged_actions(result: dict) -> dict[str, dict]:
+    """The actions with enough test positives to judge."""
+    return {a: r for a, r in result["actions"].items() if r["positives"] >= MIN_POSITIVES}
+
+
+def lift_closed(row: dict) -> float:
+    """The share of the oracle's AUC lift over 0.5 the model reaches."""
+    return (row["auc"] - 0.5) / (row["oracle_auc"] - 0.5)
+
+
+def demo(args: argparse.Namespace) -> int:
+    root = args.workdir
+    if args.fresh and os.path.exists(root):
+        shutil.rmtree(root)
+    timings: dict[str, float] = {}
+    data = make_world(WORLD, root, timings)
+    cfg = replace_fields(load(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")), data=data)
+    result = train_and_evaluate(cfg, root, timings)
+    if result is None:
+        return 1
     with open(os.path.join(root, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(format_table(result))
 
-    judged = {a: r for a, r in result["actions"].items() if r["positives"] >= MIN_POSITIVES}
+    from phoenix_flax.evaluation import format_table
+
+    print(format_table(result))
+    judged = judged_actions(result)
     beaten = [a for a, r in judged.items() if r["auc"] > r["popularity_auc"]]
-    closed = [(r["auc"] - 0.5) / (r["oracle_auc"] - 0.5) for r in judged.values()]
     print(
         f"\nbeats the popularity baseline on {len(beaten)}/{len(judged)} actions with >= {MIN_POSITIVES} "
-        f"test positives; closes {np.mean(closed):.1%} of the gap from AUC 0.5 to the oracle on average"
+        f"test positives; closes {np.mean([lift_closed(r) for r in judged.values()]):.1%} of the gap from AUC 0.5 "
+        "to the oracle on average"
     )
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    print(f"metrics: {os.path.join(root, 'metrics.json')}; TensorBoard: {os.path.join(train_dir, 'tensorboard')}")
+    print(
+        f"metrics: {os.path.join(root, 'metrics.json')}; reliability and ROC plots: {os.path.join(root, 'plots')}; "
+        f"TensorBoard: {os.path.join(root, 'train', 'tensorboard')}"
+    )
     return 0
 
 

@@ -3,18 +3,21 @@
     phoenix-eval --workdir DIR [--step N|latest|best] [--split test] --output metrics.json
                  [--protocol next-item --corpus corpus.jsonl]
 
-Prints a table per action (AUC, normalized entropy, the popularity baseline's and, with true
-probabilities, the oracle's AUC) and retrieval recall, and writes every figure as JSON.
+Prints a table per action (AUC, normalized entropy, calibration, the popularity baseline's and,
+with true probabilities, the oracle's AUC) and retrieval recall, writes every figure as JSON and,
+per action, a reliability diagram and ROC curves as PNG files (`--plots`, default: a `plots`
+folder beside --output).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
-from phoenix_flax.cli import add_checkpoint_args, add_debug_arg, check_writable, run
+from phoenix_flax.cli import add_checkpoint_args, add_debug_arg, check_writable, check_writable_dir, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--truth", help="true probabilities (phoenix-synth's test_truth.npz); default: the config's")
     p.add_argument("--corpus", help="posts for corpus retrieval (JSON Lines of post_id, author_id)")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--plots", help="folder for the PNG files (default: plots/ beside --output; '' for none)")
     p.add_argument(
         "--protocol",
         choices=("sessions", "next-item"),
@@ -39,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> int:
     check_writable(args.output)
+    plots = os.path.join(os.path.dirname(os.path.abspath(args.output)), "plots") if args.plots is None else args.plots
+    if plots:
+        check_writable_dir(plots, "--plots")
 
     from phoenix_flax.evaluation import evaluate, format_table  # JAX starts here
 
@@ -51,6 +58,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
         corpus_file=args.corpus,
         batch_size=args.batch_size,
         protocol=args.protocol,
+        plots_dir=plots or None,
     )
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2, allow_nan=False)

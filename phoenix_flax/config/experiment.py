@@ -22,6 +22,7 @@ from typing import Literal
 
 from phoenix_flax.config.model import ModelConfig
 from phoenix_flax.data.config import DataConfig
+from phoenix_flax.scoring import DEFAULT_ACTION_WEIGHTS
 from phoenix_flax.sharding import DEFAULT_RULE_TEXT, DEFAULT_RULES, MESH_AXES, LogicalRules, parse_rules
 from phoenix_flax.validation import Checks, ConfigError
 
@@ -125,11 +126,17 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 10000
+    # Training length in passes over the training split instead: when set, `steps` becomes
+    # ceil(epochs x sessions / data.batch_size), resolved when training starts.
+    epochs: float | None = None
     log_every: int = 50
     seed: int = 0
 
     def __post_init__(self):
-        Checks(self).at_least(1, "steps", "log_every").raise_if_any()
+        checks = Checks(self).at_least(1, "steps", "log_every")
+        if self.epochs is not None:
+            checks.require(math.isfinite(self.epochs) and self.epochs > 0, "epochs", "must be a positive number")
+        checks.raise_if_any()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,22 +164,28 @@ def agreement_problems(sections: dict) -> list[str]:
     if model and loss and loss.action_weights is not None and len(loss.action_weights) != model.num_actions:
         problems.append(f"loss.action_weights has {len(loss.action_weights)} weights for {model.num_actions} actions")
     if loss and checkpoint and evaluation and checkpoint.best_metric:
-        produced = eval_metric_names(loss, evaluation)
+        produced = eval_metric_names(loss, evaluation, model)
         if checkpoint.best_metric not in produced:
             problems.append(
                 f"checkpoint.best_metric={checkpoint.best_metric!r}: evaluation during training produces "
                 f"{sorted(produced) or 'nothing (eval.batches=0)'}; '' keeps no best checkpoint"
             )
+        elif checkpoint.best_metric.endswith("_auc") and checkpoint.best_mode != "max":
+            problems.append(f"checkpoint.best_metric={checkpoint.best_metric!r} is better higher: set best_mode='max'")
     return problems
 
 
-def eval_metric_names(loss: LossConfig, evaluation: EvalConfig) -> set[str]:
-    """The metrics evaluation during training reports (what `checkpoint.best_metric` may name)."""
+def eval_metric_names(loss: LossConfig, evaluation: EvalConfig, model: ModelConfig | None = None) -> set[str]:
+    """The metrics evaluation during training reports (what `checkpoint.best_metric` may name):
+    losses; with a ranker, the mean of the actions' AUC and, where every action has a default
+    score weight (`scoring.DEFAULT_ACTION_WEIGHTS`), the weighted score's AUC."""
     if evaluation.batches == 0:
         return set()
     names = {"loss"}
     if loss.ranking_weight > 0:
-        names.add("ranking_loss")
+        names |= {"ranking_loss", "mean_auc"}
+        if model is not None and set(model.actions) <= set(DEFAULT_ACTION_WEIGHTS):
+            names.add("weighted_auc")
     if loss.retrieval_weight > 0:
         names |= {"retrieval_loss", "temperature"}
     return {f"eval_{n}" for n in names}

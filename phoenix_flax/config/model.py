@@ -74,6 +74,10 @@ class ModelConfig:
     # What each layer keeps for the backward pass: "none" (everything), "full" (its input only;
     # the rest is recomputed) or "dots" (the outputs of its weight matmuls).
     remat: Literal["none", "full", "dots"] = "none"
+    # The ranker's memorization path beside the deep one: per-action logit offsets looked up
+    # from the candidate's post and author hashes (zero at the start). Not in the original
+    # architecture (its import turns it off).
+    action_bias: bool = True
     # Retrieval softmax temperature, and whether it is learned.
     retrieval_temperature: float = 0.05
     learn_temperature: bool = False

@@ -26,6 +26,7 @@ import numpy as np
 
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.raw import items_column
+from phoenix_flax.validation import ConfigError
 
 ACTIONS = DEFAULT_ACTIONS
 A = {name: i for i, name in enumerate(ACTIONS)}
@@ -86,6 +87,13 @@ class WorldConfig:
     history: int = 64  # most recent engaged posts kept in a session's history
     spam_fraction: float = 0.05
     warmup_sessions: int = 4  # per user, before the first written session (they fill histories)
+    # The share of posts that are new after training: never shown in a training (or warm-up)
+    # session, only in validation and test ones (a cold-start world).
+    cold_fraction: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.cold_fraction <= 0.5:
+            raise ConfigError(f"cold_fraction={self.cold_fraction}: must be in [0, 0.5]")
 
 
 class World:
@@ -106,6 +114,8 @@ class World:
         self.post_media = rng.choice(3, cfg.posts, p=[0.5, 0.3, 0.2])
         self.post_quality = self.author_quality[self.post_author] + rng.normal(0, 0.5, cfg.posts)
         self.post_popularity = rng.lognormal(0, 1, cfg.posts)
+        # Its own stream: the rest of the world is the same whatever the cold fraction.
+        self.post_cold = np.random.default_rng([cfg.seed, 1]).random(cfg.posts) < cfg.cold_fraction
         log_pop = np.log(self.post_popularity)
         self.post_log_pop_z = (log_pop - log_pop.mean()) / log_pop.std()
         # Raw 64-bit IDs, as a real system would have.
@@ -201,7 +211,15 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
     start = time.time()
     for r in range(int(total_rounds.max())):
         users = np.nonzero(total_rounds > r)[0]
+        written = r - cfg.warmup_sessions  # this round's index among each user's written sessions
         posts = world.sample_candidates(users, rng)  # [n, C]
+        # Cold posts are drawn again in the sessions training sees (warm-up included).
+        training = (written < 0) | (written / per_user[users] < 0.8)  # [n]
+        cold = world.post_cold[posts] & training[:, None]
+        while cold.any():
+            rows = np.nonzero(cold.any(1))[0]
+            posts[rows] = np.where(cold[rows], world.sample_candidates(users[rows], rng), posts[rows])
+            cold = world.post_cold[posts] & training[:, None]
         surface = rng.integers(0, NUM_SURFACES, posts.shape).astype(np.int32)
         # Familiarity: positive engagements with the candidate's author in the kept history.
         hist_authors = world.post_author[hist_post[users]]  # [n, H]
@@ -212,7 +230,6 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
         actions = rng.random(probs.shape) < probs
         masks = _bitmask(actions)
 
-        written = r - cfg.warmup_sessions  # this round's index among each user's written sessions
         for i in range(len(users)) if written >= 0 else ():
             u = users[i]
             frac = written / per_user[u]
