@@ -26,7 +26,8 @@ import numpy as np
 
 from phoenix_flax.config import apply_overrides, load, replace_fields
 from phoenix_flax.data.synth import WorldConfig
-from train.demo import WORLD, judged_actions, lift_closed, make_world, train_and_evaluate
+from phoenix_flax.evaluation import judged_actions, oracle_gap_closed
+from train.demo import WORLD, make_world, train_and_evaluate
 
 SPARSE = WorldConfig(seed=7, users=2000, authors=400, posts=20000, sessions=24000, candidates=8, history=32)
 WORLDS = {"dense": WORLD, "sparse": SPARSE, "cold": dataclasses.replace(SPARSE, seed=11, cold_fraction=0.2)}
@@ -54,10 +55,15 @@ def main() -> None:
         for a, r in judged.items():
             print(
                 f"{a:<16}{r['positives']:>10}{r['auc']:>11.4f}{r['popularity_auc']:>11.4f}{r['oracle_auc']:>9.4f}"
-                f"{r['calibration_ratio']:>8.3f}{lift_closed(r):>8.1%}"
+                f"{r['calibration_ratio']:>8.3f}{oracle_gap_closed(r):>8.1%}"
             )
         beaten = [a for a, r in judged.items() if r["auc"] > r["popularity_auc"]]
-        summary[name] = (len(beaten), len(judged), np.mean([lift_closed(r) for r in judged.values()]), timings["train"])
+        summary[name] = (
+            len(beaten),
+            len(judged),
+            np.mean([oracle_gap_closed(r) for r in judged.values()]),
+            timings["train"],
+        )
     print("\nworld    beats post rate   mean lift closed   training")
     for name, (beaten, judged, lift, seconds) in summary.items():
         print(f"{name:<8}{beaten:>8}/{judged:<8}{lift:>15.1%}{seconds:>11.0f} s")

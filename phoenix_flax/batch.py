@@ -67,6 +67,11 @@ def is_valid(hashes: jax.Array) -> jax.Array:
     return hashes[..., 0] != 0
 
 
+def labeled_candidates(batch: Batch) -> jax.Array:
+    """[B, C] the candidates a loss or metric counts: present, in a session with labels."""
+    return is_valid(batch["candidate_post_hashes"]) & batch["labeled"][:, None]
+
+
 def prefix_valid(batch: Batch) -> jax.Array:
     """[B, 1 + S] validity of the [user, history] prefix of the sequence."""
     return jnp.concatenate([is_valid(batch["user_hashes"])[:, None], is_valid(batch["history_post_hashes"])], axis=1)

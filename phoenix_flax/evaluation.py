@@ -21,14 +21,14 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from phoenix_flax.batch import is_valid
+from phoenix_flax.batch import labeled_candidates
 from phoenix_flax.checkpoint import CheckpointError, restore_model
 from phoenix_flax.config import ExperimentConfig, replace_fields
 from phoenix_flax.data.pipeline import bit_positions, dataset_actions, global_batch, make_dataset, open_source
 from phoenix_flax.data.prepare import FEATURES
 from phoenix_flax.data.raw import Session, read_corpus
-from phoenix_flax.metrics import auc, calibration, normalized_entropy, ranking_metrics, recall_at_k
-from phoenix_flax.scoring import action_weights, weighted_score
+from phoenix_flax.metrics import auc, calibration, normalized_entropy, ranking_metrics, recall_at_k, weighted_auc
+from phoenix_flax.scoring import action_weights
 from phoenix_flax.serving import CorpusIndex, prefix_batch
 from phoenix_flax.sharding import make_mesh, use_mesh
 from phoenix_flax.training import make_eval_step
@@ -55,7 +55,7 @@ def collect(model, cfg: ExperimentConfig, split: str, batch_size: int, mesh) -> 
     for batch in data:
         _, outputs = eval_step(model, global_batch(batch, mesh, cfg.mesh.logical_rules()))
         outputs = jax.device_get(outputs)
-        valid = is_valid(batch["candidate_post_hashes"]) & batch["labeled"][:, None]
+        valid = labeled_candidates(batch)
         if "logits" in outputs:
             out["probs"].append(1 / (1 + np.exp(-outputs["logits"][valid])))
             out["labels"].append(batch["candidate_actions"][valid])
@@ -180,7 +180,6 @@ def next_item(model, cfg: ExperimentConfig, split: str, corpus_file: str, ks=(10
     ranks = {(who, seen): [] for who in ("model", "popularity") for seen in ("seen_excluded", "seen_included")}
     targets = np.array(targets, np.int64).reshape(-1, 2)
     rows = max(1, min(batch_size, (1 << 26) // max(1, len(index.post_ids))))  # [rows, N] scores at once
-    targets_in_history = 0  # a miss when seen items are excluded
     for start in range(0, len(targets), rows):
         chunk = targets[start : start + rows]
         group = [sessions[i] for i in chunk[:, 0]]
@@ -193,18 +192,20 @@ def next_item(model, cfg: ExperimentConfig, split: str, corpus_file: str, ks=(10
         for r, s in enumerate(group):
             cols = [row_of[p] for p in s.history_post_id.tolist() if p in row_of]
             seen[r, cols] = True
-        targets_in_history += int(seen[np.arange(len(group)), np.maximum(chunk[:, 1], 0)][chunk[:, 1] >= 0].sum())
         for who, score in scores.items():
             ranks[(who, "seen_excluded")].append(full_ranks(score, chunk[:, 1], seen))
             ranks[(who, "seen_included")].append(full_ranks(score, chunk[:, 1], None))
+    ranks = {key: np.concatenate(parts) if parts else np.zeros(0) for key, parts in ranks.items()}
+    # In the corpus, yet unreachable once seen items are excluded: already in the history.
+    in_history = np.isinf(ranks[("model", "seen_excluded")]) & np.isfinite(ranks[("model", "seen_included")])
     result = {
         "targets": len(targets),
         "targets_outside_corpus": int((targets[:, 1] < 0).sum()),
-        "targets_in_history": targets_in_history,
+        "targets_in_history": int(in_history.sum()),
         "corpus": len(index.post_ids),
     }
-    for (who, seen), parts in ranks.items():
-        result.setdefault(who, {})[seen] = ranking_metrics(np.concatenate(parts) if parts else np.zeros(0), ks)
+    for (who, seen), r in ranks.items():
+        result.setdefault(who, {})[seen] = ranking_metrics(r, ks)
     return result
 
 
@@ -262,12 +263,11 @@ def evaluate(
                 row["oracle_auc"] = auc(oracle[:, i], labels[:, i])
             per_action[a] = row
         w = action_weights(actions)
-        value = labels @ w > 0
         result["candidates"] = len(labels)
         result["actions"] = per_action
-        result["weighted_score_auc"] = auc(np.asarray(weighted_score(probs, w)), value)
+        result["weighted_score_auc"] = weighted_auc(probs, labels, w)
         if oracle is not None:
-            result["oracle_weighted_score_auc"] = auc(oracle @ w, value)
+            result["oracle_weighted_score_auc"] = weighted_auc(oracle, labels, w)
         if plots_dir:
             from phoenix_flax.plots import write_plots
 
@@ -281,6 +281,23 @@ def evaluate(
     if protocol == "next-item":
         result["next_item"] = next_item(model, cfg, split, corpus_file)
     return _undefined_as_none(result)
+
+
+MIN_POSITIVES = 50  # actions with fewer test positives are too noisy to judge
+
+
+def judged_actions(result: dict) -> dict[str, dict]:
+    """The per-action rows of `evaluate`'s result with enough test positives to judge."""
+    return {a: r for a, r in result["actions"].items() if r["positives"] >= MIN_POSITIVES}
+
+
+def oracle_gap_closed(row: dict) -> float | None:
+    """The share of the oracle's AUC lift over 0.5 the model reaches: (AUC - 0.5) / (oracle - 0.5);
+    None where either AUC is undefined or the oracle is no better than chance."""
+    model, oracle = row["auc"], row.get("oracle_auc")
+    if model is None or oracle is None or oracle <= 0.5:
+        return None
+    return (model - 0.5) / (oracle - 0.5)
 
 
 def _undefined_as_none(x):
@@ -307,9 +324,7 @@ def format_table(result: dict) -> str:
             line += _number(r["calibration_ratio"], ".3f", 7) + _number(r["ece"], ".4f", 7)
             line += _number(r["popularity_auc"], ".4f", 13)
             if has_oracle:
-                oracle = r["oracle_auc"]
-                closed = (r["auc"] - 0.5) / (oracle - 0.5) if None not in (r["auc"], oracle) and oracle > 0.5 else None
-                line += _number(oracle, ".4f", 12) + _number(closed, ".1%", 12)
+                line += _number(r["oracle_auc"], ".4f", 12) + _number(oracle_gap_closed(r), ".1%", 12)
             lines.append(line)
         lines.append(
             "weighted score AUC:"

@@ -32,6 +32,13 @@ def normalized_entropy(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7)
     return float(log_loss / base)
 
 
+def weighted_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
+    """AUC of the weighted score `scores [N, A] @ weights` against "the weighted engagement value
+    `labels @ weights` is positive"."""
+    w = np.asarray(weights, np.float64)
+    return auc(np.asarray(scores, np.float64) @ w, np.asarray(labels, np.float64) @ w > 0)
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows sorted by predicted probability into `bins` bins of equal count (equal counts, not
     equal widths: a rare action's predictions crowd near 0) -> per bin (mean prediction,

@@ -23,10 +23,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from phoenix_flax.batch import is_valid
+from phoenix_flax.batch import labeled_candidates
 from phoenix_flax.checkpoint import Checkpointer, DamagedCheckpointError, check_compatible, restore_newest
 from phoenix_flax.cli import log
 from phoenix_flax.config import ConfigError, ExperimentConfig, dumps, replace_fields
+from phoenix_flax.config.experiment import eval_metric_names
 from phoenix_flax.data.pipeline import (
     dataset_actions,
     dataset_splits,
@@ -36,8 +37,8 @@ from phoenix_flax.data.pipeline import (
     open_source,
 )
 from phoenix_flax.errors import PhoenixError
-from phoenix_flax.metrics import auc
-from phoenix_flax.scoring import DEFAULT_ACTION_WEIGHTS, action_weights
+from phoenix_flax.metrics import auc, weighted_auc
+from phoenix_flax.scoring import action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
 from phoenix_flax.training import create_train_state, make_eval_step, make_train_step
 from phoenix_flax.workdir import WorkdirLock
@@ -166,6 +167,7 @@ def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> d
     """Over the first `eval.batches` validation batches (the same ones each time): the mean
     losses and, with a ranker, the actions' mean AUC and the weighted score's AUC (`eval_metric_names`)."""
     data = iter(make_dataset(cfg.model, cfg.data, cfg.data.eval_split, shuffle=False))
+    weighted = "eval_weighted_auc" in eval_metric_names(cfg.loss, cfg.eval, cfg.model)
     totals: dict[str, list] = {}
     logits, labels = [], []
     for _ in range(cfg.eval.batches):
@@ -174,21 +176,18 @@ def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> d
         for k, v in metrics.items():
             totals.setdefault(k, []).append(v)
         if "logits" in outputs:
-            got = multihost_utils.process_allgather(
-                (outputs["logits"], batch["candidate_actions"], batch["candidate_post_hashes"], batch["labeled"]),
-                tiled=True,
+            got_logits, got_labels, valid = multihost_utils.process_allgather(
+                (outputs["logits"], batch["candidate_actions"], labeled_candidates(batch)), tiled=True
             )
-            valid = is_valid(got[2]) & got[3][:, None]
-            logits.append(got[0][valid])
-            labels.append(got[1][valid])
+            logits.append(got_logits[valid])
+            labels.append(got_labels[valid])
     result = {f"eval_{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()}
     if logits:
         probs, labels = 1 / (1 + np.exp(-np.concatenate(logits))), np.concatenate(labels)
         aucs = [auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])]
         result["eval_mean_auc"] = float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
-        if set(cfg.model.actions) <= set(DEFAULT_ACTION_WEIGHTS):
-            weights = action_weights(cfg.model.actions)
-            result["eval_weighted_auc"] = auc(probs @ weights, labels @ weights > 0)
+        if weighted:
+            result["eval_weighted_auc"] = weighted_auc(probs, labels, action_weights(cfg.model.actions))
     # An AUC without both classes in these batches is undefined: left out (the step is then no
     # candidate for the best checkpoint), never written as a number.
     return {k: v for k, v in result.items() if not k.endswith("_auc") or np.isfinite(v)}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from phoenix_flax.batch import is_valid
+from phoenix_flax.batch import labeled_candidates
 from phoenix_flax.config import ExperimentConfig, LossConfig, OptimizerConfig
 from phoenix_flax.losses import ranking_bce, sampled_softmax_loss
 from phoenix_flax.model import PhoenixModel
@@ -18,9 +18,8 @@ def param_labels(params) -> object:
     """'tables' for the hash tables (the embeddings and the ranker's action bias), 'dense' for
     everything else."""
 
-    def label(path, _):
-        keys = {getattr(k, "key", None) for k in path}
-        return "tables" if keys & {"embeddings", "action_bias"} else "dense"
+    def label(path, _):  # every HashTable's parameter is named `table`
+        return "tables" if any(getattr(k, "key", None) == "table" for k in path) else "dense"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -97,7 +96,7 @@ def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[j
     emb = model.embeddings(batch)  # every table looked up once, for both towers
     if model.ranker is not None:
         logits = model.ranker.logits_from_embeddings(batch, emb)
-        valid = is_valid(batch["candidate_post_hashes"]) & batch["labeled"][:, None]
+        valid = labeled_candidates(batch)
         weights = None if cfg.action_weights is None else jnp.asarray(cfg.action_weights, jnp.float32)
         rank = ranking_bce(logits, batch["candidate_actions"], valid, weights)
         total = total + cfg.ranking_weight * rank

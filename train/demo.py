@@ -24,7 +24,6 @@ from phoenix_flax.data import prepare, synth
 from phoenix_flax.data.prepare import dataset_dir
 
 WORLD = synth.WorldConfig(seed=0, users=2000, authors=200, posts=5000, sessions=60000, candidates=8, history=32)
-MIN_POSITIVES = 50  # actions with fewer test positives are too noisy to judge
 
 
 def stage(title: str) -> float:
@@ -92,16 +91,6 @@ def train_and_evaluate(cfg, root: str, timings: dict) -> dict | None:
     return result
 
 
-def judged_actions(result: dict) -> dict[str, dict]:
-    """The actions with enough test positives to judge."""
-    return {a: r for a, r in result["actions"].items() if r["positives"] >= MIN_POSITIVES}
-
-
-def lift_closed(row: dict) -> float:
-    """The share of the oracle's AUC lift over 0.5 the model reaches."""
-    return (row["auc"] - 0.5) / (row["oracle_auc"] - 0.5)
-
-
 def demo(args: argparse.Namespace) -> int:
     root = args.workdir
     if args.fresh and os.path.exists(root):
@@ -115,14 +104,14 @@ def demo(args: argparse.Namespace) -> int:
     with open(os.path.join(root, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
 
-    from phoenix_flax.evaluation import format_table
+    from phoenix_flax.evaluation import MIN_POSITIVES, format_table, judged_actions, oracle_gap_closed
 
     print(format_table(result))
     judged = judged_actions(result)
     beaten = [a for a, r in judged.items() if r["auc"] > r["popularity_auc"]]
     print(
         f"\nbeats the popularity baseline on {len(beaten)}/{len(judged)} actions with >= {MIN_POSITIVES} "
-        f"test positives; closes {np.mean([lift_closed(r) for r in judged.values()]):.1%} of the gap from AUC 0.5 "
+        f"test positives; closes {np.mean([oracle_gap_closed(r) for r in judged.values()]):.1%} of the gap from AUC 0.5 "
         "to the oracle on average"
     )
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

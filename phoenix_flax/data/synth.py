@@ -75,6 +75,10 @@ FAMILIARITY_WEIGHT = {"follow_author": 1.0, "reply": 0.6, "profile_click": 0.5}
 SPAM_WEIGHT = {**{a: -1.0 for a in POSITIVE}, **{a: 2.5 for a in NEGATIVE}}
 
 
+# Each user's written sessions in time order: train below the first share, validation below the second.
+SPLIT_BOUNDS = (0.8, 0.9)
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     seed: int = 0
@@ -214,7 +218,7 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
         written = r - cfg.warmup_sessions  # this round's index among each user's written sessions
         posts = world.sample_candidates(users, rng)  # [n, C]
         # Cold posts are drawn again in the sessions training sees (warm-up included).
-        training = (written < 0) | (written / per_user[users] < 0.8)  # [n]
+        training = (written < 0) | (written / per_user[users] < SPLIT_BOUNDS[0])  # [n]
         cold = world.post_cold[posts] & training[:, None]
         while cold.any():
             rows = np.nonzero(cold.any(1))[0]
@@ -233,7 +237,7 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
         for i in range(len(users)) if written >= 0 else ():
             u = users[i]
             frac = written / per_user[u]
-            split = "train" if frac < 0.8 else "validation" if frac < 0.9 else "test"
+            split = "train" if frac < SPLIT_BOUNDS[0] else "validation" if frac < SPLIT_BOUNDS[1] else "test"
             out, n = splits[split], hist_len[u]
             out.session_id.append(next_id)
             next_id += 1
