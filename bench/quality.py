@@ -8,7 +8,8 @@ only): what a post's hashes learned cannot help there, its author's can.
 Per world, per action with at least 50 test positives: the model's AUC beside the post-rate
 baseline's (each post's smoothed action rate in training: what counting learns) and the
 oracle's (the true probabilities), and the calibration ratio (mean prediction over observed
-rate); then the actions where the model beats the baseline, the mean share of the oracle's lift
+rate; the true probabilities' own ratio beside it shows how far the observed rate strays by
+chance); then the actions where the model beats the baseline, the mean share of the oracle's lift
 over 0.5 it reaches ((AUC - 0.5) / (oracle - 0.5)) and the training time. Worlds and runs are
 kept in --workdir and reused.
 
@@ -51,11 +52,13 @@ def main() -> None:
             json.dump(result, f, indent=2)
         judged = judged_actions(result)
         print(f"\n{name} world: {WORLDS[name]}")
-        print(f"{'action':<16}{'positives':>10}{'model AUC':>11}{'post rate':>11}{'oracle':>9}{'calib':>8}{'lift':>8}")
+        print(
+            f"{'action':<16}{'positives':>10}{'model AUC':>11}{'post rate':>11}{'oracle':>9}{'calib':>8}{'(oracle)':>9}{'lift':>8}"
+        )
         for a, r in judged.items():
             print(
                 f"{a:<16}{r['positives']:>10}{r['auc']:>11.4f}{r['popularity_auc']:>11.4f}{r['oracle_auc']:>9.4f}"
-                f"{r['calibration_ratio']:>8.3f}{oracle_gap_closed(r):>8.1%}"
+                f"{r['calibration_ratio']:>8.3f}{r['oracle_calibration_ratio']:>9.3f}{oracle_gap_closed(r):>8.1%}"
             )
         beaten = [a for a, r in judged.items() if r["auc"] > r["popularity_auc"]]
         summary[name] = (

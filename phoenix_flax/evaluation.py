@@ -261,6 +261,8 @@ def evaluate(
             }
             if oracle is not None:
                 row["oracle_auc"] = auc(oracle[:, i], labels[:, i])
+                # The true probabilities' own ratio: how far the observed rate strays by chance.
+                row["oracle_calibration_ratio"] = calibration(oracle[:, i], labels[:, i])[0]
             per_action[a] = row
         w = action_weights(actions)
         result["candidates"] = len(labels)

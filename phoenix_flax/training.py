@@ -24,9 +24,24 @@ def param_labels(params) -> object:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def decay_touched_rows(rate: float) -> optax.GradientTransformation:
+    """Decoupled weight decay of the rows `[..., rows, cols]` whose update is nonzero: the rows
+    the batch looked up (Adagrad leaves the others exactly still). `rate` is the learning rate
+    times the decay."""
+
+    def update(updates, state, params):
+        def decay(u, p):
+            touched = jnp.any(u != 0, axis=-1, keepdims=True)
+            return u - rate * jnp.where(touched, p, 0).astype(u.dtype)
+
+        return jax.tree.map(decay, updates, params), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with warmup and cosine decay for dense weights and
-    Adagrad (or AdamW) for the hash tables."""
+    Adagrad (or AdamW) with weight decay for the hash tables."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
@@ -36,9 +51,13 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     )
     dense = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
     if cfg.table_optimizer == "adagrad":
-        tables = optax.adagrad(cfg.table_learning_rate)
+        # eps far below a squared row gradient (~1e-10), so it does not take the accumulator's place
+        tables = optax.adagrad(cfg.table_learning_rate, cfg.table_initial_accumulator, eps=1e-20)
+        if cfg.table_weight_decay:
+            tables = optax.chain(tables, decay_touched_rows(cfg.table_learning_rate * cfg.table_weight_decay))
     else:
-        tables = optax.adamw(cfg.table_learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=0.0)
+        # AdamW moves untouched rows too (momentum), so its own decay covers every row
+        tables = optax.adamw(cfg.table_learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.table_weight_decay)
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip_norm),
         optax.multi_transform({"dense": dense, "tables": tables}, param_labels),

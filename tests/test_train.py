@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, cli_overrides, tiny_experiment
 from flax import nnx
@@ -79,6 +80,13 @@ def test_checkpoint_restores_onto_another_mesh_and_evaluates(tiny_world, tmp_pat
             assert np.isnan(row[key]) or 0 <= row[key] <= 1
         assert row["calibration_ratio"] > 0 if row["positives"] else row["calibration_ratio"] is None
     assert result["actions"]["favorite"]["oracle_auc"] > 0.6
+    # Every test candidate is evaluated: the truth's mean over the observed rate, from the raw files.
+    truth = np.load(tiny_world["truth"])
+    shown = pq.read_table(tiny_world["raw"]["test"]).column("candidates").combine_chunks().flatten()
+    for i, a in enumerate(truth["actions"]):
+        observed = np.mean([a in actions for actions in shown.field("actions").to_pylist()])
+        got = result["actions"][a]["oracle_calibration_ratio"]
+        assert got == pytest.approx(truth["probs"][:, i].mean() / observed, rel=1e-6) if observed else got is None
     assert set(result["retrieval_corpus"]) == {"recall@1", "recall@10", "recall@100"}
     assert "favorite" in format_table(result)
 
@@ -289,8 +297,6 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path):
 
 
 def test_training_length_in_epochs(tiny_world, tmp_path):
-    import pyarrow.parquet as pq
-
     sessions = pq.read_metadata(tiny_world["raw"]["train"]).num_rows
     cfg = tiny_experiment(tiny_world["data_dir"], train={"epochs": 0.25, "steps": 1}, checkpoint={"every_steps": 100})
     reports = []
@@ -340,3 +346,26 @@ def test_the_best_checkpoint_is_kept_and_found_after_reopening(tiny_world, tmp_p
     assert restore_model(str(tmp_path)).step == 6
     with pytest.raises(CheckpointError, match="no checkpoint of step 3"):
         restore_model(str(tmp_path), 3)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0])
+def test_a_table_row_moves_by_the_learning_rate_whatever_its_gradients_scale(scale):
+    """Adagrad from a zero accumulator: a row's first step is lr x sign(gradient), however small
+    the gradient (a row's share of a mean loss is tiny); rows the batch did not touch stay still,
+    and the touched ones decay by lr x table_weight_decay."""
+    from phoenix_flax.config import OptimizerConfig
+    from phoenix_flax.training import make_optimizer
+
+    lr, decay = 0.1, 0.5
+    cfg = OptimizerConfig(
+        table_learning_rate=lr, table_initial_accumulator=0.0, table_weight_decay=decay, grad_clip_norm=1e9
+    )
+    rng = np.random.default_rng(0)
+    params = {"emb": {"table": rng.normal(size=(4, 3)).astype(np.float32)}, "w": np.ones(3, np.float32)}
+    grad = np.zeros((4, 3), np.float32)
+    grad[[1, 3]] = rng.normal(size=(2, 3)) * scale
+    tx = make_optimizer(cfg, total_steps=10)
+    updates, _ = tx.update({"emb": {"table": grad}, "w": np.ones(3, np.float32)}, tx.init(params), params)
+    table = params["emb"]["table"]
+    want = np.where((grad != 0).any(-1, keepdims=True), -lr * np.sign(grad) - lr * decay * table, 0)
+    np.testing.assert_allclose(np.asarray(updates["emb"]["table"]), want, rtol=1e-5, atol=1e-7)

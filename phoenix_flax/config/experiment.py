@@ -64,6 +64,13 @@ class OptimizerConfig:
     learning_rate: float = 1e-3  # dense weights: AdamW
     table_learning_rate: float = 0.05  # hash tables: Adagrad
     table_optimizer: Literal["adagrad", "adamw"] = "adagrad"
+    # Adagrad's starting sum of squares. A table row's gradient is tiny (its share of a loss that
+    # is a mean over every candidate and action of the batch: ~1e-5), so the usual 0.1 holds rows
+    # almost still; from 0 a row's step depends on its gradients' history, not their scale.
+    table_initial_accumulator: float = 0.0
+    # Decoupled weight decay of the table rows a step looks up (the others stay as they are; with
+    # AdamW, of every row): a row seen a few times does not memorize its few labels.
+    table_weight_decay: float = 0.2
     warmup_steps: int = 100
     end_learning_rate_fraction: float = 0.1  # cosine decay to this fraction of the peak
     weight_decay: float = 1e-4
@@ -73,7 +80,8 @@ class OptimizerConfig:
 
     def __post_init__(self):
         checks = Checks(self).positive("learning_rate", "table_learning_rate", "grad_clip_norm")
-        checks.at_least(0, "warmup_steps").between(0, 1, "end_learning_rate_fraction")
+        checks.at_least(0, "warmup_steps", "table_initial_accumulator", "table_weight_decay")
+        checks.between(0, 1, "end_learning_rate_fraction")
         checks.between(0, 1, "b1", "b2", high_open=True).require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         checks.literals().raise_if_any()
 
