@@ -23,12 +23,10 @@ import dataclasses
 import json
 import os
 
-import numpy as np
-
 from phoenix_flax.config import apply_overrides, load, replace_fields
 from phoenix_flax.data.synth import WorldConfig
-from phoenix_flax.evaluation import judged_actions, oracle_gap_closed
-from train.demo import WORLD, make_world, train_and_evaluate
+from phoenix_flax.evaluation import judged_actions, oracle_gap_closed, quality_summary
+from train.demo import DEMO_CONFIG, WORLD, make_world, train_and_evaluate
 
 SPARSE = WorldConfig(seed=7, users=2000, authors=400, posts=20000, sessions=24000, candidates=8, history=32)
 WORLDS = {"dense": WORLD, "sparse": SPARSE, "cold": dataclasses.replace(SPARSE, seed=11, cold_fraction=0.2)}
@@ -39,7 +37,7 @@ def main() -> None:
     p.add_argument("--worlds", default=",".join(WORLDS))
     p.add_argument("--workdir", default="runs/quality")
     args, overrides = p.parse_known_args()
-    base = apply_overrides(load(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")), overrides)
+    base = apply_overrides(load(DEMO_CONFIG), overrides)
     summary = {}
     for name in args.worlds.split(","):
         root = os.path.join(args.workdir, name)
@@ -60,16 +58,12 @@ def main() -> None:
                 f"{a:<16}{r['positives']:>10}{r['auc']:>11.4f}{r['popularity_auc']:>11.4f}{r['oracle_auc']:>9.4f}"
                 f"{r['calibration_ratio']:>8.3f}{r['oracle_calibration_ratio']:>9.3f}{oracle_gap_closed(r):>8.1%}"
             )
-        beaten = [a for a, r in judged.items() if r["auc"] > r["popularity_auc"]]
-        summary[name] = (
-            len(beaten),
-            len(judged),
-            np.mean([oracle_gap_closed(r) for r in judged.values()]),
-            timings["train"],
-        )
+        summary[name] = quality_summary(result) | {"train_s": timings["train"]}
     print("\nworld    beats post rate   mean lift closed   training")
-    for name, (beaten, judged, lift, seconds) in summary.items():
-        print(f"{name:<8}{beaten:>8}/{judged:<8}{lift:>15.1%}{seconds:>11.0f} s")
+    for name, q in summary.items():
+        print(
+            f"{name:<8}{q['beats_popularity']:>8}/{q['judged']:<8}{q['mean_gap_closed']:>15.1%}{q['train_s']:>11.0f} s"
+        )
 
 
 if __name__ == "__main__":

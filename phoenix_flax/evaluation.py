@@ -27,7 +27,15 @@ from phoenix_flax.config import ExperimentConfig, replace_fields
 from phoenix_flax.data.pipeline import bit_positions, dataset_actions, global_batch, make_dataset, open_source
 from phoenix_flax.data.prepare import FEATURES
 from phoenix_flax.data.raw import Session, read_corpus
-from phoenix_flax.metrics import auc, calibration, normalized_entropy, ranking_metrics, recall_at_k, weighted_auc
+from phoenix_flax.metrics import (
+    auc,
+    calibration,
+    calibration_ratio,
+    normalized_entropy,
+    ranking_metrics,
+    recall_at_k,
+    weighted_auc,
+)
 from phoenix_flax.scoring import action_weights
 from phoenix_flax.serving import CorpusIndex, prefix_batch
 from phoenix_flax.sharding import make_mesh, use_mesh
@@ -262,7 +270,7 @@ def evaluate(
             if oracle is not None:
                 row["oracle_auc"] = auc(oracle[:, i], labels[:, i])
                 # The true probabilities' own ratio: how far the observed rate strays by chance.
-                row["oracle_calibration_ratio"] = calibration(oracle[:, i], labels[:, i])[0]
+                row["oracle_calibration_ratio"] = calibration_ratio(oracle[:, i], labels[:, i])
             per_action[a] = row
         w = action_weights(actions)
         result["candidates"] = len(labels)
@@ -300,6 +308,18 @@ def oracle_gap_closed(row: dict) -> float | None:
     if model is None or oracle is None or oracle <= 0.5:
         return None
     return (model - 0.5) / (oracle - 0.5)
+
+
+def quality_summary(result: dict) -> dict:
+    """Over the judged actions: how many beat the popularity (post-rate) baseline, of how many,
+    and the mean share of the oracle's lift the model reaches."""
+    judged = judged_actions(result)
+    closed = [c for c in map(oracle_gap_closed, judged.values()) if c is not None]
+    return {
+        "beats_popularity": sum(r["auc"] > r["popularity_auc"] for r in judged.values()),
+        "judged": len(judged),
+        "mean_gap_closed": float(np.mean(closed)) if closed else None,
+    }
 
 
 def _undefined_as_none(x):

@@ -52,16 +52,21 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[
     )
 
 
+def calibration_ratio(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The mean predicted probability over the observed rate (1.0 = calibrated on average; NaN
+    without positives)."""
+    p, y = np.asarray(probs, np.float64), np.asarray(labels, np.float64)
+    return float(p.mean() / y.mean()) if y.sum() > 0 else float("nan")
+
+
 def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[float, float]:
-    """(ratio, ECE): the mean predicted probability over the observed rate (1.0 = calibrated on
-    average; NaN without positives), and the expected calibration error over the `reliability`
-    bins: sum over bins of (share of rows) x |mean prediction - observed rate|."""
+    """(`calibration_ratio`, ECE): the expected calibration error over the `reliability` bins is
+    the sum over bins of (share of rows) x |mean prediction - observed rate|."""
     p, y = np.asarray(probs, np.float64), np.asarray(labels, np.float64)
     if not len(p):
         return float("nan"), float("nan")
-    ratio = p.mean() / y.mean() if y.sum() > 0 else float("nan")
     predicted, observed, rows = reliability(p, y, bins)
-    return float(ratio), float((rows * np.abs(predicted - observed)).sum() / len(p))
+    return calibration_ratio(p, y), float((rows * np.abs(predicted - observed)).sum() / len(p))
 
 
 def recall_at_k(rank_of_positive: np.ndarray, ks=(1, 10, 100)) -> dict[str, float]:

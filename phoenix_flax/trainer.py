@@ -182,15 +182,16 @@ def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> d
             logits.append(got_logits[valid])
             labels.append(got_labels[valid])
     result = {f"eval_{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()}
-    if logits:
-        probs, labels = 1 / (1 + np.exp(-np.concatenate(logits))), np.concatenate(labels)
-        aucs = [auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])]
-        result["eval_mean_auc"] = float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
-        if weighted:
-            result["eval_weighted_auc"] = weighted_auc(probs, labels, action_weights(cfg.model.actions))
     # An AUC without both classes in these batches is undefined: left out (the step is then no
     # candidate for the best checkpoint), never written as a number.
-    return {k: v for k, v in result.items() if not k.endswith("_auc") or np.isfinite(v)}
+    if logits:
+        probs, labels = 1 / (1 + np.exp(-np.concatenate(logits))), np.concatenate(labels)
+        aucs = [a for a in (auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])) if np.isfinite(a)]
+        if aucs:
+            result["eval_mean_auc"] = float(np.mean(aucs))
+        if weighted and np.isfinite(w := weighted_auc(probs, labels, action_weights(cfg.model.actions))):
+            result["eval_weighted_auc"] = w
+    return result
 
 
 def _resume(checkpoints: Checkpointer, cfg: ExperimentConfig, model, optimizer, data, report) -> int:

@@ -369,3 +369,18 @@ def test_a_table_row_moves_by_the_learning_rate_whatever_its_gradients_scale(sca
     table = params["emb"]["table"]
     want = np.where((grad != 0).any(-1, keepdims=True), -lr * np.sign(grad) - lr * decay * table, 0)
     np.testing.assert_allclose(np.asarray(updates["emb"]["table"]), want, rtol=1e-5, atol=1e-7)
+
+
+def test_quality_summary_counts_judged_actions_by_hand():
+    from phoenix_flax.evaluation import quality_summary
+
+    row = {"positives": 60, "auc": 0.7, "popularity_auc": 0.6, "oracle_auc": 0.9}
+    result = {
+        "actions": {
+            "a": row,  # beats popularity, closes (0.7 - 0.5) / (0.9 - 0.5) = 0.5
+            "b": row | {"auc": 0.55, "oracle_auc": 0.6},  # loses, closes 0.5
+            "c": row | {"positives": 49, "auc": 0.9},  # too few positives: not judged
+            "d": row | {"auc": 0.8, "oracle_auc": 0.5},  # beats; the oracle is no better than chance
+        }
+    }
+    assert quality_summary(result) == {"beats_popularity": 2, "judged": 3, "mean_gap_closed": pytest.approx(0.5)}

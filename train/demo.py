@@ -16,13 +16,12 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
 from phoenix_flax.cli import add_debug_arg, run
 from phoenix_flax.config import load, replace_fields
 from phoenix_flax.data import prepare, synth
 from phoenix_flax.data.prepare import dataset_dir
 
+DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 WORLD = synth.WorldConfig(seed=0, users=2000, authors=200, posts=5000, sessions=60000, candidates=8, history=32)
 
 
@@ -97,22 +96,20 @@ def demo(args: argparse.Namespace) -> int:
         shutil.rmtree(root)
     timings: dict[str, float] = {}
     data = make_world(WORLD, root, timings)
-    cfg = replace_fields(load(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")), data=data)
+    cfg = replace_fields(load(DEMO_CONFIG), data=data)
     result = train_and_evaluate(cfg, root, timings)
     if result is None:
         return 1
     with open(os.path.join(root, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
 
-    from phoenix_flax.evaluation import MIN_POSITIVES, format_table, judged_actions, oracle_gap_closed
+    from phoenix_flax.evaluation import MIN_POSITIVES, format_table, quality_summary
 
     print(format_table(result))
-    judged = judged_actions(result)
-    beaten = [a for a, r in judged.items() if r["auc"] > r["popularity_auc"]]
+    q = quality_summary(result)
     print(
-        f"\nbeats the popularity baseline on {len(beaten)}/{len(judged)} actions with >= {MIN_POSITIVES} "
-        f"test positives; closes {np.mean([oracle_gap_closed(r) for r in judged.values()]):.1%} of the gap from AUC 0.5 "
-        "to the oracle on average"
+        f"\nbeats the popularity baseline on {q['beats_popularity']}/{q['judged']} actions with >= {MIN_POSITIVES} "
+        f"test positives; closes {q['mean_gap_closed']:.1%} of the gap from AUC 0.5 to the oracle on average"
     )
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(
