@@ -384,3 +384,19 @@ def test_quality_summary_counts_judged_actions_by_hand():
         }
     }
     assert quality_summary(result) == {"beats_popularity": 2, "judged": 3, "mean_gap_closed": pytest.approx(0.5)}
+
+
+def test_the_demo_reuses_a_finished_run_and_waits_for_a_preempted_one(tiny_world, tmp_path, monkeypatch, capsys):
+    import phoenix_flax.trainer
+    from train.demo import train_and_evaluate
+
+    cfg = tiny_experiment(
+        tiny_world["data_dir"], data={"truth_file": tiny_world["truth"], "corpus_file": tiny_world["corpus"]}
+    )
+    monkeypatch.setattr(phoenix_flax.trainer, "train", lambda c, w: train(c, w, stop_after=4))
+    assert train_and_evaluate(cfg, str(tmp_path), {}) is None
+    assert "preempted" in capsys.readouterr().out
+    monkeypatch.undo()
+    finished = train_and_evaluate(cfg, str(tmp_path), {})
+    assert finished is not None and finished["step"] == 6
+    assert train_and_evaluate(cfg, str(tmp_path), {}) == finished  # a finished run is evaluated again, not refused

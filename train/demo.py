@@ -73,16 +73,21 @@ def make_world(world_cfg: synth.WorldConfig, root: str, timings: dict) -> dict[s
 def train_and_evaluate(cfg, root: str, timings: dict) -> dict | None:
     """Trains `cfg` in `root/train` (resuming) and evaluates its best checkpoint on the test split,
     plots in `root/plots` -> the evaluation, or None when training was preempted."""
-    from phoenix_flax.evaluation import evaluate  # JAX starts here, not before
+    from phoenix_flax.checkpoint import Checkpointer  # JAX starts here, not before
+    from phoenix_flax.evaluation import evaluate
     from phoenix_flax.trainer import train
 
     train_dir = os.path.join(root, "train")
     start = stage(f"train for {cfg.train.steps} steps of {cfg.data.batch_size} sessions")
-    logged = train(cfg, train_dir)
+    train(cfg, train_dir)
     timings["train"] = time.perf_counter() - start
-    if not logged or logged[-1]["step"] < cfg.train.steps:
-        print("training stopped before its last step (preempted); run again to resume it")
-        return None
+    # From the checkpoints, not the steps logged now: a finished run resumes at its last step
+    # and logs none.
+    with Checkpointer(train_dir, read_only=True) as checkpoints:
+        saved = checkpoints.latest_step()
+        if saved is None or saved < checkpoints.config(saved).train.steps:
+            print("training stopped before its last step (preempted); run again to resume it")
+            return None
 
     start = stage(f"evaluate the best checkpoint (by {cfg.checkpoint.best_metric}) on the test split")
     result = evaluate(train_dir, step="best", split="test", plots_dir=os.path.join(root, "plots"))
