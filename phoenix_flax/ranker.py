@@ -23,11 +23,13 @@ from phoenix_flax.sharding import constrain_rows
 
 
 class UserContext(NamedTuple):
-    """Every layer's keys and values of [user, history], `[L, B, P, Hkv, K]` each; `valid [B, P]`."""
+    """Every layer's keys and values of [user, history], `[L, B, P, Hkv, K]` each; `valid [B, P]`;
+    the sessions' `user_hashes [B, Hu]` (for the action bias's affinity)."""
 
     keys: jax.Array
     values: jax.Array
     valid: jax.Array
+    user_hashes: jax.Array
 
 
 def sequence_positions(prefix_len: int, num_candidates: int, candidate_positions: str) -> jax.Array:
@@ -40,23 +42,45 @@ def sequence_positions(prefix_len: int, num_candidates: int, candidate_positions
     return jnp.concatenate([prefix, candidates])
 
 
+# The affinity factors start small: a row's random start is noise the few updates of a rare
+# user or post must overcome (measured: 0.1 beside the embeddings' 1.0).
+AFFINITY_INIT_STD = 0.1
+
+
 class ActionBias(nnx.Module):
     """Per-action logit offsets of a candidate: the sum over its post's and its author's hashes
-    of rows of two tables `[rows, A]` (zero at the start; row 0, padding, adds nothing).
+    of rows of two tables `[rows, A]` (zero at the start; row 0, padding, adds nothing); with
+    `affinity_rank` r > 0, plus the user's affinity for it: `(u * c) @ mix`, u the sum of the
+    user's rows of a table `[rows, r]`, c that of the post's and the author's rows of two more,
+    `mix [r, A]` (zero at the start).
 
-    What counting a post's engagements learns, learned directly: a post's own rates (its media
-    type, its quality) reach the logits without passing through the projection and the
-    transformer, which have to share their width with everything the user brings.
+    What counting learns, learned directly: a post's own rates (its media type, its quality) and,
+    as matrix factorization learns it, a user's taste for a kind of post reach the logits without
+    passing through the projection and the transformer, which have to share their width with
+    everything else. The user's rows learn from all of the user's training sessions, the
+    transformer's view of a taste from one session's history.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        a, zeros = cfg.num_actions, nnx.initializers.zeros_init()
+        a, r, zeros = cfg.num_actions, cfg.affinity_rank, nnx.initializers.zeros_init()
         self.post = HashTable(cfg.post_vocab_rows, a, rngs=rngs, init=zeros, columns="actions")
         self.author = HashTable(cfg.author_vocab_rows, a, rngs=rngs, init=zeros, columns="actions")
+        self.rank = r
+        if r:
+            small = nnx.initializers.normal(AFFINITY_INIT_STD)
+            self.user_factor = HashTable(cfg.user_vocab_rows, r, rngs=rngs, init=small, columns="factors")
+            self.post_factor = HashTable(cfg.post_vocab_rows, r, rngs=rngs, init=small, columns="factors")
+            self.author_factor = HashTable(cfg.author_vocab_rows, r, rngs=rngs, init=small, columns="factors")
+            self.mix = param(rngs, zeros, (r, a), ("factors", "actions"))
 
-    def __call__(self, post_hashes: jax.Array, author_hashes: jax.Array) -> jax.Array:
-        """[..., Hp], [..., Ha] -> float32 [..., A]."""
-        return self.post(post_hashes).sum(-2) + self.author(author_hashes).sum(-2)
+    def __call__(self, post_hashes: jax.Array, author_hashes: jax.Array, user_hashes: jax.Array) -> jax.Array:
+        """[..., Hp], [..., Ha], [..., Hu] (broadcasting with the others) -> float32 [..., A]."""
+        bias = self.post(post_hashes).sum(-2) + self.author(author_hashes).sum(-2)
+        if not self.rank:
+            return bias
+        u = self.user_factor(user_hashes).sum(-2)  # [..., r]
+        c = self.post_factor(post_hashes).sum(-2) + self.author_factor(author_hashes).sum(-2)  # [..., r]
+        return bias + ((u * c) @ self.mix[...]).astype(jnp.float32)
 
 
 class PhoenixRanker(nnx.Module):
@@ -84,12 +108,14 @@ class PhoenixRanker(nnx.Module):
         parts = [flatten_hashes(post_emb), flatten_hashes(author_emb), self.blocks.surface(surface)]
         return constrain_rows(concat_dense(parts, self.candidate_proj[...], self.dtype))
 
-    def _head(self, h: jax.Array, post_hashes: jax.Array, author_hashes: jax.Array) -> jax.Array:
+    def _head(
+        self, h: jax.Array, post_hashes: jax.Array, author_hashes: jax.Array, user_hashes: jax.Array
+    ) -> jax.Array:
         """Final norm and unembedding, plus the action bias: [..., D] -> float32 logits [..., A]."""
         h = self.final_norm(h)
         logits = (h @ self.unembed[...].astype(h.dtype)).astype(jnp.float32)
         if self.action_bias is not None:
-            logits = logits + self.action_bias(post_hashes, author_hashes)
+            logits = logits + self.action_bias(post_hashes, author_hashes, user_hashes)
         return logits
 
     def logits_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
@@ -107,7 +133,12 @@ class PhoenixRanker(nnx.Module):
             prefix_valid(batch),
             is_valid(batch["candidate_post_hashes"]),
         )
-        return self._head(h[:, prefix_len:], batch["candidate_post_hashes"], batch["candidate_author_hashes"])
+        return self._head(
+            h[:, prefix_len:],
+            batch["candidate_post_hashes"],
+            batch["candidate_author_hashes"],
+            batch["user_hashes"][:, None],  # [B, 1, Hu]: every candidate of the session
+        )
 
     def user_context(self, batch: Batch) -> UserContext:
         """The [user, history] part of the sequence, computed once: every layer's keys and values.
@@ -121,7 +152,7 @@ class PhoenixRanker(nnx.Module):
         x = jnp.concatenate([self.blocks.user(emb), self.blocks.history(batch, emb)], axis=1)  # [B, P, D]
         valid = prefix_valid(batch)
         _, (keys, values) = self.transformer(x, jnp.arange(x.shape[1]), valid, keys_values=True)
-        return UserContext(keys, values, valid)
+        return UserContext(keys, values, valid, batch["user_hashes"])
 
     def score_candidates(
         self,
@@ -140,4 +171,4 @@ class PhoenixRanker(nnx.Module):
         position = context.valid.shape[1]  # shared: right after the history
         keys, values = context.keys[:, rows], context.values[:, rows]  # [L, N, P, Hkv, K]
         h = self.transformer.isolated(h, position, keys, values, context.valid[rows])
-        return self._head(h, post_hashes, author_hashes)
+        return self._head(h, post_hashes, author_hashes, context.user_hashes[rows])

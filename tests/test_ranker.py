@@ -33,11 +33,16 @@ CANDIDATE_FIELDS = ("candidate_post_hashes", "candidate_author_hashes", "candida
 
 
 def with_random_action_bias(model, seed=1):
-    """The action bias starts at zero; random rows make the properties below cover it."""
+    """The action bias starts at zero; random rows (and affinity mix) make the properties below cover it."""
     rng = np.random.default_rng(seed)
-    for table in (model.action_bias.post, model.action_bias.author):
-        table.table[...] = jnp.asarray(rng.normal(size=table.table.shape), jnp.float32)
+    bias = model.action_bias
+    for p in (bias.post.table, bias.author.table, bias.mix, *(t.table for t in bias_factors(bias))):
+        p[...] = jnp.asarray(rng.normal(size=p.shape), jnp.float32)
     return model
+
+
+def bias_factors(bias):
+    return bias.user_factor, bias.post_factor, bias.author_factor
 
 
 @pytest.fixture(scope="module", params=["shared", "sequential"])
@@ -153,17 +158,25 @@ def test_padded_history_and_candidates_have_no_effect(ranker):
     assert not np.allclose(forward(unpadded)[:, :3], base[:, :3], atol=1e-3)
 
 
-def test_the_action_bias_adds_the_candidates_post_and_author_rows():
+def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_affinity():
     model = with_random_action_bias(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)))
     batch = random_batch(SMALL, 3, np.random.default_rng(5))  # with padded candidates and hashes
+    batch["user_hashes"][0, 1] = 0  # a padded user hash adds nothing either
     with_bias = np.asarray(model(model_inputs(batch)))
-    post, author = (np.asarray(t.table[...]) for t in (model.action_bias.post, model.action_bias.author))
+    bias = model.action_bias
+    post, author, mix = (np.asarray(x) for x in (bias.post.table[...], bias.author.table[...], bias.mix[...]))
+    user_f, post_f, author_f = (np.asarray(t.table[...]) for t in bias_factors(bias))
     model.action_bias = None
     without = np.asarray(model(model_inputs(batch)))
-    ph, ah = batch["candidate_post_hashes"], batch["candidate_author_hashes"]
-    want = (post[ph] * (ph != 0)[..., None]).sum(-2) + (author[ah] * (ah != 0)[..., None]).sum(-2)  # [B, C, A]
-    assert (ph == 0).any() and np.abs(want).max() > 0.5
-    np.testing.assert_allclose(with_bias - without, want, atol=1e-5)
+
+    def rows(table, hashes):  # summed over the hashes, padding (0) adding nothing
+        return (table[hashes] * (hashes != 0)[..., None]).sum(-2)
+
+    ph, ah, uh = batch["candidate_post_hashes"], batch["candidate_author_hashes"], batch["user_hashes"]
+    affinity = (rows(user_f, uh)[:, None] * (rows(post_f, ph) + rows(author_f, ah))) @ mix  # [B, C, A]
+    want = rows(post, ph) + rows(author, ah) + affinity
+    assert (ph == 0).any() and np.abs(affinity).max() > 0.5 and SMALL.affinity_rank > 0
+    np.testing.assert_allclose(with_bias - without, want, atol=1e-4)
 
 
 def test_the_action_bias_trains_with_the_tables_optimizer():
@@ -171,6 +184,8 @@ def test_the_action_bias_trains_with_the_tables_optimizer():
 
     labels = param_labels(nnx.state(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)), nnx.Param))
     assert labels["action_bias"]["post"]["table"].get_value() == "tables"
+    assert labels["action_bias"]["user_factor"]["table"].get_value() == "tables"
+    assert labels["action_bias"]["mix"].get_value() == "dense"
     assert labels["embeddings"]["post"]["table"].get_value() == "tables"
     assert labels["unembed"].get_value() == "dense"
 

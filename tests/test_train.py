@@ -398,5 +398,6 @@ def test_the_demo_reuses_a_finished_run_and_waits_for_a_preempted_one(tiny_world
     assert "preempted" in capsys.readouterr().out
     monkeypatch.undo()
     finished = train_and_evaluate(cfg, str(tmp_path), {})
-    assert finished is not None and finished["step"] == 6
+    with Checkpointer(str(tmp_path / "train")) as checkpoints:
+        assert finished is not None and checkpoints.latest_step() == 6
     assert train_and_evaluate(cfg, str(tmp_path), {}) == finished  # a finished run is evaluated again, not refused

@@ -78,6 +78,8 @@ class ModelConfig:
     # from the candidate's post and author hashes (zero at the start). Not in the original
     # architecture (its import turns it off).
     action_bias: bool = True
+    # Its user x candidate affinity, matrix factorization of this rank (0: none); see ActionBias.
+    affinity_rank: int = 16
     # Retrieval softmax temperature, and whether it is learned.
     retrieval_temperature: float = 0.05
     learn_temperature: bool = False
@@ -98,6 +100,7 @@ class ModelConfig:
         checks.positive("widening_factor", "attn_output_multiplier", "retrieval_temperature")
         checks.require(bool(self.actions), "actions", "must name at least one action")
         checks.require(len(set(self.actions)) == len(self.actions), "actions", "has duplicates")
+        checks.at_least(0, "affinity_rank")
         checks.at_least(1, "attention_block").literals()  # candidate_positions, dtype, attention, remat
         checks.raise_if_any()
 
