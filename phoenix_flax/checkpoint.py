@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from phoenix_flax.config import CheckpointConfig, ExperimentConfig, from_dict, to_dict
+from phoenix_flax.config import CheckpointConfig, ExperimentConfig, saved_config, to_dict
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.model import PhoenixModel
 from phoenix_flax.sharding import make_mesh
@@ -398,7 +398,7 @@ class Checkpointer:
         self.verify(step, ("config",))
         restored = self._restore_items(step, {"config": ocp.args.JsonRestore()})
         try:
-            return from_dict(restored["config"])
+            return saved_config(restored["config"])
         except PhoenixError as e:
             raise DamagedCheckpointError(step, "config", f"not a config this version reads: {e}") from None
 

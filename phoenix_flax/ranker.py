@@ -68,10 +68,10 @@ class ActionBias(nnx.Module):
         self.rank = r
         if r:
             small = nnx.initializers.normal(AFFINITY_INIT_STD)
-            self.user_factor = HashTable(cfg.user_vocab_rows, r, rngs=rngs, init=small, columns="factors")
-            self.post_factor = HashTable(cfg.post_vocab_rows, r, rngs=rngs, init=small, columns="factors")
-            self.author_factor = HashTable(cfg.author_vocab_rows, r, rngs=rngs, init=small, columns="factors")
-            self.mix = param(rngs, zeros, (r, a), ("factors", "actions"))
+            self.user_factor = HashTable(cfg.user_vocab_rows, r, rngs=rngs, init=small)
+            self.post_factor = HashTable(cfg.post_vocab_rows, r, rngs=rngs, init=small)
+            self.author_factor = HashTable(cfg.author_vocab_rows, r, rngs=rngs, init=small)
+            self.mix = param(rngs, zeros, (r, a), ("table_embed", "actions"))  # rows: the factor tables' columns
 
     def __call__(self, post_hashes: jax.Array, author_hashes: jax.Array, user_hashes: jax.Array) -> jax.Array:
         """[..., Hp], [..., Ha], [..., Hu] (broadcasting with the others) -> float32 [..., A]."""

@@ -39,7 +39,6 @@ DEFAULT_RULES: LogicalRules = (
     ("kv_heads", "model"),
     ("head_dim", None),
     ("actions", None),
-    ("factors", None),  # the action bias's affinity factors
     ("surfaces", None),
     ("norm", None),
     ("layers", None),  # the stacked axis of scanned layers

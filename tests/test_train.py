@@ -195,6 +195,22 @@ def test_every_config_loads_and_round_trips(name):
     assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
 
 
+def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_trained_as():
+    from phoenix_flax.config import saved_config
+    from phoenix_flax.config.experiment import FIELDS_ADDED
+
+    cfg = load(str(REPO / "configs" / "demo.py"))
+    old = to_dict(cfg)
+    for section, added in FIELDS_ADDED.items():
+        for key in added:
+            del old[section][key]
+    restored = saved_config(old)
+    assert (restored.model.action_bias, restored.model.affinity_rank) == (False, 0)
+    assert (restored.optimizer.table_initial_accumulator, restored.optimizer.table_weight_decay) == (0.1, 0.0)
+    assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
+    assert cfg.model.affinity_rank > 0 and cfg.model.action_bias  # (so the line above is not vacuous)
+
+
 def test_config_overrides_are_typed():
     cfg = load(str(REPO / "configs" / "demo.py"))
     out = apply_overrides(

@@ -14,6 +14,7 @@ from phoenix_flax.config.experiment import (
     from_dict,
     load,
     replace_fields,
+    saved_config,
     to_dict,
 )
 from phoenix_flax.config.model import DEFAULT_ACTIONS, ModelConfig
@@ -36,5 +37,6 @@ __all__ = [
     "from_dict",
     "load",
     "replace_fields",
+    "saved_config",
     "to_dict",
 ]

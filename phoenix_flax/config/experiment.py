@@ -345,5 +345,22 @@ def from_dict(d: dict, cls=ExperimentConfig):
     return cls(**kwargs)
 
 
+# Fields added after runs were first saved, with the values that keep an older run what it was:
+# a saved config without them builds the model, and the optimizer state, it was trained with.
+FIELDS_ADDED = {
+    "model": {"action_bias": False, "affinity_rank": 0},
+    "optimizer": {"table_initial_accumulator": 0.1, "table_weight_decay": 0.0},
+}
+
+
+def saved_config(d: dict) -> ExperimentConfig:
+    """`from_dict` for a config a run saved, filling the fields it predates with FIELDS_ADDED."""
+    d = dict(d)
+    for section, added in FIELDS_ADDED.items():
+        if isinstance(d.get(section), dict):
+            d[section] = added | d[section]
+    return from_dict(d)
+
+
 def dumps(cfg: ExperimentConfig) -> str:
     return json.dumps(to_dict(cfg), indent=2)
