@@ -49,10 +49,10 @@ AFFINITY_INIT_STD = 0.1
 
 class ActionBias(nnx.Module):
     """Per-action logit offsets of a candidate: the sum over its post's and its author's hashes
-    of rows of two tables `[rows, A]` (zero at the start; row 0, padding, adds nothing); with
-    `affinity_rank` r > 0, plus the user's affinity for it: `(u * c) @ mix`, u the sum of the
-    user's rows of a table `[rows, r]`, c that of the post's and the author's rows of two more,
-    `mix [r, A]` (zero at the start).
+    of rows of two tables `[rows, A + r]`, whose first A columns are the offsets (zero at the
+    start; row 0, padding, adds nothing); with `affinity_rank` r > 0, plus the user's affinity for
+    it: `(u * c) @ mix`, c the sum's last r columns, u the sum of the user's rows of a table
+    `[rows, r]`, `mix [r, A]` (zero at the start). One lookup per hash serves both.
 
     What counting learns, learned directly: a post's own rates (its media type, its quality) and,
     as matrix factorization learns it, a user's taste for a kind of post reach the logits without
@@ -63,24 +63,26 @@ class ActionBias(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         a, r, zeros = cfg.num_actions, cfg.affinity_rank, nnx.initializers.zeros_init()
-        self.post = HashTable(cfg.post_vocab_rows, a, rngs=rngs, init=zeros, columns="actions")
-        self.author = HashTable(cfg.author_vocab_rows, a, rngs=rngs, init=zeros, columns="actions")
-        self.rank = r
+        small = nnx.initializers.normal(AFFINITY_INIT_STD)
+
+        def offsets_and_factors(key, shape, dtype=jnp.float32):  # [rows, A] zeros, [rows, r] small
+            return jnp.concatenate([zeros(key, (shape[0], a), dtype), small(key, (shape[0], r), dtype)], axis=1)
+
+        self.num_actions = a
+        self.post = HashTable(cfg.post_vocab_rows, a + r, rngs=rngs, init=offsets_and_factors, columns="actions")
+        self.author = HashTable(cfg.author_vocab_rows, a + r, rngs=rngs, init=offsets_and_factors, columns="actions")
         if r:
-            small = nnx.initializers.normal(AFFINITY_INIT_STD)
-            self.user_factor = HashTable(cfg.user_vocab_rows, r, rngs=rngs, init=small)
-            self.post_factor = HashTable(cfg.post_vocab_rows, r, rngs=rngs, init=small)
-            self.author_factor = HashTable(cfg.author_vocab_rows, r, rngs=rngs, init=small)
-            self.mix = param(rngs, zeros, (r, a), ("table_embed", "actions"))  # rows: the factor tables' columns
+            self.user = HashTable(cfg.user_vocab_rows, r, rngs=rngs, init=small)
+            self.mix = param(rngs, zeros, (r, a), ("table_embed", "actions"))  # rows: the factors
 
     def __call__(self, post_hashes: jax.Array, author_hashes: jax.Array, user_hashes: jax.Array) -> jax.Array:
         """[..., Hp], [..., Ha], [..., Hu] (broadcasting with the others) -> float32 [..., A]."""
-        bias = self.post(post_hashes).sum(-2) + self.author(author_hashes).sum(-2)
-        if not self.rank:
+        rows = self.post(post_hashes).sum(-2) + self.author(author_hashes).sum(-2)  # [..., A + r]
+        bias, c = rows[..., : self.num_actions], rows[..., self.num_actions :]
+        if c.shape[-1] == 0:
             return bias
-        u = self.user_factor(user_hashes).sum(-2)  # [..., r]
-        c = self.post_factor(post_hashes).sum(-2) + self.author_factor(author_hashes).sum(-2)  # [..., r]
-        return bias + ((u * c) @ self.mix[...]).astype(jnp.float32)
+        u = self.user(user_hashes).sum(-2)  # [..., r]
+        return bias + (u * c) @ self.mix[...]
 
 
 class PhoenixRanker(nnx.Module):

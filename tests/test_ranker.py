@@ -36,13 +36,9 @@ def with_random_action_bias(model, seed=1):
     """The action bias starts at zero; random rows (and affinity mix) make the properties below cover it."""
     rng = np.random.default_rng(seed)
     bias = model.action_bias
-    for p in (bias.post.table, bias.author.table, bias.mix, *(t.table for t in bias_factors(bias))):
+    for p in (bias.post.table, bias.author.table, bias.user.table, bias.mix):
         p[...] = jnp.asarray(rng.normal(size=p.shape), jnp.float32)
     return model
-
-
-def bias_factors(bias):
-    return bias.user_factor, bias.post_factor, bias.author_factor
 
 
 @pytest.fixture(scope="module", params=["shared", "sequential"])
@@ -163,9 +159,11 @@ def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_
     batch = random_batch(SMALL, 3, np.random.default_rng(5))  # with padded candidates and hashes
     batch["user_hashes"][0, 1] = 0  # a padded user hash adds nothing either
     with_bias = np.asarray(model(model_inputs(batch)))
-    bias = model.action_bias
-    post, author, mix = (np.asarray(x) for x in (bias.post.table[...], bias.author.table[...], bias.mix[...]))
-    user_f, post_f, author_f = (np.asarray(t.table[...]) for t in bias_factors(bias))
+    bias, a = model.action_bias, len(SMALL.actions)
+    post_rows, author_rows, user_f, mix = (
+        np.asarray(x) for x in (bias.post.table[...], bias.author.table[...], bias.user.table[...], bias.mix[...])
+    )
+    post, post_f, author, author_f = post_rows[:, :a], post_rows[:, a:], author_rows[:, :a], author_rows[:, a:]
     model.action_bias = None
     without = np.asarray(model(model_inputs(batch)))
 
@@ -184,7 +182,7 @@ def test_the_action_bias_trains_with_the_tables_optimizer():
 
     labels = param_labels(nnx.state(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)), nnx.Param))
     assert labels["action_bias"]["post"]["table"].get_value() == "tables"
-    assert labels["action_bias"]["user_factor"]["table"].get_value() == "tables"
+    assert labels["action_bias"]["user"]["table"].get_value() == "tables"
     assert labels["action_bias"]["mix"].get_value() == "dense"
     assert labels["embeddings"]["post"]["table"].get_value() == "tables"
     assert labels["unembed"].get_value() == "dense"
