@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,12 +16,15 @@ from phoenix_flax.model import PhoenixModel
 from phoenix_flax.sharding import check_divisible, use_mesh
 
 
-def param_labels(params) -> object:
-    """'tables' for the hash tables (the embeddings and the ranker's action bias), 'dense' for
-    everything else."""
+def param_labels(params, bias_tables: bool = True) -> object:
+    """'tables' for the hash tables, 'dense' for everything else; with `bias_tables`, the ranker's
+    action-bias tables are 'bias_tables'."""
 
     def label(path, _):  # every HashTable's parameter is named `table`
-        return "tables" if any(getattr(k, "key", None) == "table" for k in path) else "dense"
+        keys = [getattr(k, "key", None) for k in path]
+        if "table" not in keys:
+            return "dense"
+        return "bias_tables" if bias_tables and "action_bias" in keys else "tables"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -50,18 +55,25 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
         end_value=cfg.learning_rate * cfg.end_learning_rate_fraction,
     )
     dense = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    transforms = {"dense": dense, "tables": _table_optimizer(cfg, cfg.table_weight_decay)}
+    # A third group only when it differs: a run saved before action_bias_weight_decay (None)
+    # keeps the optimizer state's structure, and so resumes.
+    bias_tables = cfg.action_bias_weight_decay not in (None, cfg.table_weight_decay)
+    if bias_tables:
+        transforms["bias_tables"] = _table_optimizer(cfg, cfg.action_bias_weight_decay)
+    labels = functools.partial(param_labels, bias_tables=bias_tables)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels))
+
+
+def _table_optimizer(cfg: OptimizerConfig, weight_decay: float) -> optax.GradientTransformation:
+    """Adagrad with decay of the rows a step touches (or AdamW) for hash tables."""
+    lr = cfg.table_learning_rate
     if cfg.table_optimizer == "adagrad":
         # eps far below a squared row gradient (~1e-10), so it does not take the accumulator's place
-        tables = optax.adagrad(cfg.table_learning_rate, cfg.table_initial_accumulator, eps=1e-20)
-        if cfg.table_weight_decay:
-            tables = optax.chain(tables, decay_touched_rows(cfg.table_learning_rate * cfg.table_weight_decay))
-    else:
-        # AdamW moves untouched rows too (momentum), so its own decay covers every row
-        tables = optax.adamw(cfg.table_learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.table_weight_decay)
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip_norm),
-        optax.multi_transform({"dense": dense, "tables": tables}, param_labels),
-    )
+        tables = optax.adagrad(lr, cfg.table_initial_accumulator, eps=1e-20)
+        return optax.chain(tables, decay_touched_rows(lr * weight_decay)) if weight_decay else tables
+    # AdamW moves untouched rows too (momentum), so its own decay covers every row
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=weight_decay)
 
 
 def build_model(cfg: ExperimentConfig, seed: int | None = None) -> PhoenixModel:

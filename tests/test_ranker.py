@@ -180,12 +180,14 @@ def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_
 def test_the_action_bias_trains_with_the_tables_optimizer():
     from phoenix_flax.training import param_labels
 
-    labels = param_labels(nnx.state(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)), nnx.Param))
-    assert labels["action_bias"]["post"]["table"].get_value() == "tables"
-    assert labels["action_bias"]["user"]["table"].get_value() == "tables"
+    params = nnx.state(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)), nnx.Param)
+    labels = param_labels(params)
+    assert labels["action_bias"]["post"]["table"].get_value() == "bias_tables"
+    assert labels["action_bias"]["user"]["table"].get_value() == "bias_tables"
     assert labels["action_bias"]["mix"].get_value() == "dense"
     assert labels["embeddings"]["post"]["table"].get_value() == "tables"
     assert labels["unembed"].get_value() == "dense"
+    assert param_labels(params, bias_tables=False)["action_bias"]["post"]["table"].get_value() == "tables"
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

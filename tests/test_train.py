@@ -206,7 +206,12 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
             del old[section][key]
     restored = saved_config(old)
     assert (restored.model.action_bias, restored.model.affinity_rank) == (False, 0)
-    assert (restored.optimizer.table_initial_accumulator, restored.optimizer.table_weight_decay) == (0.1, 0.0)
+    optimizer = restored.optimizer
+    assert (optimizer.table_initial_accumulator, optimizer.table_weight_decay, optimizer.action_bias_weight_decay) == (
+        0.1,
+        0.0,
+        None,
+    )
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
     assert cfg.model.affinity_rank > 0 and cfg.model.action_bias  # (so the line above is not vacuous)
 
@@ -385,6 +390,34 @@ def test_a_table_row_moves_by_the_learning_rate_whatever_its_gradients_scale(sca
     table = params["emb"]["table"]
     want = np.where((grad != 0).any(-1, keepdims=True), -lr * np.sign(grad) - lr * decay * table, 0)
     np.testing.assert_allclose(np.asarray(updates["emb"]["table"]), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bias_decay", [None, 0.0, 0.25])
+def test_the_action_bias_tables_decay_by_their_own_rate(bias_decay):
+    """optimizer.action_bias_weight_decay: the action-bias rows a step touches decay at their own
+    rate (None: table_weight_decay), the embeddings' at table_weight_decay; with None the
+    optimizer state has the groups of a run saved before the option, so such a run resumes."""
+    from phoenix_flax.config import OptimizerConfig
+    from phoenix_flax.training import make_optimizer
+
+    lr, decay = 0.1, 0.5
+    base = dict(table_learning_rate=lr, table_initial_accumulator=0.0, table_weight_decay=decay, grad_clip_norm=1e9)
+    cfg = OptimizerConfig(**base, action_bias_weight_decay=bias_decay)
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(4, 3)).astype(np.float32)
+    params = {"emb": {"table": table}, "action_bias": {"post": {"table": table}}, "w": np.ones(3, np.float32)}
+    grad = np.zeros((4, 3), np.float32)
+    grad[[0, 2]] = rng.normal(size=(2, 3))
+    grads = {"emb": {"table": grad}, "action_bias": {"post": {"table": grad}}, "w": np.ones(3, np.float32)}
+    tx = make_optimizer(cfg, total_steps=10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    touched = (grad != 0).any(-1, keepdims=True)
+    for path, rate in ((("emb",), decay), (("action_bias", "post"), decay if bias_decay is None else bias_decay)):
+        got = updates[path[0]]["table"] if len(path) == 1 else updates[path[0]][path[1]]["table"]
+        want = np.where(touched, -lr * np.sign(grad) - lr * rate * table, 0)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7, err_msg=str(path))
+    groups = set(tx.init(params)[1].inner_states)  # (clipping, multi_transform)
+    assert groups == ({"dense", "tables"} if bias_decay is None else {"dense", "tables", "bias_tables"})
 
 
 def test_quality_summary_counts_judged_actions_by_hand():

@@ -71,6 +71,10 @@ class OptimizerConfig:
     # Decoupled weight decay of the table rows a step looks up (the others stay as they are; with
     # AdamW, of every row): a row seen a few times does not memorize its few labels.
     table_weight_decay: float = 0.2
+    # The same for the ranker's action-bias tables (None: table_weight_decay). Not decayed by
+    # default: Adagrad's steps shrink as 1/sqrt(touches) while the decay does not, so a decayed
+    # row settles at an offset that shrinks the more often its post is seen.
+    action_bias_weight_decay: float | None = 0.0
     warmup_steps: int = 100
     end_learning_rate_fraction: float = 0.1  # cosine decay to this fraction of the peak
     weight_decay: float = 1e-4
@@ -81,6 +85,8 @@ class OptimizerConfig:
     def __post_init__(self):
         checks = Checks(self).positive("learning_rate", "table_learning_rate", "grad_clip_norm")
         checks.at_least(0, "warmup_steps", "table_initial_accumulator", "table_weight_decay")
+        if self.action_bias_weight_decay is not None:
+            checks.at_least(0, "action_bias_weight_decay")
         checks.between(0, 1, "end_learning_rate_fraction")
         checks.between(0, 1, "b1", "b2", high_open=True).require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         checks.literals().raise_if_any()
@@ -349,7 +355,7 @@ def from_dict(d: dict, cls=ExperimentConfig):
 # a saved config without them builds the model, and the optimizer state, it was trained with.
 FIELDS_ADDED = {
     "model": {"action_bias": False, "affinity_rank": 0},
-    "optimizer": {"table_initial_accumulator": 0.1, "table_weight_decay": 0.0},
+    "optimizer": {"table_initial_accumulator": 0.1, "table_weight_decay": 0.0, "action_bias_weight_decay": None},
 }
 
 
