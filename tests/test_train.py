@@ -213,6 +213,14 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
         None,
     )
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
+
+    # Rules saved before a logical name existed: it gets its default rule, the others stay.
+    old["mesh"]["rules"] = [r for r in old["mesh"]["rules"] if not r.startswith(("layers:", "act_mlp:"))]
+    old["mesh"]["rules"][0] = "batch:data"  # a run's own choice
+    with pytest.raises(ConfigError, match="layers"):
+        from_dict(old)
+    rules = dict(r.split(":") for r in saved_config(old).mesh.rules)
+    assert (rules["batch"], rules["layers"], rules["act_mlp"]) == ("data", "", "model")
     assert cfg.model.affinity_rank > 0 and cfg.model.action_bias  # (so the line above is not vacuous)
 
 

@@ -360,11 +360,17 @@ FIELDS_ADDED = {
 
 
 def saved_config(d: dict) -> ExperimentConfig:
-    """`from_dict` for a config a run saved, filling the fields it predates with FIELDS_ADDED."""
+    """`from_dict` for a config a run saved, filling the fields it predates with FIELDS_ADDED and
+    its mesh rules with the default rule of each logical name added to the model since."""
     d = dict(d)
     for section, added in FIELDS_ADDED.items():
         if isinstance(d.get(section), dict):
             d[section] = added | d[section]
+    mesh = d.get("mesh")
+    if isinstance(mesh, dict) and isinstance(mesh.get("rules"), (list, tuple)):
+        named = {str(rule).partition(":")[0] for rule in mesh["rules"]}
+        added_rules = [rule for rule in DEFAULT_RULE_TEXT if rule.partition(":")[0] not in named]
+        d["mesh"] = mesh | {"rules": [*mesh["rules"], *added_rules]}
     return from_dict(d)
 
 
