@@ -71,9 +71,9 @@ class OptimizerConfig:
     # Decoupled weight decay of the table rows a step looks up (the others stay as they are; with
     # AdamW, of every row): a row seen a few times does not memorize its few labels.
     table_weight_decay: float = 0.2
-    # The same for the ranker's action-bias tables (None: table_weight_decay). Not decayed by
-    # default: Adagrad's steps shrink as 1/sqrt(touches) while the decay does not, so a decayed
-    # row settles at an offset that shrinks the more often its post is seen.
+    # The same for the ranker's action-bias tables (None: table_weight_decay, as runs saved before
+    # it trained). Not decayed by default: Adagrad's steps shrink as 1/sqrt(lookups) while the
+    # decay does not, so a decayed row settles smaller the more often it is looked up.
     action_bias_weight_decay: float | None = 0.0
     warmup_steps: int = 100
     end_learning_rate_fraction: float = 0.1  # cosine decay to this fraction of the peak
