@@ -68,7 +68,6 @@ class ActionBias(nnx.Module):
         def offsets_and_factors(key, shape, dtype=jnp.float32):  # [rows, A] zeros, [rows, r] small
             return jnp.concatenate([zeros(key, (shape[0], a), dtype), small(key, (shape[0], r), dtype)], axis=1)
 
-        self.num_actions = a
         self.post = HashTable(cfg.post_vocab_rows, a + r, rngs=rngs, init=offsets_and_factors, columns="actions")
         self.author = HashTable(cfg.author_vocab_rows, a + r, rngs=rngs, init=offsets_and_factors, columns="actions")
         if r:
@@ -78,11 +77,11 @@ class ActionBias(nnx.Module):
     def __call__(self, post_hashes: jax.Array, author_hashes: jax.Array, user_hashes: jax.Array) -> jax.Array:
         """[..., Hp], [..., Ha], [..., Hu] (broadcasting with the others) -> float32 [..., A]."""
         rows = self.post(post_hashes).sum(-2) + self.author(author_hashes).sum(-2)  # [..., A + r]
-        bias, c = rows[..., : self.num_actions], rows[..., self.num_actions :]
-        if c.shape[-1] == 0:
-            return bias
+        if not hasattr(self, "mix"):  # affinity_rank 0: the rows are the offsets
+            return rows
+        a = self.mix.shape[-1]
         u = self.user(user_hashes).sum(-2)  # [..., r]
-        return bias + (u * c) @ self.mix[...]
+        return rows[..., :a] + (u * rows[..., a:]) @ self.mix[...]
 
 
 class PhoenixRanker(nnx.Module):

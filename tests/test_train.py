@@ -213,6 +213,7 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
         None,
     )
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
+    assert cfg.model.affinity_rank > 0 and cfg.model.action_bias  # (so the line above is not vacuous)
 
     # Rules saved before a logical name existed: it gets its default rule, the others stay.
     old["mesh"]["rules"] = [r for r in old["mesh"]["rules"] if not r.startswith(("layers:", "act_mlp:"))]
@@ -221,7 +222,6 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
         from_dict(old)
     rules = dict(r.split(":") for r in saved_config(old).mesh.rules)
     assert (rules["batch"], rules["layers"], rules["act_mlp"]) == ("data", "", "model")
-    assert cfg.model.affinity_rank > 0 and cfg.model.action_bias  # (so the line above is not vacuous)
 
 
 def test_config_overrides_are_typed():
@@ -420,10 +420,13 @@ def test_the_action_bias_tables_decay_by_their_own_rate(bias_decay):
     tx = make_optimizer(cfg, total_steps=10)
     updates, _ = tx.update(grads, tx.init(params), params)
     touched = (grad != 0).any(-1, keepdims=True)
-    for path, rate in ((("emb",), decay), (("action_bias", "post"), decay if bias_decay is None else bias_decay)):
-        got = updates[path[0]]["table"] if len(path) == 1 else updates[path[0]][path[1]]["table"]
+    bias_rate = decay if bias_decay is None else bias_decay
+    for name, got, rate in (
+        ("embedding", updates["emb"]["table"], decay),
+        ("action bias", updates["action_bias"]["post"]["table"], bias_rate),
+    ):
         want = np.where(touched, -lr * np.sign(grad) - lr * rate * table, 0)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7, err_msg=str(path))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7, err_msg=name)
     groups = set(tx.init(params)[1].inner_states)  # (clipping, multi_transform)
     assert groups == ({"dense", "tables"} if bias_decay is None else {"dense", "tables", "bias_tables"})
 

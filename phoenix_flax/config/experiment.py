@@ -23,7 +23,14 @@ from typing import Literal
 from phoenix_flax.config.model import ModelConfig
 from phoenix_flax.data.config import DataConfig
 from phoenix_flax.scoring import DEFAULT_ACTION_WEIGHTS
-from phoenix_flax.sharding import DEFAULT_RULE_TEXT, DEFAULT_RULES, MESH_AXES, LogicalRules, parse_rules
+from phoenix_flax.sharding import (
+    DEFAULT_RULE_TEXT,
+    DEFAULT_RULES,
+    MESH_AXES,
+    LogicalRules,
+    parse_rules,
+    with_default_rules,
+)
 from phoenix_flax.validation import Checks, ConfigError
 
 
@@ -368,9 +375,7 @@ def saved_config(d: dict) -> ExperimentConfig:
             d[section] = added | d[section]
     mesh = d.get("mesh")
     if isinstance(mesh, dict) and isinstance(mesh.get("rules"), (list, tuple)):
-        named = {str(rule).partition(":")[0] for rule in mesh["rules"]}
-        added_rules = [rule for rule in DEFAULT_RULE_TEXT if rule.partition(":")[0] not in named]
-        d["mesh"] = mesh | {"rules": [*mesh["rules"], *added_rules]}
+        d["mesh"] = mesh | {"rules": with_default_rules(mesh["rules"])}
     return from_dict(d)
 
 
