@@ -1,10 +1,12 @@
 """Orbax checkpoints of a run: model, optimizer, data-iterator position and config, verified.
 
 Each step's checkpoint holds the items `model`, `optimizer`, `data` (grain.checkpoint) and
-`config` (JSON), and Orbax's `metrics`. Saves are asynchronous. Once a save is complete, its
-integrity record (`integrity.json` in the step's directory: every file's size and SHA-256) is
-written; restoring checks it, so a truncated, missing or altered file is found before anything
-is trained on. The latest K steps are kept, the best by an evaluation metric beside them, and
+`config` (JSON), and Orbax's `metrics`; with `optimizer.ema_decay`, also `average`: the
+parameters' moving average (part of the optimizer's state too, which training resumes from),
+which evaluation and serving restore without the optimizer. Saves are asynchronous. Once a
+save is complete, its integrity record (`integrity.json` in the step's directory: every file's
+size and SHA-256) is written; restoring checks it, so a truncated, missing or altered file is
+found before anything is trained on. The latest K steps are kept, the best by an evaluation metric beside them, and
 never deleted: the newest step whose record was written.
 
 A damaged step (a file missing, truncated or changed, an item Orbax cannot read, non-finite
@@ -37,9 +39,10 @@ from phoenix_flax.config import CheckpointConfig, ExperimentConfig, saved_config
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.model import PhoenixModel
 from phoenix_flax.sharding import make_mesh
-from phoenix_flax.training import abstract_train_state, create_model
+from phoenix_flax.training import abstract_train_state, averaged_params, create_model
 
-ITEMS = ("model", "optimizer", "data", "config")
+ITEMS = ("model", "optimizer", "data", "config")  # every step's
+AVERAGE = "average"  # a step's with optimizer.ema_decay
 INTEGRITY_FILE = "integrity.json"
 
 
@@ -121,7 +124,7 @@ def check_integrity(step: int, step_dir: str, items: Sequence[str]) -> str | Non
 def _failed_item(error: Exception) -> str:
     """Which item an Orbax error is about, from its message."""
     text = str(error)
-    for item in (*ITEMS, "metrics"):
+    for item in (*ITEMS, AVERAGE, "metrics"):
         if f'"{item}"' in text or f"'{item}'" in text or f"/{item}/" in text or text.endswith(f"/{item}"):
             return item
     return "checkpoint"
@@ -287,7 +290,7 @@ class Checkpointer:
                 read_only=read_only,
                 create=not read_only,
             )
-            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(*ITEMS, AVERAGE))
 
     @classmethod
     def open_run(cls, workdir: str) -> Checkpointer:
@@ -328,12 +331,16 @@ class Checkpointer:
 
     def save(self, step: int, model, optimizer, data_iterator, config: ExperimentConfig, metrics=None) -> None:
         self.wait()  # the previous save complete and recorded: the retention policy sees it as good
-        args = ocp.args.Composite(
-            model=ocp.args.StandardSave(nnx.state(model)),
-            optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-            config=ocp.args.JsonSave(to_dict(config)),
-        )
+        items = {
+            "model": ocp.args.StandardSave(nnx.state(model)),
+            "optimizer": ocp.args.StandardSave(nnx.state(optimizer)),
+            "data": grain.checkpoint.CheckpointSave(data_iterator),
+            "config": ocp.args.JsonSave(to_dict(config)),
+        }
+        average = averaged_params(optimizer)
+        if average is not None:
+            items[AVERAGE] = ocp.args.StandardSave(average)
+        args = ocp.args.Composite(**items)
         self.manager.save(step, args=args, metrics=metrics, force=True)
         self._unrecorded.append(step)
         if not self.cfg.asynchronous:
@@ -376,11 +383,14 @@ class Checkpointer:
             reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise DamagedCheckpointError(step, _failed_item(e), reason[:400]) from e
 
-    def restore(self, step: int, model, optimizer=None, data_iterator=None) -> str | None:
+    def restore(self, step: int, model, optimizer=None, data_iterator=None, *, average: bool = False) -> str | None:
         """Restores into `model` (and `optimizer`, `data_iterator`) in place, on their shardings,
-        after checking the step's files. Returns the step's digest (None without a record).
+        after checking the step's files; with `average`, the model's parameters are the saved
+        moving average. Returns the step's digest (None without a record).
         Raises DamagedCheckpointError naming the step, the item and why."""
         items = {"model": ocp.args.StandardRestore(_target(nnx.state(model)))}
+        if average:
+            items[AVERAGE] = ocp.args.StandardRestore(_target(nnx.as_pure(nnx.state(model, nnx.Param))))
         if optimizer is not None:
             items["optimizer"] = ocp.args.StandardRestore(_target(nnx.state(optimizer)))
         if data_iterator is not None:
@@ -389,6 +399,9 @@ class Checkpointer:
         restored = self._restore_items(step, items)
         _check_finite(step, "model", restored["model"])
         nnx.update(model, restored["model"])
+        if average:
+            _check_finite(step, AVERAGE, restored[AVERAGE])
+            nnx.update(model, restored[AVERAGE])
         if optimizer is not None:
             _check_finite(step, "optimizer", restored["optimizer"])
             nnx.update(optimizer, restored["optimizer"])
@@ -524,7 +537,7 @@ def restore_model(
             try:
                 cfg = checkpoints.config(candidate)
                 model = create_model(cfg, mesh)
-                digest = checkpoints.restore(candidate, model)
+                digest = checkpoints.restore(candidate, model, average=cfg.optimizer.ema_decay > 0)
             except DamagedCheckpointError as e:
                 if len(candidates) == 1:
                     raise

@@ -40,7 +40,7 @@ from phoenix_flax.errors import PhoenixError
 from phoenix_flax.metrics import auc, weighted_auc
 from phoenix_flax.scoring import action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
-from phoenix_flax.training import create_train_state, make_eval_step, make_train_step
+from phoenix_flax.training import averaged_weights, create_train_state, make_eval_step, make_train_step
 from phoenix_flax.workdir import WorkdirLock
 
 
@@ -315,7 +315,8 @@ def _loop(cfg, mesh, model, optimizer, data, checkpoints, writer, preemption, st
             eval_metrics = None
             if has_eval and (step % cfg.eval.every_steps == 0 or step == last or stop):
                 flush()
-                eval_metrics = evaluate_during_training(model, cfg, eval_step, mesh)
+                with averaged_weights(model, optimizer):  # what evaluation and serving will restore
+                    eval_metrics = evaluate_during_training(model, cfg, eval_step, mesh)
                 writer.write(step, eval_metrics)
                 logged.append({"step": step, **eval_metrics})
             if step % cfg.checkpoint.every_steps == 0 or step == last or stop:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +46,56 @@ def decay_touched_rows(rate: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+class ParamAverageState(NamedTuple):
+    count: jax.Array  # updates averaged so far
+    average: optax.Params  # the parameters' moving average, shaped as the parameters
+
+
+def average_params(decay: float) -> optax.GradientTransformation:
+    """Keeps an exponential moving average of the parameters as updated (what evaluation and
+    serving use); the updates pass through unchanged. The decay of update t is
+    `min(decay, (1 + t) / (10 + t))`, so the starting parameters are averaged out within the
+    first steps rather than after 1 / (1 - decay) of them."""
+
+    def init(params):
+        return ParamAverageState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params):
+        rate = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))
+        updated = optax.apply_updates(params, updates)
+        average = jax.tree.map(lambda a, p: (rate * a + (1 - rate) * p).astype(a.dtype), state.average, updated)
+        return updates, ParamAverageState(state.count + 1, average)
+
+    return optax.GradientTransformation(init, update)
+
+
+def averaged_params(optimizer: nnx.Optimizer) -> nnx.State | None:
+    """The optimizer's moving average of the parameters, a State of arrays shaped as the model's
+    `nnx.Param` state (None when it keeps none: `optimizer.ema_decay` 0)."""
+    last = optimizer.opt_state[-1]
+    return nnx.as_pure(last.average) if isinstance(last, ParamAverageState) else None
+
+
+@contextlib.contextmanager
+def averaged_weights(model: PhoenixModel, optimizer: nnx.Optimizer):
+    """Within the block, `model` holds the parameters' moving average (when the optimizer keeps
+    one); its own parameters come back after. No step may run within: the two share buffers."""
+    average = averaged_params(optimizer)
+    if average is None:
+        yield
+        return
+    trained = nnx.as_pure(nnx.state(model, nnx.Param))
+    nnx.update(model, average)
+    try:
+        yield
+    finally:
+        nnx.update(model, trained)
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with warmup and cosine decay for dense weights and
-    Adagrad (or AdamW) with weight decay for the hash tables."""
+    Adagrad (or AdamW) with weight decay for the hash tables; with `ema_decay`, the parameters'
+    moving average kept last."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
@@ -62,7 +111,10 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     if bias_tables:
         transforms["bias_tables"] = _table_optimizer(cfg, cfg.action_bias_weight_decay)
     labels = functools.partial(param_labels, bias_tables=bias_tables)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels))
+    steps = [optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels)]
+    if cfg.ema_decay:
+        steps.append(average_params(cfg.ema_decay))
+    return optax.chain(*steps)
 
 
 def _table_optimizer(cfg: OptimizerConfig, weight_decay: float) -> optax.GradientTransformation:

@@ -21,7 +21,7 @@ from phoenix_flax.evaluation import evaluate, format_table
 from phoenix_flax.metrics import auc, calibration, normalized_entropy, recall_at_k
 from phoenix_flax.sharding import make_mesh
 from phoenix_flax.trainer import NonFiniteLossError, train
-from phoenix_flax.training import create_model
+from phoenix_flax.training import create_model, create_train_state
 
 
 def losses(logged):
@@ -207,11 +207,12 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
     restored = saved_config(old)
     assert (restored.model.action_bias, restored.model.affinity_rank) == (False, 0)
     optimizer = restored.optimizer
-    assert (optimizer.table_initial_accumulator, optimizer.table_weight_decay, optimizer.action_bias_weight_decay) == (
-        0.1,
-        0.0,
-        None,
-    )
+    assert (
+        optimizer.table_initial_accumulator,
+        optimizer.table_weight_decay,
+        optimizer.action_bias_weight_decay,
+        optimizer.ema_decay,
+    ) == (0.1, 0.0, None, 0.0)
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
     assert cfg.model.affinity_rank > 0 and cfg.model.action_bias  # (so the line above is not vacuous)
 
@@ -296,10 +297,12 @@ def test_normalized_entropy_and_recall():
     assert recall_at_k(np.array([0, 5, 50, np.inf])) == {"recall@1": 0.25, "recall@10": 0.5, "recall@100": 0.75}
 
 
-def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5], ids=["parameters", "moving-average"])
+def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     """best_metric eval_mean_auc: the kept best step is the one with the highest logged value,
     and that value equals the actions' mean AUC computed by phoenix-eval's own pass over the
-    same validation sessions with the restored model."""
+    same validation sessions with the restored model. With optimizer.ema_decay, both are the
+    parameters' moving average."""
     from phoenix_flax.data.pipeline import open_source
     from phoenix_flax.evaluation import collect
 
@@ -307,7 +310,7 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path):
         tiny_world["data_dir"],
         eval={"every_steps": 2, "batches": 10},
         checkpoint={"every_steps": 2, "keep": 1, "best_metric": "eval_mean_auc", "best_mode": "max"},
-        optimizer={"learning_rate": 3e-2},
+        optimizer={"learning_rate": 3e-2, "ema_decay": ema_decay},
     )
     logged = train(cfg, str(tmp_path))
     evals = {m["step"]: m for m in logged if "eval_mean_auc" in m}
@@ -398,6 +401,68 @@ def test_a_table_row_moves_by_the_learning_rate_whatever_its_gradients_scale(sca
     table = params["emb"]["table"]
     want = np.where((grad != 0).any(-1, keepdims=True), -lr * np.sign(grad) - lr * decay * table, 0)
     np.testing.assert_allclose(np.asarray(updates["emb"]["table"]), want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_moving_average_of_the_parameters_by_hand():
+    """optimizer.ema_decay: after each update t (from 0) the average is
+    r * average + (1 - r) * parameters, r = min(decay, (1 + t) / (10 + t)), starting from the
+    initial parameters; the updates themselves are those of the optimizer without it."""
+    from phoenix_flax.config import OptimizerConfig
+    from phoenix_flax.training import ParamAverageState, make_optimizer
+
+    decay = 0.5
+    rng = np.random.default_rng(0)
+    params = {
+        "w": rng.normal(size=(3, 2)).astype(np.float32),
+        "emb": {"table": rng.normal(size=(4, 2)).astype(np.float32)},
+    }
+    averaged = make_optimizer(OptimizerConfig(ema_decay=decay, warmup_steps=1), total_steps=20)
+    plain = make_optimizer(OptimizerConfig(warmup_steps=1), total_steps=20)
+    state, plain_state = averaged.init(params), plain.init(params)
+    want = jax.tree.map(np.copy, params)
+    rates = [min(decay, (1 + t) / (10 + t)) for t in range(12)]
+    assert rates[0] < decay == rates[-1]  # the first steps below the configured decay, the last at it
+    for r in rates:
+        grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+        updates, state = averaged.update(grads, state, params)
+        plain_updates, plain_state = plain.update(grads, plain_state, params)
+        jax.tree.map(np.testing.assert_array_equal, updates, plain_updates)
+        params = jax.tree.map(lambda p, u: p + np.asarray(u), params, updates)
+        want = jax.tree.map(lambda a, p, r=r: r * a + (1 - r) * p, want, params)
+    assert isinstance(state[-1], ParamAverageState) and int(state[-1].count) == 12
+    jax.tree.map(
+        lambda a, w: np.testing.assert_allclose(np.asarray(a), w, rtol=1e-5, atol=1e-6), state[-1].average, want
+    )
+
+
+def test_the_moving_average_resumes_and_is_what_evaluation_restores(tiny_world, tmp_path):
+    """A run stopped and resumed keeps the same average as one that was not (it is optimizer
+    state); restore_model gives the average (saved beside the parameters), not the parameters."""
+    from phoenix_flax.training import averaged_params
+
+    cfg = tiny_experiment(tiny_world["data_dir"], optimizer={"ema_decay": 0.5})
+    train(cfg, str(tmp_path / "full"))
+    train(cfg, str(tmp_path / "split"), stop_after=4)
+    train(cfg, str(tmp_path / "split"))
+    full, split = restore_model(str(tmp_path / "full")), restore_model(str(tmp_path / "split"))
+    assert full.step == split.step == 6
+    averages = [nnx.state(r.model, nnx.Param) for r in (full, split)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6), *averages)
+
+    mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    with Checkpointer(str(tmp_path / "full")) as checkpoints:
+        trained, optimizer = create_train_state(cfg, mesh)
+        checkpoints.restore(6, trained, optimizer)
+    kept = averaged_params(optimizer)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), nnx.as_pure(averages[0]), kept
+    )
+    differ = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, p: not np.allclose(np.asarray(a), np.asarray(p)), kept, nnx.as_pure(nnx.state(trained, nnx.Param))
+        )
+    )
+    assert sum(differ) > len(differ) // 2  # the average is not the parameters
 
 
 @pytest.mark.parametrize("bias_decay", [None, 0.0, 0.25])
