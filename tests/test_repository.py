@@ -15,7 +15,17 @@ from phoenix_flax.config import ModelConfig
 from phoenix_flax.testing import model_inputs, random_batch
 
 SOURCES = [p for d in ("phoenix_flax", "train", "serve", "bench", "configs", "tests") for p in (REPO / d).rglob("*.py")]
-FIRST_PARTY = {"phoenix_flax", "train", "serve", "conftest", "numpy_reference", "train_step", "joint_base", "tpu_pod"}
+FIRST_PARTY = {
+    "phoenix_flax",
+    "train",
+    "serve",
+    "conftest",
+    "numpy_reference",
+    "train_step",
+    "quality",
+    "joint_base",
+    "tpu_pod",
+}
 
 
 def imported_modules(path) -> set[str]:

@@ -1,0 +1,121 @@
+"""What each kind of knowledge is worth on bench/quality.py's worlds: the share of the oracle's
+AUC lift over 0.5 reached by the world's own probability function when the user's interest is
+estimated from the session's history, as a model must (the posterior mean of the world's
+Dirichlet prior given the topics of the history's posts), and the posts are known
+
+  posts:           exactly (topic, quality, popularity, media type, spam author);
+  authors+media:   by their author's topic and quality, plus their media type and popularity;
+  authors:         by their author's topic and quality only (no media type, no popularity).
+
+Each is an upper bound for a model that learns that knowledge from the training data; the gap to
+the oracle is what one session's history cannot tell about the user. Scored on the test split's
+candidates, the actions with at least 50 test positives, as bench/quality.py scores the model.
+The worlds are those of bench/quality.py (synthesized in --workdir, or reused from it).
+
+    python bench/ceiling.py [--worlds dense,sparse,cold] [--workdir runs/quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+from quality import WORLDS
+
+from phoenix_flax.data import synth
+from phoenix_flax.evaluation import MIN_POSITIVES
+from phoenix_flax.metrics import auc
+
+KNOWLEDGE = ("posts", "authors+media", "authors")
+
+
+def read_test(world: synth.World, world_dir: str) -> dict[str, np.ndarray]:
+    """The test split as world indices: per candidate its post, surface, labels [N, A], its
+    session's interest estimate [N, K] and its author familiarity (as the world counts it)."""
+    posts, surfaces, labels, interest, familiarity = [], [], [], [], []
+    k = world.cfg.topics
+    index = lambda ids: np.searchsorted(world.post_ids, np.asarray(ids, np.int64))  # noqa: E731
+    for s in pq.read_table(os.path.join(world_dir, "test.parquet")).to_pylist():
+        history = index([h["post_id"] for h in s["history"]])
+        engaged = np.array([any(a in synth.POSITIVE for a in h["actions"]) for h in s["history"]], bool)
+        candidates = index([c["post_id"] for c in s["candidates"]])
+        counts = np.bincount(world.post_topic[history], minlength=k)
+        estimate = (counts + 0.3) / (counts.sum() + 0.3 * k)  # the world's Dirichlet(0.3) prior
+        same_author = world.post_author[candidates][:, None] == world.post_author[history][None, :]
+        posts.append(candidates)
+        surfaces.append([c["product_surface"] for c in s["candidates"]])
+        labels.append([[a in c["actions"] for a in synth.ACTIONS] for c in s["candidates"]])
+        interest.append(np.repeat(estimate[None], len(candidates), 0))
+        familiarity.append((same_author & engaged[None, :]).sum(-1))
+    return {
+        "posts": np.concatenate(posts),
+        "surface": np.concatenate(surfaces),
+        "labels": np.concatenate(labels).astype(bool),
+        "interest": np.concatenate(interest),
+        "familiarity": np.concatenate(familiarity),
+    }
+
+
+def probabilities(world: synth.World, test: dict, knowledge: str) -> np.ndarray:
+    """[N, A]: the world's probability function with the user and the posts known as `knowledge` says."""
+    view = copy.copy(world)
+    n = len(test["posts"])
+    view.interest = test["interest"]  # one "user" per candidate: its session's estimate
+    if knowledge != "posts":
+        view.post_topic = world.author_topic[world.post_author]
+        view.post_quality = world.author_quality[world.post_author]
+    if knowledge == "authors":
+        view.post_log_pop_z = np.zeros_like(world.post_log_pop_z)
+    probs = view.probabilities(np.arange(n), test["posts"], test["surface"], test["familiarity"])
+    if knowledge == "authors":  # no media type: the probabilities before the media mask
+        for action, media in (("video_view", synth.VIDEO), ("photo_expand", synth.PHOTO)):
+            view.post_media = np.full_like(world.post_media, media)
+            probs[:, synth.A[action]] = view.probabilities(
+                np.arange(n), test["posts"], test["surface"], test["familiarity"]
+            )[:, synth.A[action]]
+    return probs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worlds", default=",".join(WORLDS))
+    p.add_argument("--workdir", default="runs/quality")
+    args = p.parse_args()
+    summary = {}
+    for name in args.worlds.split(","):
+        world_dir = os.path.join(args.workdir, name, "world")
+        world = synth.World(WORLDS[name])
+        if not os.path.exists(os.path.join(world_dir, "world.json")):
+            synth.write_world(world, synth.simulate(world), world_dir)
+        with open(os.path.join(world_dir, "world.json")) as f:
+            saved = json.load(f)["config"]
+        if saved != {k: v for k, v in vars(WORLDS[name]).items()}:
+            raise SystemExit(f"{world_dir} holds another world ({saved}); use another --workdir")
+        test = read_test(world, world_dir)
+        oracle = np.load(os.path.join(world_dir, "test_truth.npz"))["probs"]
+        labels = test["labels"]
+        judged = [i for i in range(labels.shape[1]) if labels[:, i].sum() >= MIN_POSITIVES]
+        oracle_auc = {i: auc(oracle[:, i], labels[:, i]) for i in judged}
+        print(f"\n{name} world: {WORLDS[name]}")
+        print(f"{'action':<16}{'positives':>10}{'oracle':>9}" + "".join(f"{k:>15}" for k in KNOWLEDGE))
+        lifts = {k: {} for k in KNOWLEDGE}
+        for knowledge in KNOWLEDGE:
+            probs = probabilities(world, test, knowledge)
+            for i in judged:
+                lifts[knowledge][i] = (auc(probs[:, i], labels[:, i]) - 0.5) / (oracle_auc[i] - 0.5)
+        for i in judged:
+            row = "".join(f"{lifts[k][i]:>15.1%}" for k in KNOWLEDGE)
+            print(f"{synth.ACTIONS[i]:<16}{int(labels[:, i].sum()):>10}{oracle_auc[i]:>9.4f}{row}")
+        summary[name] = {k: np.mean(list(v.values())) for k, v in lifts.items()}
+    print("\nmean share of the oracle's lift, the user from the session's history and the posts known as")
+    print(f"{'world':<8}" + "".join(f"{k:>15}" for k in KNOWLEDGE))
+    for name, row in summary.items():
+        print(f"{name:<8}" + "".join(f"{row[k]:>15.1%}" for k in KNOWLEDGE))
+
+
+if __name__ == "__main__":
+    main()
