@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 
@@ -38,8 +39,16 @@ def read_test(world: synth.World, world_dir: str) -> dict[str, np.ndarray]:
     session's interest estimate [N, K] and its author familiarity (as the world counts it)."""
     posts, surfaces, labels, interest, familiarity = [], [], [], [], []
     k = world.cfg.topics
-    index = lambda ids: np.searchsorted(world.post_ids, np.asarray(ids, np.int64))  # noqa: E731
-    for s in pq.read_table(os.path.join(world_dir, "test.parquet")).to_pylist():
+    path = os.path.join(world_dir, "test.parquet")
+
+    def index(ids: list[int]) -> np.ndarray:  # post IDs -> the world's post indices
+        ids = np.asarray(ids, np.int64)
+        found = np.minimum(np.searchsorted(world.post_ids, ids), len(world.post_ids) - 1)
+        if (world.post_ids[found] != ids).any():
+            raise SystemExit(f"{path}: post {ids[world.post_ids[found] != ids][0]} is not one of the world's")
+        return found
+
+    for s in pq.read_table(path).to_pylist():
         history = index([h["post_id"] for h in s["history"]])
         engaged = np.array([any(a in synth.POSITIVE for a in h["actions"]) for h in s["history"]], bool)
         candidates = index([c["post_id"] for c in s["candidates"]])
@@ -93,7 +102,7 @@ def main() -> None:
             synth.write_world(world, synth.simulate(world), world_dir)
         with open(os.path.join(world_dir, "world.json")) as f:
             saved = json.load(f)["config"]
-        if saved != {k: v for k, v in vars(WORLDS[name]).items()}:
+        if saved != dataclasses.asdict(WORLDS[name]):
             raise SystemExit(f"{world_dir} holds another world ({saved}); use another --workdir")
         test = read_test(world, world_dir)
         oracle = np.load(os.path.join(world_dir, "test_truth.npz"))["probs"]
