@@ -35,9 +35,9 @@ KNOWLEDGE = ("posts", "authors+media", "authors")
 
 
 def read_test(world: synth.World, world_dir: str) -> dict[str, np.ndarray]:
-    """The test split as world indices: per candidate its post, surface, labels [N, A], its
-    session's interest estimate [N, K] and its author familiarity (as the world counts it)."""
-    posts, surfaces, labels, interest, familiarity = [], [], [], [], []
+    """The test split as world indices: per candidate its post, surface, labels [N, A], session
+    and author familiarity (as the world counts it); per session its interest estimate [S, K]."""
+    posts, surfaces, labels, sessions, interest, familiarity = [], [], [], [], [], []
     k = world.cfg.topics
     path = os.path.join(world_dir, "test.parquet")
 
@@ -58,13 +58,15 @@ def read_test(world: synth.World, world_dir: str) -> dict[str, np.ndarray]:
         posts.append(candidates)
         surfaces.append([c["product_surface"] for c in s["candidates"]])
         labels.append([[a in c["actions"] for a in synth.ACTIONS] for c in s["candidates"]])
-        interest.append(np.repeat(estimate[None], len(candidates), 0))
+        sessions.append(np.full(len(candidates), len(interest)))
+        interest.append(estimate)
         familiarity.append((same_author & engaged[None, :]).sum(-1))
     return {
         "posts": np.concatenate(posts),
         "surface": np.concatenate(surfaces),
         "labels": np.concatenate(labels).astype(bool),
-        "interest": np.concatenate(interest),
+        "session": np.concatenate(sessions),
+        "interest": np.stack(interest),
         "familiarity": np.concatenate(familiarity),
     }
 
@@ -72,20 +74,18 @@ def read_test(world: synth.World, world_dir: str) -> dict[str, np.ndarray]:
 def probabilities(world: synth.World, test: dict, knowledge: str) -> np.ndarray:
     """[N, A]: the world's probability function with the user and the posts known as `knowledge` says."""
     view = copy.copy(world)
-    n = len(test["posts"])
-    view.interest = test["interest"]  # one "user" per candidate: its session's estimate
+    view.interest = test["interest"]  # one "user" per session: its estimate
+    args = (test["session"], test["posts"], test["surface"], test["familiarity"])
     if knowledge != "posts":
         view.post_topic = world.author_topic[world.post_author]
         view.post_quality = world.author_quality[world.post_author]
     if knowledge == "authors":
         view.post_log_pop_z = np.zeros_like(world.post_log_pop_z)
-    probs = view.probabilities(np.arange(n), test["posts"], test["surface"], test["familiarity"])
+    probs = view.probabilities(*args)
     if knowledge == "authors":  # no media type: the probabilities before the media mask
         for action, media in (("video_view", synth.VIDEO), ("photo_expand", synth.PHOTO)):
             view.post_media = np.full_like(world.post_media, media)
-            probs[:, synth.A[action]] = view.probabilities(
-                np.arange(n), test["posts"], test["surface"], test["familiarity"]
-            )[:, synth.A[action]]
+            probs[:, synth.A[action]] = view.probabilities(*args)[:, synth.A[action]]
     return probs
 
 
