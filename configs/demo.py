@@ -39,7 +39,9 @@ def get_config() -> ExperimentConfig:
         # with bench/quality.py: 81.4% of the oracle's lift against 79.8% at 2e-3; the sparse and
         # cold worlds, which overfit early, 58.2% against 58.4% and 56.2% against 58.7%).
         optimizer=OptimizerConfig(learning_rate=3e-3, table_learning_rate=0.05, warmup_steps=100),
-        loss=LossConfig(ranking_weight=1.0, retrieval_weight=0.2, logq="estimated", frequency_buckets=1 << 16),
+        loss=LossConfig(
+            ranking_weight=1.0, retrieval_weight=0.2, exposure_weight=0.1, logq="estimated", frequency_buckets=1 << 16
+        ),
         # The joint validation loss is dominated by retrieval; select models by the final score's
         # ranking quality.
         checkpoint=CheckpointConfig(every_steps=250, keep=2, best_metric="eval_weighted_auc", best_mode="max"),

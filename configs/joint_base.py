@@ -39,7 +39,10 @@ def get_config() -> ExperimentConfig:
         # replicated with their gradients all-reduced (phoenix-plan on 8 devices: peak 56 -> 13 GiB).
         mesh=MeshConfig(data=1, fsdp=-1, model=1),
         optimizer=OptimizerConfig(learning_rate=5e-4, table_learning_rate=0.02, warmup_steps=2000),
-        loss=LossConfig(ranking_weight=1.0, retrieval_weight=0.5, logq="estimated", frequency_buckets=1 << 22),
+        # exposure_weight: measured on the synthetic worlds only (bench/quality.py, README).
+        loss=LossConfig(
+            ranking_weight=1.0, retrieval_weight=0.5, exposure_weight=0.1, logq="estimated", frequency_buckets=1 << 22
+        ),
         checkpoint=CheckpointConfig(every_steps=2000, keep=3),
         eval=EvalConfig(every_steps=2000, batches=50),
         train=TrainConfig(steps=200_000, log_every=100),

@@ -32,6 +32,7 @@ TARGET_FIELDS = {
     "positive_author_hashes": "[B, Ha]",
     "positive_id": "[B] int32 fingerprint of its post ID (accidental hits)",
     "positive_valid": "[B] the example has a retrieval positive",
+    "candidate_author_fingerprint": "[B, C] int32 fingerprint of each candidate's author ID (the exposure softmax)",
 }
 # Fields sent to the devices; the pipeline's other fields (raw IDs, session IDs) stay on the host.
 DEVICE_FIELDS = (*INPUT_FIELDS, *TARGET_FIELDS)
@@ -59,6 +60,7 @@ def batch_shapes(cfg, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dt
         "positive_author_hashes": ((b, ha), i32),
         "positive_id": ((b,), i32),
         "positive_valid": ((b,), flag),
+        "candidate_author_fingerprint": ((b, c), i32),
     }
 
 

@@ -15,7 +15,8 @@ class PhoenixModel(nnx.Module):
     """The ranker and/or the retrieval model over one set of hash tables.
 
     `frequency` (streaming item frequencies for the logQ correction) is present when the
-    retrieval model is trained with estimated logQ.
+    retrieval model is trained with estimated logQ; `exposure_frequency` (the shown authors'
+    frequencies) when the exposure softmax is.
     """
 
     def __init__(
@@ -27,6 +28,7 @@ class PhoenixModel(nnx.Module):
         retrieval: bool = True,
         frequency_buckets: int | None = None,
         frequency_alpha: float = 0.01,
+        exposure_frequency_buckets: int | None = None,
     ):
         if not (ranker or retrieval):
             raise ValueError("a PhoenixModel needs the ranker, the retrieval model or both")
@@ -35,4 +37,9 @@ class PhoenixModel(nnx.Module):
         self.retrieval = PhoenixRetrieval(cfg, rngs=rngs, embeddings=self.embeddings) if retrieval else None
         self.frequency = (
             FrequencyEstimator(frequency_buckets, frequency_alpha) if retrieval and frequency_buckets else None
+        )
+        self.exposure_frequency = (
+            FrequencyEstimator(exposure_frequency_buckets, frequency_alpha)
+            if ranker and exposure_frequency_buckets
+            else None
         )

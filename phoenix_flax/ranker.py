@@ -74,6 +74,12 @@ class ActionBias(nnx.Module):
             self.user = HashTable(cfg.user_vocab_rows, r, rngs=rngs, init=small)
             self.mix = param(rngs, zeros, (r, a), ("table_embed", "actions"))  # rows: the factors
 
+    def exposure_factors(self, author_hashes: jax.Array, user_hashes: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[..., Ha], [..., Hu] -> the author's and the user's affinity factors, [..., r] each (what
+        the exposure softmax scores against each other)."""
+        a = self.mix.shape[-1]
+        return self.author(author_hashes).sum(-2)[..., a:], self.user(user_hashes).sum(-2)
+
     def __call__(self, post_hashes: jax.Array, author_hashes: jax.Array, user_hashes: jax.Array) -> jax.Array:
         """[..., Hp], [..., Ha], [..., Hu] (broadcasting with the others) -> float32 [..., A]."""
         rows = self.post(post_hashes).sum(-2) + self.author(author_hashes).sum(-2)  # [..., A + r]

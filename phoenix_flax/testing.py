@@ -58,6 +58,7 @@ def random_batch(
     batch["positive_author_hashes"] = batch["candidate_author_hashes"][:, 0].copy()
     batch["positive_id"] = fingerprint(rng.integers(0, 1 << 40, b))
     batch["positive_valid"] = np.ones(b, bool)
+    batch["candidate_author_fingerprint"] = batch["candidate_author_hashes"][..., 0].copy()  # same hashes: same author
     return batch
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from phoenix_flax.batch import labeled_candidates
 from phoenix_flax.config import ExperimentConfig, LossConfig, OptimizerConfig
-from phoenix_flax.losses import ranking_bce, sampled_softmax_loss
+from phoenix_flax.losses import exposure_columns, exposure_softmax_loss, ranking_bce, sampled_softmax_loss
 from phoenix_flax.model import PhoenixModel
 from phoenix_flax.sharding import check_divisible, use_mesh
 
@@ -131,13 +131,15 @@ def _table_optimizer(cfg: OptimizerConfig, weight_decay: float) -> optax.Gradien
 def build_model(cfg: ExperimentConfig, seed: int | None = None) -> PhoenixModel:
     """The model a config trains (unsharded; call under a mesh and rules to shard)."""
     loss = cfg.loss
+    buckets = loss.frequency_buckets if loss.logq == "estimated" else None
     return PhoenixModel(
         cfg.model,
         rngs=nnx.Rngs(cfg.train.seed if seed is None else seed),
         ranker=loss.ranking_weight > 0,
         retrieval=loss.retrieval_weight > 0,
-        frequency_buckets=loss.frequency_buckets if loss.logq == "estimated" else None,
+        frequency_buckets=buckets,
         frequency_alpha=loss.frequency_alpha,
+        exposure_frequency_buckets=buckets if loss.exposure_weight > 0 else None,
     )
 
 
@@ -185,6 +187,10 @@ def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[j
         total = total + cfg.ranking_weight * rank
         metrics["ranking_loss"] = rank
         outputs["logits"] = logits
+        if cfg.exposure_weight > 0:
+            exposure = exposure_loss(model, batch, valid)
+            total = total + cfg.exposure_weight * exposure
+            metrics["exposure_loss"] = exposure
     if model.retrieval is not None:
         users = model.retrieval.user_from_embeddings(batch, emb)
         positives = model.retrieval.candidate_tower(emb["positive_post_embeddings"], emb["positive_author_embeddings"])
@@ -199,6 +205,16 @@ def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[j
     return total, metrics, outputs
 
 
+def exposure_loss(model: PhoenixModel, batch: dict, valid: jax.Array) -> jax.Array:
+    """`exposure_softmax_loss` of the action bias's user affinity factors against the shown
+    candidates' author factors, `valid [B, C]` the shown candidates, authors told apart by
+    fingerprint."""
+    authors, users = model.ranker.action_bias.exposure_factors(batch["candidate_author_hashes"], batch["user_hashes"])
+    ids = batch["candidate_author_fingerprint"]  # [B, C]
+    log_q = None if model.exposure_frequency is None else model.exposure_frequency.log_q(ids)
+    return exposure_softmax_loss(users, authors, ids, valid, log_q)
+
+
 def train_step_fn(cfg: LossConfig):
     """The step's body, not jitted: `step(model, optimizer, batch) -> metrics`, updating both."""
 
@@ -209,6 +225,10 @@ def train_step_fn(cfg: LossConfig):
 
         if model.frequency is not None:  # before the loss: every positive of the batch has a rate
             model.frequency.update(batch["positive_id"], batch["positive_valid"])
+        if model.exposure_frequency is not None:  # the authors the exposure softmax samples as negatives
+            valid = labeled_candidates(batch)
+            columns = exposure_columns(batch["candidate_author_fingerprint"], valid)
+            model.exposure_frequency.update(columns, exposure_columns(valid, valid))
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         metrics["grad_norm"] = optax.tree.norm(grads)
         optimizer.update(model, grads)

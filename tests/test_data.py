@@ -254,6 +254,11 @@ def test_batches_hash_every_id_with_the_models_function(dataset):
     pv = batch["positive_valid"]
     assert (batch["positive_id"][pv] >= 1).all() and (batch["positive_id"][pv] < FINGERPRINT_ROWS).all()
     assert (batch["positive_id"][~pv] == 0).all()
+    # The authors' fingerprints (the exposure softmax's IDs): one per author, zero for padding.
+    authors, prints = batch["candidate_author_hashes"][valid], batch["candidate_author_fingerprint"][valid]
+    assert (batch["candidate_author_fingerprint"][~valid] == 0).all() and (prints >= 1).all()
+    pairs = {(tuple(h), f) for h, f in zip(authors.tolist(), prints.tolist(), strict=True)}
+    assert len(pairs) == len({h for h, _ in pairs}) == len({f for _, f in pairs}) > 1
 
 
 def session_ids(dataset, process_index=0, process_count=1, **kw):

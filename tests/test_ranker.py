@@ -177,6 +177,52 @@ def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_
     np.testing.assert_allclose(with_bias - without, want, atol=1e-4)
 
 
+def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_authors():
+    """Every shown candidate's author against one shown author of every other session (session
+    j's slot j mod its count), same authors as the row's removed, logQ from the columns the
+    training step recorded; checked against numpy after one step."""
+    from phoenix_flax.batch import labeled_candidates
+    from phoenix_flax.config import LossConfig, OptimizerConfig
+    from phoenix_flax.model import PhoenixModel
+    from phoenix_flax.training import exposure_loss, make_optimizer, train_step_fn
+
+    model = PhoenixModel(SMALL, rngs=nnx.Rngs(0), retrieval=False, exposure_frequency_buckets=1 << 12)
+    with_random_action_bias(model.ranker)
+    batch = random_batch(SMALL, 6, np.random.default_rng(3))  # with padded candidates
+    batch["labeled"][5] = False  # an unlabeled session's candidates count nowhere
+    ah, fp = batch["candidate_author_hashes"], batch["candidate_author_fingerprint"]
+    v = batch["candidate_post_hashes"][..., 0] != 0
+    v[5] = False
+    slot = np.arange(6) % np.maximum(v.sum(1), 1)
+    ah[1, slot[1]], fp[1, slot[1]] = ah[0, 0], fp[0, 0]  # session 0's author is session 1's column: a hit
+    optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(), 10), wrt=nnx.Param)
+    nnx.jit(train_step_fn(LossConfig(exposure_weight=0.5)))(model, optimizer, batch)
+    got = float(exposure_loss(model, batch, labeled_candidates(batch)))
+
+    bias, a = model.ranker.action_bias, len(SMALL.actions)
+    author_f, user_f = np.asarray(bias.author.table[...])[:, a:], np.asarray(bias.user.table[...])
+
+    def rows(table, hashes):
+        return (table[hashes] * (hashes != 0)[..., None]).sum(-2)
+
+    users, authors = rows(user_f, batch["user_hashes"]), rows(author_f, ah)  # [B, r], [B, C, r]
+    col = np.arange(6)[v.any(1)]  # the sessions with a column
+    col_ids, col_authors = fp[col, slot[col]], authors[col, slot[col]]
+
+    def log_q(ids):  # one step recorded the columns: an author's rate is its count among them
+        return np.log(np.maximum([(col_ids == i).sum() for i in ids], 0.01))
+
+    losses = []
+    for b in range(6):
+        others = [k for k, j in enumerate(col) if j != b and col_ids[k] not in fp[b][v[b]]]
+        neg = users[b] @ col_authors[others].T - log_q(col_ids[others])
+        for c in np.nonzero(v[b])[0]:
+            pos = users[b] @ authors[b, c] - log_q([fp[b, c]])[0]
+            losses.append(np.logaddexp.reduce([pos, *neg]) - pos)
+    assert (~v).any() and fp[0, 0] in fp[1][v[1]]  # padding, and a hit for rows 0 and 1
+    np.testing.assert_allclose(got, np.mean(losses), rtol=1e-5)
+
+
 def test_the_action_bias_trains_with_the_tables_optimizer():
     from phoenix_flax.training import param_labels
 

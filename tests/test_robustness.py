@@ -254,6 +254,10 @@ def test_config_problems_are_all_named_at_once_before_any_work(tiny_world, capsy
             "best_metric='eval_ranking_loss'",
         ),
         (["--config.loss.action_weights=1,2"], "loss.action_weights has 2 weights for 15 actions"),
+        (
+            ["--config.model.affinity_rank=0"],
+            "loss.exposure_weight=0.1 trains the ranker's affinity factors: it needs",
+        ),
         (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one axis may be -1"),
     ],
 )

@@ -213,6 +213,7 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
         optimizer.action_bias_weight_decay,
         optimizer.ema_decay,
     ) == (0.1, 0.0, None, 0.0)
+    assert restored.loss.exposure_weight == 0.0
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
     assert cfg.model.affinity_rank > 0 and cfg.model.action_bias  # (so the line above is not vacuous)
 

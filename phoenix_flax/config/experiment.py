@@ -112,9 +112,15 @@ class LossConfig:
     frequency_buckets: int = 1 << 20
     frequency_alpha: float = 0.01
     action_weights: tuple[float, ...] | None = None  # per-action BCE weights; None: all 1
+    # Weight of the exposure softmax beside the ranking loss: the action bias's user affinity
+    # factors against the factors of the authors the user was shown, every shown candidate a
+    # positive (engaged or not), in-batch (logQ from the authors' streaming frequency, the same
+    # author elsewhere in the batch removed). What a user is shown tells their interests (the
+    # feed sourced it by them), for every candidate, where labels tell it for the few engaged.
+    exposure_weight: float = 0.0
 
     def __post_init__(self):
-        checks = Checks(self).at_least(0, "ranking_weight", "retrieval_weight")
+        checks = Checks(self).at_least(0, "ranking_weight", "retrieval_weight", "exposure_weight")
         checks.require(
             self.ranking_weight > 0 or self.retrieval_weight > 0,
             "ranking_weight",
@@ -187,6 +193,13 @@ def agreement_problems(sections: dict) -> list[str]:
     """What the sections must agree on; each check runs when the sections it reads are given."""
     problems = []
     model, loss, checkpoint, evaluation = (sections.get(k) for k in ("model", "loss", "checkpoint", "eval"))
+    affinity = model and loss and loss.ranking_weight > 0 and model.action_bias and model.affinity_rank > 0
+    if model and loss and loss.exposure_weight > 0 and not affinity:
+        problems.append(
+            f"loss.exposure_weight={loss.exposure_weight} trains the ranker's affinity factors: it needs "
+            f"loss.ranking_weight > 0, model.action_bias and model.affinity_rank > 0 (have {loss.ranking_weight}, "
+            f"{model.action_bias}, {model.affinity_rank})"
+        )
     if model and loss and loss.action_weights is not None and len(loss.action_weights) != model.num_actions:
         problems.append(f"loss.action_weights has {len(loss.action_weights)} weights for {model.num_actions} actions")
     if loss and checkpoint and evaluation and checkpoint.best_metric:
@@ -373,6 +386,7 @@ FIELDS_ADDED = {
         "action_bias_weight_decay": None,
         "ema_decay": 0.0,
     },
+    "loss": {"exposure_weight": 0.0},
 }
 
 

@@ -167,6 +167,7 @@ class HashBatch(grain.transforms.Map):
             ),
             "positive_id": fingerprint(ex["positive_post_id"]) * pv,
             "positive_valid": pv,
+            "candidate_author_fingerprint": fingerprint(ex["candidate_author_id"]) * cv,
             "session_id": ex["session_id"],
             "candidate_offset": ex["candidate_offset"],
             "candidate_post_id": ex["candidate_post_id"],
