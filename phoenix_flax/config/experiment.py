@@ -115,9 +115,10 @@ class LossConfig:
     # Weight of the exposure softmax beside the ranking loss (`losses.exposure_softmax_loss`):
     # the action bias's user affinity factors against the factors of the authors the user was
     # shown, every shown candidate a positive (engaged or not), against one shown author of every
-    # other session (logQ from their streamed frequency). What a user is shown tells their
-    # interests (the feed chose it by them) for every candidate, where labels tell it for the
-    # few engaged. Needs the ranker's affinity (model.action_bias, model.affinity_rank > 0).
+    # other session (logQ, with logq="estimated", from their streamed frequency). What a user is
+    # shown tells their interests (the feed chose it by them) for every candidate, where labels
+    # tell it for the few engaged. Needs the ranker's affinity (model.action_bias,
+    # model.affinity_rank > 0).
     exposure_weight: float = 0.0
 
     def __post_init__(self):
