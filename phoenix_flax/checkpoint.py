@@ -6,8 +6,8 @@ parameters' moving average (part of the optimizer's state too, which training re
 which evaluation and serving restore without the optimizer. Saves are asynchronous. Once a
 save is complete, its integrity record (`integrity.json` in the step's directory: every file's
 size and SHA-256) is written; restoring checks it, so a truncated, missing or altered file is
-found before anything is trained on. The latest K steps are kept, the best by an evaluation metric beside them, and
-never deleted: the newest step whose record was written.
+found before anything is trained on. The latest K steps are kept, the best by an evaluation
+metric beside them, and never deleted: the newest step whose record was written.
 
 A damaged step (a file missing, truncated or changed, an item Orbax cannot read, non-finite
 parameters) is reported in one line naming the step, the item and why. Training resumes from

@@ -112,8 +112,9 @@ def exposure_softmax_loss(
 
     Row b's positive (b, c) competes with one shown candidate of every other session (the one
     `exposure_columns` picks), logits `u_b . c - log q`; a column that has the same ID as any
-    of row b's shown candidates is no negative of row b (an accidental hit), nor is row b's own
-    session. The logits are `[B, B]`, as the retrieval softmax's: C positives per row share them.
+    of row b's shown candidates is no negative of row b (an accidental hit; so is row b's own
+    column, one of its shown candidates). The logits are `[B, B]`, as the retrieval softmax's:
+    C positives per row share them.
 
     Args:
       users: [B, D] each session's user vector.
@@ -125,15 +126,13 @@ def exposure_softmax_loss(
     Returns:
       scalar: mean over the shown candidates of -log softmax over [positive, row's negatives].
     """
-    b = users.shape[0]
     users, candidates = users.astype(jnp.float32), candidates.astype(jnp.float32)
     log_q = jnp.zeros(ids.shape, jnp.float32) if log_q is None else log_q.astype(jnp.float32)
     pos = jnp.sum(users[:, None, :] * candidates, axis=-1) - log_q  # [B, C]
     col_ids, col_valid = exposure_columns(ids, valid), exposure_columns(valid, valid)  # [B]
     neg = users @ exposure_columns(candidates, valid).T - exposure_columns(log_q, valid)[None, :]  # [B, B]
-    hit = jnp.any((ids[:, :, None] == col_ids[None, None, :]) & valid[:, :, None], axis=1)  # [B, B]
-    own = jnp.eye(b, dtype=bool)
-    neg = jnp.where(col_valid[None, :] & ~hit & ~own, neg, MASKED_LOGIT)
+    hit = jnp.any((ids[:, :, None] == col_ids[None, None, :]) & valid[:, :, None], axis=1)  # [B, B], diagonal too
+    neg = jnp.where(col_valid[None, :] & ~hit, neg, MASKED_LOGIT)
     per_positive = jnp.logaddexp(jax.nn.logsumexp(neg, axis=-1)[:, None], pos) - pos  # [B, C]
     total = jnp.sum(jnp.where(valid, per_positive, 0.0))
     return total / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)

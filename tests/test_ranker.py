@@ -41,6 +41,11 @@ def with_random_action_bias(model, seed=1):
     return model
 
 
+def summed_rows(table, hashes):
+    """`table`'s rows of `hashes [..., H]` summed over the hashes, padding (0) adding nothing."""
+    return (table[hashes] * (hashes != 0)[..., None]).sum(-2)
+
+
 @pytest.fixture(scope="module", params=["shared", "sequential"])
 def ranker(request):
     model = PhoenixRanker(dataclasses.replace(SMALL, candidate_positions=request.param), rngs=nnx.Rngs(0))
@@ -167,12 +172,10 @@ def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_
     model.action_bias = None
     without = np.asarray(model(model_inputs(batch)))
 
-    def rows(table, hashes):  # summed over the hashes, padding (0) adding nothing
-        return (table[hashes] * (hashes != 0)[..., None]).sum(-2)
-
     ph, ah, uh = batch["candidate_post_hashes"], batch["candidate_author_hashes"], batch["user_hashes"]
-    affinity = (rows(user_f, uh)[:, None] * (rows(post_f, ph) + rows(author_f, ah))) @ mix  # [B, C, A]
-    want = rows(post, ph) + rows(author, ah) + affinity
+    user, candidate = summed_rows(user_f, uh)[:, None], summed_rows(post_f, ph) + summed_rows(author_f, ah)
+    affinity = (user * candidate) @ mix  # [B, C, A]
+    want = summed_rows(post, ph) + summed_rows(author, ah) + affinity
     assert (ph == 0).any() and np.abs(affinity).max() > 0.5 and SMALL.affinity_rank > 0
     np.testing.assert_allclose(with_bias - without, want, atol=1e-4)
 
@@ -202,10 +205,7 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
     bias, a = model.ranker.action_bias, len(SMALL.actions)
     author_f, user_f = np.asarray(bias.author.table[...])[:, a:], np.asarray(bias.user.table[...])
 
-    def rows(table, hashes):
-        return (table[hashes] * (hashes != 0)[..., None]).sum(-2)
-
-    users, authors = rows(user_f, batch["user_hashes"]), rows(author_f, ah)  # [B, r], [B, C, r]
+    users, authors = summed_rows(user_f, batch["user_hashes"]), summed_rows(author_f, ah)  # [B, r], [B, C, r]
     col = np.arange(6)[v.any(1)]  # the sessions with a column
     col_ids, col_authors = fp[col, slot[col]], authors[col, slot[col]]
 
