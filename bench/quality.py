@@ -9,8 +9,10 @@ Per world, per action with at least 50 test positives: the model's AUC beside th
 baseline's (each post's smoothed action rate in training: what counting learns) and the
 oracle's (the true probabilities), and the calibration ratio (mean prediction over observed
 rate; the true probabilities' own ratio beside it shows how far the observed rate strays by
-chance); then the actions where the model beats the baseline, the mean share of the oracle's lift
-over 0.5 it reaches ((AUC - 0.5) / (oracle - 0.5)) and the training time. Worlds and runs are
+chance, and the model's over the true probabilities' mean, "truth", is the ratio without that
+noise); then the actions where the model beats the baseline, the mean share of the oracle's lift
+over 0.5 it reaches ((AUC - 0.5) / (oracle - 0.5)), the actions calibrated within [0.9, 1.1]
+(against the observed rate, and against the truth) and the training time. Worlds and runs are
 kept in --workdir and reused.
 
     python bench/quality.py [--worlds dense,sparse,cold] [--workdir runs/quality] [--config.a.b=v ...]
@@ -25,7 +27,7 @@ import os
 
 from phoenix_flax.config import apply_overrides, load, replace_fields
 from phoenix_flax.data.synth import WorldConfig
-from phoenix_flax.evaluation import judged_actions, oracle_gap_closed, quality_summary
+from phoenix_flax.evaluation import judged_actions, oracle_gap_closed, quality_summary, truth_calibration_ratio
 from train.demo import DEMO_CONFIG, WORLD, make_world, train_and_evaluate
 
 SPARSE = WorldConfig(seed=7, users=2000, authors=400, posts=20000, sessions=24000, candidates=8, history=32)
@@ -51,18 +53,21 @@ def main() -> None:
         judged = judged_actions(result)
         print(f"\n{name} world: {WORLDS[name]}")
         print(
-            f"{'action':<16}{'positives':>10}{'model AUC':>11}{'post rate':>11}{'oracle':>9}{'calib':>8}{'(oracle)':>9}{'lift':>8}"
+            f"{'action':<16}{'positives':>10}{'model AUC':>11}{'post rate':>11}{'oracle':>9}{'calib':>8}{'(oracle)':>9}"
+            f"{'truth':>7}{'lift':>8}"
         )
         for a, r in judged.items():
             print(
                 f"{a:<16}{r['positives']:>10}{r['auc']:>11.4f}{r['popularity_auc']:>11.4f}{r['oracle_auc']:>9.4f}"
-                f"{r['calibration_ratio']:>8.3f}{r['oracle_calibration_ratio']:>9.3f}{oracle_gap_closed(r):>8.1%}"
+                f"{r['calibration_ratio']:>8.3f}{r['oracle_calibration_ratio']:>9.3f}{truth_calibration_ratio(r):>7.3f}"
+                f"{oracle_gap_closed(r):>8.1%}"
             )
         summary[name] = quality_summary(result) | {"train_s": timings["train"]}
-    print("\nworld    beats post rate   mean lift closed   training")
+    print("\nworld    beats post rate   mean lift closed   calibrated (truth)   training")
     for name, q in summary.items():
         print(
-            f"{name:<8}{q['beats_popularity']:>8}/{q['judged']:<8}{q['mean_gap_closed']:>15.1%}{q['train_s']:>11.0f} s"
+            f"{name:<8}{q['beats_popularity']:>8}/{q['judged']:<8}{q['mean_gap_closed']:>15.1%}"
+            f"{q['calibrated']:>10}/{q['judged']:<3}({q['calibrated_vs_truth']}/{q['judged']}){q['train_s']:>9.0f} s"
         )
 
 

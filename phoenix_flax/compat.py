@@ -65,6 +65,7 @@ def config_from_reference(reference_config: Mapping, **options) -> ModelConfig:
         candidate_positions="sequential",
         dtype="float32",
         action_bias=False,  # not in the original
+        calibration=False,  # nor this
         **options,
     )
 

@@ -64,8 +64,8 @@ def collect(model, cfg: ExperimentConfig, split: str, batch_size: int, mesh) -> 
         _, outputs = eval_step(model, global_batch(batch, mesh, cfg.mesh.logical_rules()))
         outputs = jax.device_get(outputs)
         valid = labeled_candidates(batch)
-        if "logits" in outputs:
-            out["probs"].append(1 / (1 + np.exp(-outputs["logits"][valid])))
+        if "probs" in outputs:
+            out["probs"].append(outputs["probs"][valid])
             out["labels"].append(batch["candidate_actions"][valid])
             rows, cols = np.nonzero(valid)
             out["session_id"].append(batch["session_id"][rows])
@@ -310,15 +310,31 @@ def oracle_gap_closed(row: dict) -> float | None:
     return (model - 0.5) / (oracle - 0.5)
 
 
+CALIBRATION_BAND = (0.9, 1.1)  # a calibration ratio counted as calibrated
+
+
+def truth_calibration_ratio(row: dict) -> float | None:
+    """The mean prediction over the true probabilities' mean (where the data has them): the
+    calibration ratio without the observed rate's sampling noise, which the oracle's own ratio
+    measures (the model's ratio over the oracle's)."""
+    model, oracle = row["calibration_ratio"], row.get("oracle_calibration_ratio")
+    return None if model is None or not oracle else model / oracle
+
+
 def quality_summary(result: dict) -> dict:
     """Over the judged actions: how many beat the popularity (post-rate) baseline, of how many,
-    and the mean share of the oracle's lift the model reaches."""
+    the mean share of the oracle's lift the model reaches, and how many have a calibration ratio
+    in CALIBRATION_BAND, against the observed rate and (None without truth) the true probabilities."""
     judged = judged_actions(result)
     closed = [c for c in map(oracle_gap_closed, judged.values()) if c is not None]
+    low, high = CALIBRATION_BAND
+    truth = [truth_calibration_ratio(r) for r in judged.values()]
     return {
         "beats_popularity": sum(r["auc"] > r["popularity_auc"] for r in judged.values()),
         "judged": len(judged),
         "mean_gap_closed": float(np.mean(closed)) if closed else None,
+        "calibrated": sum(low <= r["calibration_ratio"] <= high for r in judged.values()),
+        "calibrated_vs_truth": None if None in truth else sum(low <= t <= high for t in truth),
     }
 
 

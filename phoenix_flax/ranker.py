@@ -90,6 +90,11 @@ class ActionBias(nnx.Module):
         return rows[..., :a] + (u * rows[..., a:]) @ self.mix[...]
 
 
+class CalibrationShift(nnx.Variable):
+    """Per-action logit shifts `[A]` fit on validation (phoenix_flax/calibration.py): not trained
+    by the optimizer, saved with the model."""
+
+
 class PhoenixRanker(nnx.Module):
     """Predicts one logit per engagement action for every candidate: `[B, C, A]`."""
 
@@ -105,10 +110,17 @@ class PhoenixRanker(nnx.Module):
         self.final_norm = RMSNorm(d, rngs=rngs)
         self.unembed = param(rngs, dense_init, (d, cfg.num_actions), ("embed", "actions"))
         self.action_bias = ActionBias(cfg, rngs=rngs) if cfg.action_bias else None
+        self.calibration = CalibrationShift(jnp.zeros((cfg.num_actions,), jnp.float32)) if cfg.calibration else None
 
     def __call__(self, batch: Batch) -> jax.Array:
         """Hashes in, logits `[B, C, A]` (float32) out."""
         return self.logits_from_embeddings(batch, self.embeddings(batch))
+
+    def probabilities(self, logits: jax.Array) -> jax.Array:
+        """Logits `[..., A]` -> what evaluation and serving report: sigmoid(logits + calibration shifts)."""
+        if self.calibration is not None:
+            logits = logits + self.calibration[...]
+        return jax.nn.sigmoid(logits)
 
     def candidate_block(self, post_emb: jax.Array, author_emb: jax.Array, surface: jax.Array) -> jax.Array:
         """[post, author, surface emb] @ candidate_proj: [..., Hp, D], [..., Ha, D], [...] -> [..., D]."""

@@ -7,7 +7,6 @@ import json
 import os
 from collections.abc import Collection, Iterator, Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -51,7 +50,7 @@ class CachedRanker:
         self.model, self.cfg = model, cfg
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self._context = nnx.jit(lambda m, b: m.ranker.user_context(b))
-        self._score = nnx.jit(lambda m, ctx, *cands: jax.nn.sigmoid(m.ranker.score_candidates(ctx, *cands)))
+        self._score = nnx.jit(lambda m, ctx, *cands: m.ranker.probabilities(m.ranker.score_candidates(ctx, *cands)))
 
     def probabilities(self, sessions: Sequence[Session]) -> list[np.ndarray]:
         """-> one `[m_i, A]` array per session, in input order."""

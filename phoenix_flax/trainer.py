@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from phoenix_flax.batch import labeled_candidates
+from phoenix_flax.calibration import fit_logit_shifts
 from phoenix_flax.checkpoint import Checkpointer, DamagedCheckpointError, check_compatible, restore_newest
 from phoenix_flax.cli import log
 from phoenix_flax.config import ConfigError, ExperimentConfig, dumps, replace_fields
@@ -165,7 +166,12 @@ def preflight(cfg: ExperimentConfig) -> set[str]:
 
 def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> dict[str, float]:
     """Over the first `eval.batches` validation batches (the same ones each time): the mean
-    losses and, with a ranker, the actions' mean AUC and the weighted score's AUC (`eval_metric_names`)."""
+    losses and, with a ranker, the actions' mean AUC and the weighted score's AUC (`eval_metric_names`).
+
+    With `model.calibration`, first fits the ranker's calibration shifts on these batches and
+    sets them in `model` (every process fits the same, from the gathered logits), so the
+    checkpoint saved at this step holds them and the weighted score's AUC is of what it serves.
+    """
     data = iter(make_dataset(cfg.model, cfg.data, cfg.data.eval_split, shuffle=False))
     weighted = "eval_weighted_auc" in eval_metric_names(cfg.loss, cfg.eval, cfg.model)
     totals: dict[str, list] = {}
@@ -185,7 +191,15 @@ def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> d
     # An AUC without both classes in these batches is undefined: left out (the step is then no
     # candidate for the best checkpoint), never written as a number.
     if logits:
-        probs, labels = 1 / (1 + np.exp(-np.concatenate(logits))), np.concatenate(labels)
+        logits, labels = np.concatenate(logits), np.concatenate(labels)
+        if model.ranker.calibration is not None:
+            shifts = fit_logit_shifts(logits, labels, cfg.eval.calibration_prior_std)
+            current = model.ranker.calibration[...]  # keeps its sharding: the steps do not recompile
+            model.ranker.calibration[...] = jax.make_array_from_callback(
+                current.shape, current.sharding, shifts.__getitem__
+            )
+            logits = logits + shifts
+        probs = 1 / (1 + np.exp(-logits))
         aucs = [a for a in (auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])) if np.isfinite(a)]
         if aucs:
             result["eval_mean_auc"] = float(np.mean(aucs))
@@ -252,6 +266,12 @@ def train(
         preemption = Preemption()
         stack.callback(preemption.restore)
         stack.enter_context(use_mesh(mesh, cfg.mesh.logical_rules()))  # the steps trace with the rules
+        has_eval = cfg.eval.batches > 0 and cfg.data.eval_split in splits
+        if model.ranker is not None and model.ranker.calibration is not None and not has_eval:
+            report(
+                f"note: no validation during training (eval.batches={cfg.eval.batches}, splits {sorted(splits)}): "
+                "the calibration shifts (model.calibration) stay 0"
+            )
         return _loop(
             cfg,
             mesh,
@@ -263,7 +283,7 @@ def train(
             preemption,
             step,
             stop_after,
-            has_eval=cfg.eval.batches > 0 and cfg.data.eval_split in splits,
+            has_eval=has_eval,
             report=report,
         )
 

@@ -243,10 +243,13 @@ def make_train_step(cfg: LossConfig):
 
 
 def make_eval_step(cfg: LossConfig):
-    """`step(model, batch) -> (metrics, outputs)` without updates."""
+    """`step(model, batch) -> (metrics, outputs)` without updates; with a ranker, outputs add the
+    reported `probs [B, C, A]` (calibrated) to `compute_losses`' logits."""
 
     def eval_step(model: PhoenixModel, batch: dict):
         _, metrics, outputs = compute_losses(model, batch, cfg)
+        if "logits" in outputs:
+            outputs["probs"] = model.ranker.probabilities(outputs["logits"])
         return metrics, outputs
 
     return nnx.jit(eval_step)

@@ -42,19 +42,21 @@ def sessions(tiny_world, trained):
 
 
 def full_sequence_probs(model, cfg, session):
-    """Every candidate of the session in one sequence, the ranker's plain forward pass."""
+    """Every candidate of the session in one sequence, the ranker's plain forward pass, plus the
+    checkpoint's calibration shifts."""
     batch = prefix_batch([session], cfg, 1)
     batch["candidate_post_hashes"] = hash_ids(session.candidate_post_id, cfg.num_post_hashes, cfg.post_vocab_rows)[None]
     batch["candidate_author_hashes"] = hash_ids(
         session.candidate_author_id, cfg.num_author_hashes, cfg.author_vocab_rows
     )[None]
     batch["candidate_product_surface"] = session.candidate_product_surface[None]
-    return 1 / (1 + np.exp(-np.asarray(model.ranker(batch))[0]))
+    return 1 / (1 + np.exp(-(np.asarray(model.ranker(batch))[0] + np.asarray(model.ranker.calibration[...]))))
 
 
 def test_cached_chunked_scores_equal_the_full_sequence(trained, sessions):
     model, cfg = trained["model"], trained["cfg"].model
     _, parsed = sessions
+    assert np.abs(np.asarray(model.ranker.calibration[...])).max() > 0.01  # fit at the run's last step
     small = CachedRanker(model, cfg, batch_size=3, chunk_size=5).probabilities(parsed)
     large = CachedRanker(model, cfg, batch_size=16, chunk_size=512).probabilities(parsed)
     for session, a, b in zip(parsed, small, large, strict=True):

@@ -18,7 +18,8 @@ from flax import nnx
 from phoenix_flax.checkpoint import Checkpointer, CheckpointError, restore_model
 from phoenix_flax.config import ConfigError, apply_overrides, from_dict, load, to_dict
 from phoenix_flax.evaluation import evaluate, format_table
-from phoenix_flax.metrics import auc, calibration, normalized_entropy, recall_at_k
+from phoenix_flax.metrics import auc, calibration, normalized_entropy, recall_at_k, weighted_auc
+from phoenix_flax.scoring import action_weights
 from phoenix_flax.sharding import make_mesh
 from phoenix_flax.trainer import NonFiniteLossError, train
 from phoenix_flax.training import create_model, create_train_state
@@ -205,7 +206,7 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
         for key in added:
             del old[section][key]
     restored = saved_config(old)
-    assert (restored.model.action_bias, restored.model.affinity_rank) == (False, 0)
+    assert (restored.model.action_bias, restored.model.affinity_rank, restored.model.calibration) == (False, 0, False)
     optimizer = restored.optimizer
     assert (
         optimizer.table_initial_accumulator,
@@ -215,7 +216,7 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
     ) == (0.1, 0.0, None, 0.0)
     assert restored.loss.exposure_weight == 0.0
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
-    assert cfg.model.affinity_rank > 0 and cfg.model.action_bias  # (so the line above is not vacuous)
+    assert cfg.model.affinity_rank > 0 and cfg.model.action_bias and cfg.model.calibration  # (not vacuous)
 
     # Rules saved before a logical name existed: it gets its default rule, the others stay.
     old["mesh"]["rules"] = [r for r in old["mesh"]["rules"] if not r.startswith(("layers:", "act_mlp:"))]
@@ -327,16 +328,32 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     probs, labels = got["probs"][rows], got["labels"][rows]
     want = np.nanmean([auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])])
     assert evals[best]["eval_mean_auc"] == pytest.approx(want, abs=1e-5)
+    # The checkpoint's calibration shifts were fit on these sessions, and evaluation adds them:
+    # per action, the prior's pull b / std^2 balances the predictions' excess over the labels.
+    shifts = np.asarray(restored.model.ranker.calibration[...])
+    assert np.abs(shifts).max() > 0.01
+    excess = (probs - labels).sum(0) + shifts / cfg.eval.calibration_prior_std**2
+    np.testing.assert_allclose(excess, 0, atol=1e-2 * len(probs) ** 0.5)
+    weights = action_weights(cfg.model.actions)
+    assert evals[best]["eval_weighted_auc"] == pytest.approx(weighted_auc(probs, labels, weights), abs=1e-5)
 
 
 def test_training_length_in_epochs(tiny_world, tmp_path):
     sessions = pq.read_metadata(tiny_world["raw"]["train"]).num_rows
-    cfg = tiny_experiment(tiny_world["data_dir"], train={"epochs": 0.25, "steps": 1}, checkpoint={"every_steps": 100})
+    cfg = tiny_experiment(
+        tiny_world["data_dir"],
+        train={"epochs": 0.25, "steps": 1},
+        checkpoint={"every_steps": 100, "best_metric": ""},
+        eval={"batches": 0},
+    )
     reports = []
     logged = train(cfg, str(tmp_path), report=reports.append)
     steps = -(-sessions // (4 * 16))  # a quarter of the sessions, 16 per step, rounded up
     assert max(m["step"] for m in logged) == steps > 1
     assert any(f"{steps:,} steps of 16 over {sessions:,} sessions" in r for r in reports)
+    # Without validation nothing fits the calibration shifts: said, and they stay 0.
+    assert any("calibration shifts (model.calibration) stay 0" in r for r in reports)
+    assert not np.asarray(restore_model(str(tmp_path)).model.ranker.calibration[...]).any()
     with pytest.raises(ConfigError, match=r"epochs=0\.0: must be a positive number"):
         tiny_experiment(tiny_world["data_dir"], train={"epochs": 0.0})
 
@@ -359,6 +376,31 @@ def test_calibration_ratio_and_ece_by_hand():
     ratio, ece = calibration(p, rng.random(len(p)) < p)  # labels drawn from the predictions
     assert ratio == pytest.approx(1.0, abs=0.01) and ece < 0.005
     assert np.isnan(calibration(p, np.zeros(len(p)))[0])
+
+
+def test_calibration_shifts_minimize_the_log_loss_with_their_prior():
+    from phoenix_flax.calibration import fit_logit_shifts
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(-1.0, 1.5, (400, 3))
+    labels = np.stack(
+        [
+            rng.random(400) < 1 / (1 + np.exp(-(logits[:, 0] + 0.7))),  # under-predicted by 0.7 logits
+            rng.random(400) < 0.01,  # rare: the prior matters
+            np.zeros(400),  # no positive: finite all the same
+        ],
+        axis=1,
+    ).astype(np.float64)
+    for prior_std, actions in ((0.1, 3), (1e3, 2)):  # without a prior, no positive has no minimum
+        shifts = fit_logit_shifts(logits, labels, prior_std)
+        grid = np.linspace(-12, 3, 15001)  # 0.001 apart: the objective, directly, per action
+        for a in range(actions):
+            p = 1 / (1 + np.exp(-(logits[:, a, None] + grid)))
+            bce = -(labels[:, a, None] * np.log(p) + (1 - labels[:, a, None]) * np.log1p(-p)).sum(0)
+            assert shifts[a] == pytest.approx(grid[np.argmin(bce + grid**2 / (2 * prior_std**2))], abs=2e-3)
+    weak = fit_logit_shifts(logits, labels, 1e3)  # hardly a prior: mean prediction = observed rate
+    np.testing.assert_allclose((1 / (1 + np.exp(-(logits + weak))))[:, :2].mean(0), labels[:, :2].mean(0), atol=1e-4)
+    assert weak[0] == pytest.approx(0.7, abs=0.3) and np.isfinite(weak[2]) and weak[2] < -4
 
 
 def test_the_best_checkpoint_is_kept_and_found_after_reopening(tiny_world, tmp_path):
@@ -501,15 +543,21 @@ def test_quality_summary_counts_judged_actions_by_hand():
     from phoenix_flax.evaluation import quality_summary
 
     row = {"positives": 60, "auc": 0.7, "popularity_auc": 0.6, "oracle_auc": 0.9}
+    row |= {"calibration_ratio": 1.05, "oracle_calibration_ratio": 1.0}
     result = {
         "actions": {
-            "a": row,  # beats popularity, closes (0.7 - 0.5) / (0.9 - 0.5) = 0.5
-            "b": row | {"auc": 0.55, "oracle_auc": 0.6},  # loses, closes 0.5
+            "a": row,  # beats popularity, closes (0.7 - 0.5) / (0.9 - 0.5) = 0.5; calibrated
+            # loses, closes 0.5; 1.15 of the observed rate but 1.15 / 1.1 of the truth's mean
+            "b": row | {"auc": 0.55, "oracle_auc": 0.6, "calibration_ratio": 1.15, "oracle_calibration_ratio": 1.1},
             "c": row | {"positives": 49, "auc": 0.9},  # too few positives: not judged
-            "d": row | {"auc": 0.8, "oracle_auc": 0.5},  # beats; the oracle is no better than chance
+            # beats; the oracle is no better than chance; 0.88 of both
+            "d": row | {"auc": 0.8, "oracle_auc": 0.5, "calibration_ratio": 0.88},
         }
     }
-    assert quality_summary(result) == {"beats_popularity": 2, "judged": 3, "mean_gap_closed": pytest.approx(0.5)}
+    want = {"beats_popularity": 2, "judged": 3, "mean_gap_closed": pytest.approx(0.5)}
+    assert quality_summary(result) == want | {"calibrated": 1, "calibrated_vs_truth": 2}
+    result["actions"]["a"] = row | {"oracle_calibration_ratio": None}  # no truth
+    assert quality_summary(result)["calibrated_vs_truth"] is None
 
 
 def test_the_demo_reuses_a_finished_run_and_waits_for_a_preempted_one(tiny_world, tmp_path, monkeypatch, capsys):

@@ -108,13 +108,15 @@ def demo(args: argparse.Namespace) -> int:
     with open(os.path.join(root, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
 
-    from phoenix_flax.evaluation import MIN_POSITIVES, format_table, quality_summary
+    from phoenix_flax.evaluation import CALIBRATION_BAND, MIN_POSITIVES, format_table, quality_summary
 
     print(format_table(result))
     q = quality_summary(result)
     print(
         f"\nbeats the popularity baseline on {q['beats_popularity']}/{q['judged']} actions with >= {MIN_POSITIVES} "
-        f"test positives; closes {q['mean_gap_closed']:.1%} of the gap from AUC 0.5 to the oracle on average"
+        f"test positives; closes {q['mean_gap_closed']:.1%} of the gap from AUC 0.5 to the oracle on average; "
+        f"calibration ratio within [{CALIBRATION_BAND[0]}, {CALIBRATION_BAND[1]}] on {q['calibrated']}/{q['judged']} "
+        f"({q['calibrated_vs_truth']}/{q['judged']} against the true probabilities' mean)"
     )
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(

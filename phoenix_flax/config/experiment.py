@@ -152,9 +152,12 @@ class CheckpointConfig:
 class EvalConfig:
     every_steps: int = 500  # validation during training, for the best checkpoint
     batches: int = 20  # batches of validation per evaluation during training; 0: none
+    # The prior of model.calibration's shifts (std in logits; 0.1 is about 10% of a probability):
+    # an action with few validation positives keeps its shift near 0.
+    calibration_prior_std: float = 0.1
 
     def __post_init__(self):
-        Checks(self).at_least(1, "every_steps").at_least(0, "batches").raise_if_any()
+        Checks(self).at_least(1, "every_steps").at_least(0, "batches").positive("calibration_prior_std").raise_if_any()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +384,7 @@ def from_dict(d: dict, cls=ExperimentConfig):
 # Fields added after runs were first saved, with the values that keep an older run what it was:
 # a saved config without them builds the model, and the optimizer state, it was trained with.
 FIELDS_ADDED = {
-    "model": {"action_bias": False, "affinity_rank": 0},
+    "model": {"action_bias": False, "affinity_rank": 0, "calibration": False},
     "optimizer": {
         "table_initial_accumulator": 0.1,
         "table_weight_decay": 0.0,

@@ -80,6 +80,10 @@ class ModelConfig:
     action_bias: bool = True
     # Its user x candidate affinity, matrix factorization of this rank (0: none); see ActionBias.
     affinity_rank: int = 16
+    # Per-action logit shifts fit on validation each time training evaluates, added by evaluation
+    # and serving (not by the loss), so that mean predictions match observed rates; see
+    # phoenix_flax/calibration.py. Not in the original (its import turns it off).
+    calibration: bool = True
     # Retrieval softmax temperature, and whether it is learned.
     retrieval_temperature: float = 0.05
     learn_temperature: bool = False
