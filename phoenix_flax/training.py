@@ -92,10 +92,13 @@ def averaged_weights(model: PhoenixModel, optimizer: nnx.Optimizer):
         nnx.update(model, trained)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, impression_gradient: float | None = None
+) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with warmup and cosine decay for dense weights and
     Adagrad (or AdamW) with weight decay for the hash tables; with `ema_decay`, the parameters'
-    moving average kept last."""
+    moving average kept last. `impression_gradient`: the unit of `action_bias_initial_accumulator`
+    (1 / (batch x candidates x actions); needed when that is not 0)."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
@@ -104,12 +107,21 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
         end_value=cfg.learning_rate * cfg.end_learning_rate_fraction,
     )
     dense = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
-    transforms = {"dense": dense, "tables": _table_optimizer(cfg, cfg.table_weight_decay)}
+    transforms = {
+        "dense": dense,
+        "tables": _table_optimizer(cfg, cfg.table_weight_decay, cfg.table_initial_accumulator),
+    }
     # A third group only when it differs: a run saved before action_bias_weight_decay (None)
     # keeps the optimizer state's structure, and so resumes.
-    bias_tables = cfg.action_bias_weight_decay not in (None, cfg.table_weight_decay)
+    accumulator = cfg.table_initial_accumulator
+    if cfg.action_bias_initial_accumulator:
+        if impression_gradient is None:
+            raise ValueError("optimizer.action_bias_initial_accumulator needs the impression_gradient unit")
+        accumulator = cfg.action_bias_initial_accumulator * impression_gradient**2
+    decay = cfg.table_weight_decay if cfg.action_bias_weight_decay is None else cfg.action_bias_weight_decay
+    bias_tables = (decay, accumulator) != (cfg.table_weight_decay, cfg.table_initial_accumulator)
     if bias_tables:
-        transforms["bias_tables"] = _table_optimizer(cfg, cfg.action_bias_weight_decay)
+        transforms["bias_tables"] = _table_optimizer(cfg, decay, accumulator)
     labels = functools.partial(param_labels, bias_tables=bias_tables)
     steps = [optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels)]
     if cfg.ema_decay:
@@ -117,12 +129,14 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     return optax.chain(*steps)
 
 
-def _table_optimizer(cfg: OptimizerConfig, weight_decay: float) -> optax.GradientTransformation:
-    """Adagrad with decay of the rows a step touches (or AdamW) for hash tables."""
+def _table_optimizer(
+    cfg: OptimizerConfig, weight_decay: float, initial_accumulator: float
+) -> optax.GradientTransformation:
+    """Adagrad from `initial_accumulator` with decay of the rows a step touches (or AdamW) for hash tables."""
     lr = cfg.table_learning_rate
     if cfg.table_optimizer == "adagrad":
         # eps far below a squared row gradient (~1e-10), so it does not take the accumulator's place
-        tables = optax.adagrad(lr, cfg.table_initial_accumulator, eps=1e-20)
+        tables = optax.adagrad(lr, initial_accumulator, eps=1e-20)
         return optax.chain(tables, decay_touched_rows(lr * weight_decay)) if weight_decay else tables
     # AdamW moves untouched rows too (momentum), so its own decay covers every row
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=weight_decay)
@@ -151,7 +165,8 @@ def _check_fits(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> None:
 def new_train_state(cfg: ExperimentConfig) -> tuple[PhoenixModel, nnx.Optimizer]:
     """The model and optimizer a config trains (created sharded under `sharding.use_mesh`)."""
     model = build_model(cfg)
-    return model, nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
+    impression = 1.0 / (cfg.data.batch_size * cfg.model.num_candidates * cfg.model.num_actions)
+    return model, nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps, impression), wrt=nnx.Param)
 
 
 def abstract_train_state(cfg: ExperimentConfig):

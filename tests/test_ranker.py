@@ -198,7 +198,8 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
     v[5] = False
     slot = np.arange(6) % np.maximum(v.sum(1), 1)
     ah[1, slot[1]], fp[1, slot[1]] = ah[0, 0], fp[0, 0]  # session 0's author is session 1's column: a hit
-    optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(), 10), wrt=nnx.Param)
+    impression = 1 / (6 * SMALL.num_candidates * SMALL.num_actions)
+    optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(), 10, impression), wrt=nnx.Param)
     nnx.jit(train_step_fn(LossConfig(exposure_weight=0.5)))(model, optimizer, batch)
     got = float(exposure_loss(model, batch, labeled_candidates(batch)))
 

@@ -213,7 +213,8 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
         optimizer.table_weight_decay,
         optimizer.action_bias_weight_decay,
         optimizer.ema_decay,
-    ) == (0.1, 0.0, None, 0.0)
+        optimizer.action_bias_initial_accumulator,
+    ) == (0.1, 0.0, None, 0.0, 0.0)
     assert restored.loss.exposure_weight == 0.0
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
     assert cfg.model.affinity_rank > 0 and cfg.model.action_bias and cfg.model.calibration  # (not vacuous)
@@ -433,7 +434,11 @@ def test_a_table_row_moves_by_the_learning_rate_whatever_its_gradients_scale(sca
 
     lr, decay = 0.1, 0.5
     cfg = OptimizerConfig(
-        table_learning_rate=lr, table_initial_accumulator=0.0, table_weight_decay=decay, grad_clip_norm=1e9
+        table_learning_rate=lr,
+        table_initial_accumulator=0.0,
+        table_weight_decay=decay,
+        grad_clip_norm=1e9,
+        action_bias_initial_accumulator=0.0,
     )
     rng = np.random.default_rng(0)
     params = {"emb": {"table": rng.normal(size=(4, 3)).astype(np.float32)}, "w": np.ones(3, np.float32)}
@@ -459,8 +464,8 @@ def test_the_moving_average_of_the_parameters_by_hand():
         "w": rng.normal(size=(3, 2)).astype(np.float32),
         "emb": {"table": rng.normal(size=(4, 2)).astype(np.float32)},
     }
-    averaged = make_optimizer(OptimizerConfig(ema_decay=decay, warmup_steps=1), total_steps=20)
-    plain = make_optimizer(OptimizerConfig(warmup_steps=1), total_steps=20)
+    averaged = make_optimizer(OptimizerConfig(ema_decay=decay, warmup_steps=1), 20, impression_gradient=1e-3)
+    plain = make_optimizer(OptimizerConfig(warmup_steps=1), 20, impression_gradient=1e-3)
     state, plain_state = averaged.init(params), plain.init(params)
     want = jax.tree.map(np.copy, params)
     rates = [min(decay, (1 + t) / (10 + t)) for t in range(12)]
@@ -518,7 +523,7 @@ def test_the_action_bias_tables_decay_by_their_own_rate(bias_decay):
 
     lr, decay = 0.1, 0.5
     base = dict(table_learning_rate=lr, table_initial_accumulator=0.0, table_weight_decay=decay, grad_clip_norm=1e9)
-    cfg = OptimizerConfig(**base, action_bias_weight_decay=bias_decay)
+    cfg = OptimizerConfig(**base, action_bias_weight_decay=bias_decay, action_bias_initial_accumulator=0.0)
     rng = np.random.default_rng(0)
     table = rng.normal(size=(4, 3)).astype(np.float32)
     params = {"emb": {"table": table}, "action_bias": {"post": {"table": table}}, "w": np.ones(3, np.float32)}
@@ -537,6 +542,30 @@ def test_the_action_bias_tables_decay_by_their_own_rate(bias_decay):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7, err_msg=name)
     groups = set(tx.init(params)[1].inner_states)  # (clipping, multi_transform)
     assert groups == ({"dense", "tables"} if bias_decay is None else {"dense", "tables", "bias_tables"})
+
+
+def test_the_action_bias_tables_start_adagrad_from_their_own_accumulator_counted_in_impressions():
+    """optimizer.action_bias_initial_accumulator k: the action-bias rows' first step is
+    -lr g / sqrt(k u^2 + g^2), u the gradient unit of one impression, so a view's gradient
+    (0.9 u) moves a row further than a non-view's (0.05 u); the embeddings' stays -lr sign(g)."""
+    from phoenix_flax.config import OptimizerConfig
+    from phoenix_flax.training import make_optimizer
+
+    lr, k, unit = 0.1, 2.0, 1e-5
+    cfg = OptimizerConfig(table_learning_rate=lr, table_weight_decay=0.0, grad_clip_norm=1e9)
+    cfg = dataclasses.replace(cfg, action_bias_weight_decay=0.0, action_bias_initial_accumulator=k)
+    table = np.zeros((3, 2), np.float32)
+    params = {"emb": {"table": table}, "action_bias": {"post": {"table": table}}, "w": np.ones(2, np.float32)}
+    grad = np.array([[0.9, -0.05], [0, 0], [-3.0, 0.5]], np.float32) * unit
+    grads = {"emb": {"table": grad}, "action_bias": {"post": {"table": grad}}, "w": np.ones(2, np.float32)}
+    tx = make_optimizer(cfg, total_steps=10, impression_gradient=unit)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(
+        np.asarray(updates["action_bias"]["post"]["table"]), -lr * grad / np.sqrt(k * unit**2 + grad**2), rtol=1e-4
+    )
+    np.testing.assert_allclose(np.asarray(updates["emb"]["table"]), -lr * np.sign(grad), rtol=1e-5)
+    with pytest.raises(ValueError, match="impression_gradient"):
+        make_optimizer(cfg, total_steps=10)
 
 
 def test_quality_summary_counts_judged_actions_by_hand():
