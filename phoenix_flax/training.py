@@ -111,17 +111,17 @@ def make_optimizer(
         "dense": dense,
         "tables": _table_optimizer(cfg, cfg.table_weight_decay, cfg.table_initial_accumulator),
     }
-    # A third group only when it differs: a run saved before action_bias_weight_decay (None)
-    # keeps the optimizer state's structure, and so resumes.
-    accumulator = cfg.table_initial_accumulator
+    bias_decay = cfg.table_weight_decay if cfg.action_bias_weight_decay is None else cfg.action_bias_weight_decay
+    bias_accumulator = cfg.table_initial_accumulator
     if cfg.action_bias_initial_accumulator:
         if impression_gradient is None:
             raise ValueError("optimizer.action_bias_initial_accumulator needs the impression_gradient unit")
-        accumulator = cfg.action_bias_initial_accumulator * impression_gradient**2
-    decay = cfg.table_weight_decay if cfg.action_bias_weight_decay is None else cfg.action_bias_weight_decay
-    bias_tables = (decay, accumulator) != (cfg.table_weight_decay, cfg.table_initial_accumulator)
+        bias_accumulator = cfg.action_bias_initial_accumulator * impression_gradient**2
+    # A third group only when it differs: a run saved before the action-bias options (None, 0)
+    # keeps the optimizer state's structure, and so resumes.
+    bias_tables = (bias_decay, bias_accumulator) != (cfg.table_weight_decay, cfg.table_initial_accumulator)
     if bias_tables:
-        transforms["bias_tables"] = _table_optimizer(cfg, decay, accumulator)
+        transforms["bias_tables"] = _table_optimizer(cfg, bias_decay, bias_accumulator)
     labels = functools.partial(param_labels, bias_tables=bias_tables)
     steps = [optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels)]
     if cfg.ema_decay:
