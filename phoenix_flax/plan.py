@@ -117,7 +117,7 @@ def plan_train_step(cfg: ExperimentConfig, devices=None) -> StepPlan:
     rules = cfg.mesh.logical_rules()
     # Shapes alone (outside the mesh: eval_shape cannot attach shardings to optax's masked
     # states); the shardings follow from the variables' logical names and the rules.
-    abstract = nnx.eval_shape(lambda: new_train_state(cfg))
+    abstract = nnx.eval_shape(lambda: new_train_state(cfg, steps_per_epoch=1.0))  # compiles the same for any
     with use_mesh(mesh, rules):
         graphdef, state = nnx.split(abstract)
         state = abstract_sharded(state, mesh, rules)

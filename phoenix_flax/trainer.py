@@ -236,8 +236,8 @@ def train(
 ) -> list[dict]:
     """Trains to `cfg.train.steps` (or `stop_after` more steps); returns the logged metrics."""
     splits = preflight(cfg)
+    sessions = len(open_source(cfg.data.data_dir, cfg.data.train_split))
     if cfg.train.epochs is not None:
-        sessions = len(open_source(cfg.data.data_dir, cfg.data.train_split))
         steps = max(1, math.ceil(cfg.train.epochs * sessions / cfg.data.batch_size))
         cfg = replace_fields(cfg, train={"steps": steps})
         report(
@@ -253,7 +253,7 @@ def train(
             f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
             f"{jax.process_count()} process(es)"
         )
-        model, optimizer = create_train_state(cfg, mesh)
+        model, optimizer = create_train_state(cfg, mesh, steps_per_epoch=sessions / cfg.data.batch_size)
         report(f"{sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters")
         data = iter(make_dataset(cfg.model, cfg.data, cfg.data.train_split))
         checkpoints = stack.enter_context(Checkpointer(workdir, cfg.checkpoint))

@@ -18,17 +18,90 @@ from phoenix_flax.model import PhoenixModel
 from phoenix_flax.sharding import check_divisible, use_mesh
 
 
-def param_labels(params, bias_tables: bool = True) -> object:
+def param_labels(params, bias_tables: bool = True, bias_offsets: bool = False) -> object:
     """'tables' for the hash tables, 'dense' for everything else; with `bias_tables`, the ranker's
-    action-bias tables are 'bias_tables'."""
+    action-bias tables are 'bias_tables'; with `bias_offsets`, its post and author tables (the ones
+    holding the offsets) are 'bias_offsets'."""
 
     def label(path, _):  # every HashTable's parameter is named `table`
         keys = [getattr(k, "key", None) for k in path]
         if "table" not in keys:
             return "dense"
-        return "bias_tables" if bias_tables and "action_bias" in keys else "tables"
+        if "action_bias" not in keys:
+            return "tables"
+        if bias_offsets and ("post" in keys or "author" in keys):
+            return "bias_offsets"
+        return "bias_tables" if bias_tables else "tables"
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+class ActionBiasNewtonState(NamedTuple):
+    sum_of_squares: optax.Updates  # per table [rows, cols]: the starting value plus every g^2
+    steps: jax.Array  # [] int32
+    prior_variance: tuple  # per table (in leaf order) [cols]: the offsets' prior variance, logit^2
+
+
+# The offsets' prior variance starts at 1 logit^2 and is first fit after an epoch, when every row
+# has been looked up (before, the rows' spread is the optimizer's lag, not the posts'); then it
+# moves PRIOR_VARIANCE_RATE of the way to its fit each step (an EM step a step, averaged over the
+# batches' noise).
+PRIOR_VARIANCE_START, PRIOR_VARIANCE_RATE = 1.0, 0.05
+
+
+def action_bias_newton(
+    learning_rate: float,
+    step_size: float,
+    offset_columns: int,
+    impression: float,
+    initial_accumulator: float,
+    steps_per_epoch: float,
+) -> optax.GradientTransformation:
+    """For the action bias's post and author tables `[rows, cols]`: Newton steps for the first
+    `offset_columns` columns (the per-action offsets), Adagrad's for the rest (affinity factors).
+
+    A row's offset for one action is the bias of a logistic regression on the impressions that look
+    the row up. The curvature an impression adds, p(1 - p) times `impression` (the gradient one
+    impression's full error gives a row: 1 / (batch x candidates x actions)), is on average its
+    squared gradient over `impression`, so F = sum_of_squares / impression^2 is the row's Fisher
+    information in impressions and -impression x g / sum_of_squares a Newton step
+    (`step_size` of it). The objective is the most probable offsets under N(0, v) per table and
+    action: the prior's gradient theta / v and curvature 1 / v count once an epoch, spread over
+    the epoch's steps on every row, so that the prior weighs the same after any number of epochs.
+    v is fit to the rows (EM): the mean, over the rows looked up so far, of theta^2 plus the
+    posterior variance 1 / (F + 1 / v), F per epoch. `sum_of_squares` starts at
+    `initial_accumulator` (> 0)."""
+
+    def init(params):
+        return ActionBiasNewtonState(
+            sum_of_squares=jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator), params),
+            steps=jnp.zeros([], jnp.int32),
+            prior_variance=tuple(
+                jnp.full(p.shape[-1:], PRIOR_VARIANCE_START, p.dtype) for p in jax.tree.leaves(params)
+            ),
+        )
+
+    def update(updates, state, params):
+        steps = state.steps + 1
+        epochs = jnp.maximum(steps / steps_per_epoch, 1.0)
+        sums = jax.tree.map(lambda s, g: s + g * g, state.sum_of_squares, updates)
+        grads, treedef = jax.tree.flatten(updates)
+        new_updates, variances = [], []
+        for g, s, theta, v in zip(
+            grads, treedef.flatten_up_to(sums), treedef.flatten_up_to(params), state.prior_variance, strict=True
+        ):
+            offsets = jnp.arange(g.shape[-1]) < offset_columns  # [cols]
+            prior = impression * theta / (v * steps_per_epoch)  # a step's share of theta / v, in g's units
+            curvature = s + steps * impression**2 / (v * steps_per_epoch)  # the data's and the prior's so far
+            newton = -step_size * impression * (g + prior) / curvature
+            new_updates.append(jnp.where(offsets, newton, -learning_rate * g / jnp.sqrt(s)))
+            seen = (s[:, :offset_columns] > initial_accumulator).any(-1, keepdims=True)  # [rows, 1]
+            information = (s - initial_accumulator) / impression**2 / epochs
+            fit = jnp.where(seen, theta**2 + 1 / (information + 1 / v), 0).sum(0) / jnp.maximum(seen.sum(), 1)
+            variances.append(jnp.where(offsets & (steps >= steps_per_epoch), v + PRIOR_VARIANCE_RATE * (fit - v), v))
+        return treedef.unflatten(new_updates), ActionBiasNewtonState(sums, steps, tuple(variances))
+
+    return optax.GradientTransformation(init, update)
 
 
 def decay_touched_rows(rate: float) -> optax.GradientTransformation:
@@ -93,12 +166,19 @@ def averaged_weights(model: PhoenixModel, optimizer: nnx.Optimizer):
 
 
 def make_optimizer(
-    cfg: OptimizerConfig, total_steps: int, impression_gradient: float | None = None
+    cfg: OptimizerConfig,
+    total_steps: int,
+    impression_gradient: float | None = None,
+    *,
+    offset_columns: int | None = None,
+    steps_per_epoch: float | None = None,
 ) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with warmup and cosine decay for dense weights and
-    Adagrad (or AdamW) with weight decay for the hash tables; with `ema_decay`, the parameters'
-    moving average kept last. `impression_gradient`: the unit of `action_bias_initial_accumulator`
-    (1 / (batch x candidates x actions); needed when that is not 0)."""
+    Adagrad (or AdamW) with weight decay for the hash tables, with `action_bias_newton` for the
+    action bias's offsets; with `ema_decay`, the parameters' moving average kept last.
+    `impression_gradient`: the unit of `action_bias_initial_accumulator` (1 / (batch x candidates x
+    actions); needed when that is not 0); `offset_columns` (the number of actions) and
+    `steps_per_epoch`: needed by newton offsets."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
@@ -122,7 +202,19 @@ def make_optimizer(
     bias_tables = (bias_decay, bias_accumulator) != (cfg.table_weight_decay, cfg.table_initial_accumulator)
     if bias_tables:
         transforms["bias_tables"] = _table_optimizer(cfg, bias_decay, bias_accumulator)
-    labels = functools.partial(param_labels, bias_tables=bias_tables)
+    newton = cfg.action_bias_offsets == "newton"
+    if newton:
+        if None in (impression_gradient, offset_columns, steps_per_epoch):
+            raise ValueError("newton action-bias offsets need impression_gradient, offset_columns and steps_per_epoch")
+        transforms["bias_offsets"] = action_bias_newton(
+            cfg.table_learning_rate,
+            cfg.action_bias_newton_step,
+            offset_columns,
+            impression_gradient,
+            bias_accumulator,
+            steps_per_epoch,
+        )
+    labels = functools.partial(param_labels, bias_tables=bias_tables, bias_offsets=newton)
     steps = [optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels)]
     if cfg.ema_decay:
         steps.append(average_params(cfg.ema_decay))
@@ -162,23 +254,29 @@ def _check_fits(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> None:
     check_divisible(nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param), mesh)
 
 
-def new_train_state(cfg: ExperimentConfig) -> tuple[PhoenixModel, nnx.Optimizer]:
-    """The model and optimizer a config trains (created sharded under `sharding.use_mesh`)."""
+def new_train_state(cfg: ExperimentConfig, steps_per_epoch: float) -> tuple[PhoenixModel, nnx.Optimizer]:
+    """The model and optimizer a config trains (created sharded under `sharding.use_mesh`);
+    `steps_per_epoch`: the training split's sessions over the batch size (the action bias's
+    newton prior counts once an epoch; no shape depends on it)."""
     model = build_model(cfg)
-    impression = 1.0 / (cfg.data.batch_size * cfg.model.num_candidates * cfg.model.num_actions)
-    return model, nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps, impression), wrt=nnx.Param)
+    a = cfg.model.num_actions
+    impression = 1.0 / (cfg.data.batch_size * cfg.model.num_candidates * a)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, impression, offset_columns=a, steps_per_epoch=steps_per_epoch)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
 def abstract_train_state(cfg: ExperimentConfig):
     """Shapes and dtypes of the model and optimizer state a config trains, allocating nothing."""
-    return nnx.state(nnx.eval_shape(lambda: new_train_state(cfg)))
+    return nnx.state(nnx.eval_shape(lambda: new_train_state(cfg, steps_per_epoch=1.0)))
 
 
-def create_train_state(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> tuple[PhoenixModel, nnx.Optimizer]:
+def create_train_state(
+    cfg: ExperimentConfig, mesh: jax.sharding.Mesh, steps_per_epoch: float
+) -> tuple[PhoenixModel, nnx.Optimizer]:
     """Model and optimizer, created inside jit directly in their shards (never whole on one device)."""
     with use_mesh(mesh, cfg.mesh.logical_rules()):
         _check_fits(cfg, mesh)
-        return nnx.jit(lambda: new_train_state(cfg))()
+        return nnx.jit(lambda: new_train_state(cfg, steps_per_epoch))()
 
 
 def create_model(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> PhoenixModel:

@@ -199,7 +199,11 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
     slot = np.arange(6) % np.maximum(v.sum(1), 1)
     ah[1, slot[1]], fp[1, slot[1]] = ah[0, 0], fp[0, 0]  # session 0's author is session 1's column: a hit
     impression = 1 / (6 * SMALL.num_candidates * SMALL.num_actions)
-    optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(), 10, impression), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(
+        model,
+        make_optimizer(OptimizerConfig(), 10, impression, offset_columns=SMALL.num_actions, steps_per_epoch=1.0),
+        wrt=nnx.Param,
+    )
     nnx.jit(train_step_fn(LossConfig(exposure_weight=0.5)))(model, optimizer, batch)
     got = float(exposure_loss(model, batch, labeled_candidates(batch)))
 
@@ -235,6 +239,10 @@ def test_the_action_bias_trains_with_the_tables_optimizer():
     assert labels["embeddings"]["post"]["table"].get_value() == "tables"
     assert labels["unembed"].get_value() == "dense"
     assert param_labels(params, bias_tables=False)["action_bias"]["post"]["table"].get_value() == "tables"
+    newton = param_labels(params, bias_offsets=True)["action_bias"]
+    assert [newton[t]["table"].get_value() for t in ("post", "author", "user")] == ["bias_offsets"] * 2 + [
+        "bias_tables"
+    ]
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

@@ -21,7 +21,7 @@ def test_mesh_shape_fills_and_checks():
 
 
 def run_steps(cfg, mesh, batches):
-    model, optimizer = create_train_state(cfg, mesh)
+    model, optimizer = create_train_state(cfg, mesh, steps_per_epoch=2.0)
     step = make_train_step(cfg.loss)
     losses = [jax.device_get(step(model, optimizer, global_batch(b, mesh))) for b in batches]
     return model, optimizer, losses
@@ -61,4 +61,4 @@ def test_three_steps_on_a_2x2x2_mesh_match_one_device(parity):
 def test_indivisible_parameters_are_named(tiny_world):
     cfg = tiny_experiment(tiny_world["data_dir"], model={"post_vocab_rows": 1022})
     with pytest.raises(ValueError, match=r"embeddings.*post.*1022"):
-        create_train_state(cfg, make_mesh({"data": 2, "fsdp": 2, "model": 2}))
+        create_train_state(cfg, make_mesh({"data": 2, "fsdp": 2, "model": 2}), steps_per_epoch=1.0)

@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, cli_overrides, tiny_experiment
@@ -214,10 +215,12 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
         optimizer.action_bias_weight_decay,
         optimizer.ema_decay,
         optimizer.action_bias_initial_accumulator,
-    ) == (0.1, 0.0, None, 0.0, 0.0)
+        optimizer.action_bias_offsets,
+    ) == (0.1, 0.0, None, 0.0, 0.0, "adagrad")
     assert restored.loss.exposure_weight == 0.0
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
     assert cfg.model.affinity_rank > 0 and cfg.model.action_bias and cfg.model.calibration  # (not vacuous)
+    assert cfg.optimizer.action_bias_offsets == "newton"
 
     # Rules saved before a logical name existed: it gets its default rule, the others stay.
     old["mesh"]["rules"] = [r for r in old["mesh"]["rules"] if not r.startswith(("layers:", "act_mlp:"))]
@@ -249,6 +252,9 @@ def test_config_overrides_are_typed():
         ("--config.model.num_kv_heads=3", "must be a multiple of num_kv_heads=3"),
         ("--config.model=3", "is a section"),
         ("--mesh.data=2", "unrecognised argument"),
+        ("--config.optimizer.action_bias_weight_decay=0.1", "action_bias_weight_decay=0.1: must be 0 with newton"),
+        ("--config.optimizer.action_bias_initial_accumulator=0", "must be > 0 with newton offsets"),
+        ("--config.optimizer.action_bias_newton_step=1.5", r"action_bias_newton_step=1.5: must be in \(0, 1\]"),
     ]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(cfg, [bad])
@@ -439,6 +445,7 @@ def test_a_table_row_moves_by_the_learning_rate_whatever_its_gradients_scale(sca
         table_weight_decay=decay,
         grad_clip_norm=1e9,
         action_bias_initial_accumulator=0.0,
+        action_bias_offsets="adagrad",
     )
     rng = np.random.default_rng(0)
     params = {"emb": {"table": rng.normal(size=(4, 3)).astype(np.float32)}, "w": np.ones(3, np.float32)}
@@ -464,8 +471,10 @@ def test_the_moving_average_of_the_parameters_by_hand():
         "w": rng.normal(size=(3, 2)).astype(np.float32),
         "emb": {"table": rng.normal(size=(4, 2)).astype(np.float32)},
     }
-    averaged = make_optimizer(OptimizerConfig(ema_decay=decay, warmup_steps=1), 20, impression_gradient=1e-3)
-    plain = make_optimizer(OptimizerConfig(warmup_steps=1), 20, impression_gradient=1e-3)
+    averaged = make_optimizer(
+        OptimizerConfig(ema_decay=decay, warmup_steps=1), 20, 1e-3, offset_columns=1, steps_per_epoch=1
+    )
+    plain = make_optimizer(OptimizerConfig(warmup_steps=1), 20, 1e-3, offset_columns=1, steps_per_epoch=1)
     state, plain_state = averaged.init(params), plain.init(params)
     want = jax.tree.map(np.copy, params)
     rates = [min(decay, (1 + t) / (10 + t)) for t in range(12)]
@@ -499,7 +508,7 @@ def test_the_moving_average_resumes_and_is_what_evaluation_restores(tiny_world, 
 
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
     with Checkpointer(str(tmp_path / "full")) as checkpoints:
-        trained, optimizer = create_train_state(cfg, mesh)
+        trained, optimizer = create_train_state(cfg, mesh, steps_per_epoch=1.0)  # shapes only: restored
         checkpoints.restore(6, trained, optimizer)
     kept = averaged_params(optimizer)
     jax.tree.map(
@@ -523,7 +532,9 @@ def test_the_action_bias_tables_decay_by_their_own_rate(bias_decay):
 
     lr, decay = 0.1, 0.5
     base = dict(table_learning_rate=lr, table_initial_accumulator=0.0, table_weight_decay=decay, grad_clip_norm=1e9)
-    cfg = OptimizerConfig(**base, action_bias_weight_decay=bias_decay, action_bias_initial_accumulator=0.0)
+    cfg = OptimizerConfig(
+        **base, action_bias_weight_decay=bias_decay, action_bias_initial_accumulator=0.0, action_bias_offsets="adagrad"
+    )
     rng = np.random.default_rng(0)
     table = rng.normal(size=(4, 3)).astype(np.float32)
     params = {"emb": {"table": table}, "action_bias": {"post": {"table": table}}, "w": np.ones(3, np.float32)}
@@ -553,7 +564,9 @@ def test_the_action_bias_tables_start_adagrad_from_their_own_accumulator_counted
 
     lr, k, unit = 0.1, 2.0, 1e-5
     cfg = OptimizerConfig(table_learning_rate=lr, table_weight_decay=0.0, grad_clip_norm=1e9)
-    cfg = dataclasses.replace(cfg, action_bias_weight_decay=0.0, action_bias_initial_accumulator=k)
+    cfg = dataclasses.replace(
+        cfg, action_bias_weight_decay=0.0, action_bias_initial_accumulator=k, action_bias_offsets="adagrad"
+    )
     table = np.zeros((3, 2), np.float32)
     params = {"emb": {"table": table}, "action_bias": {"post": {"table": table}}, "w": np.ones(2, np.float32)}
     grad = np.array([[0.9, -0.05], [0, 0], [-3.0, 0.5]], np.float32) * unit
@@ -566,6 +579,77 @@ def test_the_action_bias_tables_start_adagrad_from_their_own_accumulator_counted
     np.testing.assert_allclose(np.asarray(updates["emb"]["table"]), -lr * np.sign(grad), rtol=1e-5)
     with pytest.raises(ValueError, match="impression_gradient"):
         make_optimizer(cfg, total_steps=10)
+
+
+def test_newton_offsets_take_a_newton_step_and_their_factors_adagrads():
+    """optimizer.action_bias_offsets="newton": a post or author row's offset columns move
+    -step u (g + u theta / (v S)) / (k u^2 + g^2 + t u^2 / (v S)) (v the prior variance, 1 at the
+    start; S steps per epoch; t steps so far), its factor columns and the user table's rows -lr g / sqrt(k u^2 + g^2), the embeddings
+    as before; one optimizer group more."""
+    from phoenix_flax.config import OptimizerConfig
+    from phoenix_flax.training import make_optimizer
+
+    lr, k, unit, step, epoch = 0.1, 2.0, 1e-5, 0.5, 4.0
+    cfg = OptimizerConfig(table_learning_rate=lr, table_weight_decay=0.0, grad_clip_norm=1e9)
+    cfg = dataclasses.replace(cfg, action_bias_initial_accumulator=k, action_bias_newton_step=step)
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(3, 3)).astype(np.float32)  # 2 offset columns, 1 factor column
+    bias = {name: {"table": table} for name in ("post", "author", "user")}
+    params = {"emb": {"table": table}, "action_bias": bias, "w": np.ones(3, np.float32)}
+    grad = np.array([[0.9, -0.05, 0.3], [0, 0, 0], [-3.0, 0.5, -0.2]], np.float32) * unit
+    grads = jax.tree.map(lambda _: grad, params)
+    tx = make_optimizer(cfg, total_steps=10, impression_gradient=unit, offset_columns=2, steps_per_epoch=epoch)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    sums = k * unit**2 + grad.astype(np.float64) ** 2
+    adagrad = -lr * grad / np.sqrt(sums)
+    newton = -step * unit * (grad + unit * table / epoch) / (sums + unit**2 / epoch)
+    want = np.concatenate([newton[:, :2], adagrad[:, 2:]], axis=1)
+    for name in ("post", "author"):
+        np.testing.assert_allclose(np.asarray(updates["action_bias"][name]["table"]), want, rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(np.asarray(updates["action_bias"]["user"]["table"]), adagrad, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(updates["emb"]["table"]), -lr * np.sign(grad), rtol=1e-5)
+    assert set(tx.init(params)[1].inner_states) == {"dense", "tables", "bias_tables", "bias_offsets"}
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        make_optimizer(cfg, total_steps=10, impression_gradient=unit, offset_columns=2)
+
+
+def test_newton_offsets_learn_what_smoothed_counting_learns():
+    """Rows seen a few times an epoch, one impression a step, over many epochs: each row's offset
+    approaches the most probable logit under the fitted prior N(0, v) (solved here by Newton per
+    row: sum_i (sigmoid(theta) - y_i) + theta / v = 0 over its impressions of an epoch); the prior
+    is wide for the action the rows decide (rates 0.05 or 0.9) and narrow for the one they do not
+    (every row 0.3), so that one's offsets stay near 0 while its counts scatter."""
+    from phoenix_flax.training import action_bias_newton
+
+    rows, per_epoch, epochs, unit = 400, 8, 60, 1e-4
+    rng = np.random.default_rng(0)
+    rates = np.stack([np.where(rng.random(rows) < 0.5, 0.05, 0.9), np.full(rows, 0.3)], axis=1)  # [rows, 2]
+    labels = (rng.random((per_epoch, rows, 2)) < rates).astype(np.float32)  # the same every epoch
+    base = np.log(rates.mean(0) / (1 - rates.mean(0)))  # the rest of the model's logit
+    tx = action_bias_newton(0.05, 1.0, 2, unit, unit**2, float(per_epoch))
+    params = {"table": np.zeros((rows, 2), np.float32)}
+
+    @jax.jit
+    def step(params, state, y):
+        grad = unit * (jax.nn.sigmoid(base + params["table"]) - y)
+        updates, state = tx.update({"table": grad}, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(epochs):
+        for i in range(per_epoch):
+            params, state = step(params, state, labels[i])
+    theta, v = np.asarray(params["table"], np.float64), np.asarray(state.prior_variance[0], np.float64)
+    assert v[0] > 4 and v[1] < 0.5, v
+    best = np.zeros_like(theta)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(base + best)))
+        best -= ((p - labels).sum(0) + best / v) / (per_epoch * p * (1 - p) + 1 / v)
+    for j in range(2):
+        assert np.corrcoef(theta[:, j], best[:, j])[0, 1] > 0.999
+        assert np.abs(theta[:, j] - best[:, j]).mean() < 0.2
+    counted = labels.mean(0)[:, 1].clip(0.05, 0.95)
+    assert theta[:, 1].std() < 0.5 * np.log(counted / (1 - counted)).std()
 
 
 def test_quality_summary_counts_judged_actions_by_hand():

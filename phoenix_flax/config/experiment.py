@@ -90,6 +90,15 @@ class OptimizerConfig:
     # gradients' size until about k impressions' worth have accumulated (README: 66.0% -> 70.5% of
     # the oracle's lift on the sparse world at 750 steps).
     action_bias_initial_accumulator: float = 1.0
+    # How the action bias's offsets (the first num_actions columns of its post and author tables)
+    # learn. "adagrad": as its other columns. "newton": counting, learned: Newton steps toward each
+    # row's most probable offsets, the information an impression adds being its squared gradient
+    # (the sum starts from action_bias_initial_accumulator), under a Gaussian prior per table and
+    # action that weighs the same after any number of epochs and whose variance is fit to the rows
+    # (EM): an action the post decides (video_view) gets a wide prior and is memorized, one the
+    # user decides (favorite) a narrow one and is not (`training.action_bias_newton`; README).
+    action_bias_offsets: Literal["adagrad", "newton"] = "newton"
+    action_bias_newton_step: float = 1.0  # the fraction of the Newton step taken
     # Evaluation, the best checkpoint and serving use an exponential moving average of the
     # parameters, this decay per step (0: the parameters as trained). Off by default: on the
     # demo's worlds it changed neither ranking nor calibration beyond run-to-run noise (README).
@@ -107,6 +116,17 @@ class OptimizerConfig:
         checks.at_least(0, "action_bias_initial_accumulator")
         if self.action_bias_weight_decay is not None:
             checks.at_least(0, "action_bias_weight_decay")
+        step = self.action_bias_newton_step
+        checks.require(0 < step <= 1, "action_bias_newton_step", "must be in (0, 1]")
+        if self.action_bias_offsets == "newton":  # the prior is the only regularizer; no step divides by 0
+            checks.require(
+                self.action_bias_weight_decay == 0, "action_bias_weight_decay", "must be 0 with newton offsets"
+            )
+            checks.require(
+                self.action_bias_initial_accumulator > 0,
+                "action_bias_initial_accumulator",
+                "must be > 0 with newton offsets",
+            )
         checks.between(0, 1, "end_learning_rate_fraction")
         checks.between(0, 1, "ema_decay", high_open=True)
         checks.between(0, 1, "b1", "b2", high_open=True).require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -399,6 +419,7 @@ FIELDS_ADDED = {
         "table_weight_decay": 0.0,
         "action_bias_weight_decay": None,
         "action_bias_initial_accumulator": 0.0,
+        "action_bias_offsets": "adagrad",
         "ema_decay": 0.0,
     },
     "loss": {"exposure_weight": 0.0},
