@@ -39,7 +39,7 @@ def param_labels(params, bias_tables: bool = True, bias_offsets: bool = False) -
 class ActionBiasNewtonState(NamedTuple):
     sum_of_squares: optax.Updates  # per table [rows, cols]: the starting value plus every g^2
     steps: jax.Array  # [] int32
-    prior_variance: tuple  # per table (in leaf order) [cols]: the offsets' prior variance, logit^2
+    prior_variance: tuple  # per table (in leaf order) [offset_columns]: the offsets' prior variance, logit^2
 
 
 # The offsets' prior variance starts at 1 logit^2 and is first fit after an epoch, when every row
@@ -77,7 +77,7 @@ def action_bias_newton(
             sum_of_squares=jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator), params),
             steps=jnp.zeros([], jnp.int32),
             prior_variance=tuple(
-                jnp.full(p.shape[-1:], PRIOR_VARIANCE_START, p.dtype) for p in jax.tree.leaves(params)
+                jnp.full([offset_columns], PRIOR_VARIANCE_START, p.dtype) for p in jax.tree.leaves(params)
             ),
         )
 
@@ -90,15 +90,16 @@ def action_bias_newton(
         for g, s, theta, v in zip(
             grads, treedef.flatten_up_to(sums), treedef.flatten_up_to(params), state.prior_variance, strict=True
         ):
-            offsets = jnp.arange(g.shape[-1]) < offset_columns  # [cols]
-            prior = impression * theta / (v * steps_per_epoch)  # a step's share of theta / v, in g's units
-            curvature = s + steps * impression**2 / (v * steps_per_epoch)  # the data's and the prior's so far
-            newton = -step_size * impression * (g + prior) / curvature
-            new_updates.append(jnp.where(offsets, newton, -learning_rate * g / jnp.sqrt(s)))
-            seen = (s[:, :offset_columns] > initial_accumulator).any(-1, keepdims=True)  # [rows, 1]
-            information = (s - initial_accumulator) / impression**2 / epochs
-            fit = jnp.where(seen, theta**2 + 1 / (information + 1 / v), 0).sum(0) / jnp.maximum(seen.sum(), 1)
-            variances.append(jnp.where(offsets & (steps >= steps_per_epoch), v + PRIOR_VARIANCE_RATE * (fit - v), v))
+            o = offset_columns
+            g_o, s_o, theta_o = g[:, :o], s[:, :o], theta[:, :o]  # the offsets; the rest are factors
+            prior = impression * theta_o / (v * steps_per_epoch)  # a step's share of theta / v, in g's units
+            curvature = s_o + steps * impression**2 / (v * steps_per_epoch)  # the data's and the prior's so far
+            newton = -step_size * impression * (g_o + prior) / curvature
+            new_updates.append(jnp.concatenate([newton, -learning_rate * g[:, o:] / jnp.sqrt(s[:, o:])], axis=1))
+            seen = (s_o > initial_accumulator).any(-1, keepdims=True)  # [rows, 1]
+            information = (s_o - initial_accumulator) / impression**2 / epochs
+            fit = jnp.where(seen, theta_o**2 + 1 / (information + 1 / v), 0).sum(0) / jnp.maximum(seen.sum(), 1)
+            variances.append(jnp.where(steps >= steps_per_epoch, v + PRIOR_VARIANCE_RATE * (fit - v), v))
         return treedef.unflatten(new_updates), ActionBiasNewtonState(sums, steps, tuple(variances))
 
     return optax.GradientTransformation(init, update)
