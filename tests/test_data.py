@@ -1,5 +1,6 @@
 """Raw format, preparation, the synthetic world and the grain pipeline."""
 
+import itertools
 import json
 import os
 import pathlib
@@ -351,6 +352,25 @@ def test_synthetic_world_is_deterministic_and_its_probabilities_follow_the_rules
     familiar = world.probabilities(users, posts, np.zeros_like(posts), np.full_like(posts, 5))
     follow = ACTIONS.index("follow_author")
     assert (familiar[:, follow] > p[:, follow]).all()
+
+
+def test_a_world_ends_each_users_sessions_with_its_test_share():
+    for test_share in (0.1, 0.3):
+        cfg = WorldConfig(seed=2, users=40, authors=10, posts=200, sessions=1200, history=8, test_share=test_share)
+        splits = simulate(World(cfg), progress=False)
+        total = sum(len(s.session_id) for s in splits.values())
+        assert total == cfg.sessions
+        shares = {name: len(s.session_id) / total for name, s in splits.items()}
+        assert shares["test"] == pytest.approx(test_share, abs=0.03)
+        assert shares["validation"] == pytest.approx(0.1, abs=0.03)
+        # per user in time order (session IDs are given in time order): train, validation, test
+        for user in range(cfg.users):
+            ids = [np.asarray(s.session_id)[np.asarray(s.user) == user] for s in splits.values()]
+            ordered = [i for i in ids if len(i)]
+            assert all(a.max() < b.min() for a, b in itertools.pairwise(ordered))
+    for bad in (0.0, 0.6):
+        with pytest.raises(ConfigError, match=rf"test_share={bad}"):
+            WorldConfig(test_share=bad)
 
 
 def test_a_cold_world_shows_its_new_posts_only_after_training(tmp_path):

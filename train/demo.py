@@ -22,7 +22,9 @@ from phoenix_flax.data import prepare, synth
 from phoenix_flax.data.prepare import dataset_dir
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-WORLD = synth.WorldConfig(seed=0, users=2000, authors=200, posts=5000, sessions=60000, candidates=8, history=32)
+WORLD = synth.WorldConfig(
+    seed=0, users=2000, authors=200, posts=5000, sessions=80000, candidates=8, history=32, test_share=0.3
+)
 
 
 def stage(title: str) -> float:

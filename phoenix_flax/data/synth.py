@@ -9,7 +9,8 @@ engagements with them in the user's history) raises follow_author, reply and pro
 Actions are drawn from those probabilities. Each user's sessions come in time order; the
 history of a session is the user's earlier engaged posts.
 
-Writes train/validation/test sessions (per user in time order: first 80%, next 10%, last 10%),
+Writes train/validation/test sessions (per user in time order: the first 1 - 0.1 - test_share,
+the next 10%, the last test_share; by default 80%, 10%, 10%),
 `corpus.jsonl` (every post), `test_truth.npz` (the true probabilities of every test candidate),
 and `world.json` (the parameters).
 """
@@ -75,8 +76,7 @@ FAMILIARITY_WEIGHT = {"follow_author": 1.0, "reply": 0.6, "profile_click": 0.5}
 SPAM_WEIGHT = {**{a: -1.0 for a in POSITIVE}, **{a: 2.5 for a in NEGATIVE}}
 
 
-# Each user's written sessions in time order: train below the first share, validation below the second.
-SPLIT_BOUNDS = (0.8, 0.9)
+VALIDATION_SHARE = 0.1  # of each user's written sessions, between the training and the test ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +94,20 @@ class WorldConfig:
     # The share of posts that are new after training: never shown in a training (or warm-up)
     # session, only in validation and test ones (a cold-start world).
     cold_fraction: float = 0.0
+    # The share of each user's written sessions, the last ones, that are test sessions. More than
+    # 0.1 where the test split must judge rare actions finely: a 10% calibration band needs a few
+    # thousand positives of the rarest action.
+    test_share: float = 0.1
 
     def __post_init__(self):
         if not 0 <= self.cold_fraction <= 0.5:
             raise ConfigError(f"cold_fraction={self.cold_fraction}: must be in [0, 0.5]")
+        if not 0 < self.test_share <= 0.5:
+            raise ConfigError(f"test_share={self.test_share}: must be in (0, 0.5]")
+
+    def split_bounds(self) -> tuple[float, float]:
+        """Each user's written sessions in time order: train below the first, validation below the second."""
+        return 1 - VALIDATION_SHARE - self.test_share, 1 - self.test_share
 
 
 class World:
@@ -203,6 +213,7 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
         per_user[np.argmax(per_user)] -= 1
     per_user[: cfg.sessions - per_user.sum()] += 1
     total_rounds = per_user + cfg.warmup_sessions
+    train_below, validation_below = cfg.split_bounds()
 
     h = cfg.history
     hist_post = np.zeros((cfg.users, h), np.int64)  # engaged posts, most recent last
@@ -218,7 +229,7 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
         written = r - cfg.warmup_sessions  # this round's index among each user's written sessions
         posts = world.sample_candidates(users, rng)  # [n, C]
         # Cold posts are drawn again in the sessions training sees (warm-up included).
-        training = (written < 0) | (written / per_user[users] < SPLIT_BOUNDS[0])  # [n]
+        training = (written < 0) | (written / per_user[users] < train_below)  # [n]
         cold = world.post_cold[posts] & training[:, None]
         while cold.any():
             rows = np.nonzero(cold.any(1))[0]
@@ -237,7 +248,7 @@ def simulate(world: World, progress: bool = True) -> dict[str, Sessions]:
         for i in range(len(users)) if written >= 0 else ():
             u = users[i]
             frac = written / per_user[u]
-            split = "train" if frac < SPLIT_BOUNDS[0] else "validation" if frac < SPLIT_BOUNDS[1] else "test"
+            split = "train" if frac < train_below else "validation" if frac < validation_below else "test"
             out, n = splits[split], hist_len[u]
             out.session_id.append(next_id)
             next_id += 1
