@@ -22,6 +22,7 @@ from phoenix_flax.errors import DatasetError
 from phoenix_flax.hashing import FINGERPRINT_ROWS, hash_ids
 from phoenix_flax.validation import ConfigError
 from train import prepare as prepare_cli
+from train import synth as synth_cli
 
 CFG = ModelConfig(history_len=4, num_candidates=3, user_vocab_rows=97, post_vocab_rows=101, author_vocab_rows=89)
 
@@ -371,6 +372,16 @@ def test_a_world_ends_each_users_sessions_with_its_test_share():
     for bad in (0.0, 0.6):
         with pytest.raises(ConfigError, match=rf"test_share={bad}"):
             WorldConfig(test_share=bad)
+
+
+def test_phoenix_synth_names_a_bad_option_without_a_traceback(tmp_path, capsys):
+    for option, value in (("--test-share", "0.7"), ("--cold-fraction", "0.9")):
+        with pytest.raises(SystemExit) as exit_info:
+            synth_cli.main(["--out", str(tmp_path / "w"), option, value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{option[2:].replace('-', '_')}={value}: must be in" in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_cold_world_shows_its_new_posts_only_after_training(tmp_path):

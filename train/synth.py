@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from phoenix_flax.cli import add_debug_arg, run
 from phoenix_flax.data.synth import World, WorldConfig, simulate, write_world
+from phoenix_flax.validation import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,7 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="session file format")
     add_debug_arg(p)
     args = p.parse_args(argv)
-    cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
+    try:
+        cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
+    except ConfigError as e:
+        p.error(str(e))
     if cfg.posts < cfg.candidates or min(cfg.users, cfg.authors, cfg.topics, cfg.sessions) < 1:
         p.error("need at least one user, author, topic and session, and posts >= candidates")
     return run(p.prog, lambda: synthesize(cfg, args.out, args.format), args.debug)
