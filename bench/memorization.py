@@ -13,7 +13,8 @@ into table rows leaves of it: per action with at least 50 test positives, the te
 
 A model whose post knowledge flows through ROWSxH rows is bounded by that column on an action the
 post decides (video_view, photo_expand), as it learns no more than these offsets do there. The
-model's AUC from bench/quality.py's run is printed beside them when --workdir has it.
+model's AUC from bench/quality.py's run is printed beside them when --workdir has it. The worlds
+and their prepared datasets are bench/quality.py's, made in --workdir or reused from it.
 
     python bench/memorization.py [--worlds dense,sparse] [--workdir runs/quality] [--tables 262144x2,...]
 """
@@ -25,28 +26,16 @@ import json
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 from quality import WORLDS
 
-from phoenix_flax.config import load
-from phoenix_flax.data import synth
-from phoenix_flax.evaluation import MIN_POSITIVES, POPULARITY_PRIOR
+from phoenix_flax.config import load, replace_fields
+from phoenix_flax.evaluation import MIN_POSITIVES, post_rates, split_labels
 from phoenix_flax.hashing import hash_ids
 from phoenix_flax.metrics import auc
-from train.demo import DEMO_CONFIG
+from train.demo import DEMO_CONFIG, make_world
 
-ITERATIONS = 300  # of the fit below: the test AUCs move by < 1e-4 after ~200 on these worlds
+ITERATIONS = 300  # of the fit below: 400 gave the same test AUCs to 4 digits on the sparse world
 EM_FROM = 50  # iterations before the prior variance is first fit (the offsets must have moved)
-
-
-def read_split(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A split's candidates: post IDs [N] and labels [N, A] (synth.ACTIONS)."""
-    posts, labels = [], []
-    for s in pq.read_table(path, columns=["candidates"]).column("candidates").to_pylist():
-        for c in s:
-            posts.append(c["post_id"])
-            labels.append([a in c["actions"] for a in synth.ACTIONS])
-    return np.asarray(posts, np.int64), np.asarray(labels, np.float64).reshape(-1, len(synth.ACTIONS))
 
 
 def most_probable_offsets(rows: np.ndarray, num_rows: int, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,45 +84,35 @@ def main() -> None:
     p.add_argument("--workdir", default="runs/quality")
     p.add_argument("--tables", default="", help="more ROWSxHASHES tables, comma-separated")
     args = p.parse_args()
-    model = load(DEMO_CONFIG).model
-    tables = [f"{model.post_vocab_rows}x{model.num_post_hashes}"] + [t for t in args.tables.split(",") if t]
+    base = load(DEMO_CONFIG)
+    actions = list(base.model.actions)
+    tables = [f"{base.model.post_vocab_rows}x{base.model.num_post_hashes}"] + [t for t in args.tables.split(",") if t]
     for name in args.worlds.split(","):
-        world_dir = os.path.join(args.workdir, name, "world")
-        if not os.path.exists(os.path.join(world_dir, "world.json")):
-            world = synth.World(WORLDS[name])
-            synth.write_world(world, synth.simulate(world), world_dir)
-        train_posts, train_labels = read_split(os.path.join(world_dir, "train.parquet"))
-        test_posts, test_labels = read_split(os.path.join(world_dir, "test.parquet"))
-        judged = [i for i in range(len(synth.ACTIONS)) if test_labels[:, i].sum() >= MIN_POSITIVES]
-
-        ids, inverse = np.unique(train_posts, return_inverse=True)
-        shown = np.bincount(inverse, minlength=len(ids))[:, None]
-        rate = train_labels.mean(0)
-        smoothed = np.zeros((len(ids), len(rate))) + POPULARITY_PRIOR * rate
-        np.add.at(smoothed, inverse, train_labels)
-        smoothed /= shown + POPULARITY_PRIOR
-        at = np.searchsorted(ids, test_posts).clip(0, len(ids) - 1)
-        columns = {"post rate": np.where((ids[at] == test_posts)[:, None], smoothed[at], rate)}
+        root = os.path.join(args.workdir, name)
+        cfg = replace_fields(base, data=make_world(WORLDS[name], root, {}))
+        train_posts, train_labels = split_labels(cfg, actions, cfg.data.train_split)
+        test_posts, test_labels = split_labels(cfg, actions, "test")
+        columns = {"post rate": post_rates(train_posts, train_labels, test_posts)}
         for table in [None, *tables]:
             train_rows, test_rows, num_rows = posts_rows(train_posts, test_posts, table)
             b, theta = most_probable_offsets(train_rows, num_rows, train_labels)
             columns[table or "exact"] = b + theta[test_rows].sum(1)
-        metrics_file = os.path.join(args.workdir, name, "metrics.json")
-        model_auc = {}
-        if os.path.exists(metrics_file):
+        model_auc = None  # the model's per-action AUCs, from bench/quality.py's run
+        if os.path.exists(metrics_file := os.path.join(root, "metrics.json")):
             with open(metrics_file) as f:
                 model_auc = {a: r["auc"] for a, r in json.load(f)["actions"].items()}
-            columns["model"] = None
 
         print(f"\n{name} world: {WORLDS[name]}")
-        print(f"{'action':<16}{'positives':>10}" + "".join(f"{c:>14}" for c in columns))
-        for i in judged:
-            action = synth.ACTIONS[i]
-            cells = [
-                model_auc.get(action, float("nan")) if c == "model" else auc(s[:, i], test_labels[:, i])
-                for c, s in columns.items()
-            ]
-            print(f"{action:<16}{int(test_labels[:, i].sum()):>10}" + "".join(f"{x:>14.4f}" for x in cells))
+        header = [*columns, "model"] if model_auc else list(columns)
+        print(f"{'action':<16}{'positives':>10}" + "".join(f"{c:>14}" for c in header))
+        for i, action in enumerate(actions):
+            positives = int(test_labels[:, i].sum())
+            if positives < MIN_POSITIVES:
+                continue
+            cells = [auc(scores[:, i], test_labels[:, i]) for scores in columns.values()]
+            if model_auc:
+                cells.append(model_auc.get(action, float("nan")))
+            print(f"{action:<16}{positives:>10}" + "".join(f"{x:>14.4f}" for x in cells))
 
 
 if __name__ == "__main__":

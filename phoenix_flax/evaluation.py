@@ -83,10 +83,10 @@ def collect(model, cfg: ExperimentConfig, split: str, batch_size: int, mesh) -> 
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
-def training_labels(cfg: ExperimentConfig, actions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Post IDs `[n]` and labels `[n, A]` (for `actions`) of every labeled candidate of the training split."""
+def split_labels(cfg: ExperimentConfig, actions: Sequence[str], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Post IDs `[n]` and labels `[n, A]` (for `actions`) of every labeled candidate of `split`."""
     bits = bit_positions(actions, dataset_actions(cfg.data.data_dir), "actions")
-    source = open_source(cfg.data.data_dir, cfg.data.train_split)
+    source = open_source(cfg.data.data_dir, split)
     posts, masks = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for start in range(0, len(source), 1024):
         for record in source.__getitems__(range(start, min(start + 1024, len(source)))):
@@ -97,11 +97,11 @@ def training_labels(cfg: ExperimentConfig, actions: Sequence[str]) -> tuple[np.n
     return posts, ((masks[:, None] >> bits) & 1).astype(np.float64)
 
 
-def popularity_scores(cfg: ExperimentConfig, post_ids: np.ndarray, actions: Sequence[str]) -> np.ndarray:
-    """Each post's smoothed action rates in the training split -> [N, A] scores for `post_ids`."""
-    posts, labels = training_labels(cfg, actions)
+def post_rates(posts: np.ndarray, labels: np.ndarray, post_ids: np.ndarray) -> np.ndarray:
+    """Each post's smoothed action rates among candidates `posts [n]` with `labels [n, A]` ->
+    [N, A] for `post_ids` (a post not among them: the overall rate)."""
     unique, inverse = np.unique(posts, return_inverse=True)
-    counts = np.zeros((len(unique), len(actions)))
+    counts = np.zeros((len(unique), labels.shape[1]))
     np.add.at(counts, inverse, labels)
     shown = np.bincount(inverse, minlength=len(unique)).astype(np.float64)
     rate = labels.mean(0)
@@ -109,6 +109,11 @@ def popularity_scores(cfg: ExperimentConfig, post_ids: np.ndarray, actions: Sequ
     idx = np.searchsorted(unique, post_ids).clip(0, len(unique) - 1)
     known = unique[idx] == post_ids
     return np.where(known[:, None], smoothed[idx], rate)
+
+
+def popularity_scores(cfg: ExperimentConfig, post_ids: np.ndarray, actions: Sequence[str]) -> np.ndarray:
+    """Each post's smoothed action rates in the training split -> [N, A] scores for `post_ids`."""
+    return post_rates(*split_labels(cfg, actions, cfg.data.train_split), post_ids)
 
 
 def oracle_scores(truth_file: str, session_id: np.ndarray, position: np.ndarray, actions: Sequence[str]):
@@ -169,7 +174,7 @@ def next_item(model, cfg: ExperimentConfig, split: str, corpus_file: str, ks=(10
         np.int64(1) << bit_positions(cfg.data.positive_actions, data_actions, "positive_actions")
     )
     bits = bit_positions(cfg.model.actions, data_actions, "the model's actions")
-    train_posts, train_labels = training_labels(cfg, cfg.data.positive_actions)
+    train_posts, train_labels = split_labels(cfg, cfg.data.positive_actions, cfg.data.train_split)
     popularity = np.zeros(len(index.post_ids))
     for post, n in zip(train_posts.tolist(), train_labels.max(1).tolist(), strict=True):
         if post in row_of:
