@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
-import json
 import os
 
 import numpy as np
@@ -100,10 +98,10 @@ def main() -> None:
         world = synth.World(WORLDS[name])
         if not os.path.exists(os.path.join(world_dir, "world.json")):
             synth.write_world(world, synth.simulate(world), world_dir)
-        with open(os.path.join(world_dir, "world.json")) as f:
-            saved = json.load(f)["config"]
-        if saved != dataclasses.asdict(WORLDS[name]):
-            raise SystemExit(f"{world_dir} holds another world ({saved}); use another --workdir")
+        try:
+            synth.check_world(world_dir, WORLDS[name])
+        except synth.WorldMismatchError as e:
+            raise SystemExit(f"{e}; use another --workdir") from None
         test = read_test(world, world_dir)
         oracle = np.load(os.path.join(world_dir, "test_truth.npz"))["probs"]
         labels = test["labels"]

@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -17,7 +18,16 @@ from phoenix_flax.data import prepare as prep
 from phoenix_flax.data.config import DataConfig
 from phoenix_flax.data.pipeline import SessionToExamples, global_batch, make_dataset
 from phoenix_flax.data.raw import SessionFormatError, SkipReport, read_sessions
-from phoenix_flax.data.synth import ACTIONS, PHOTO, VIDEO, World, WorldConfig, simulate, write_world
+from phoenix_flax.data.synth import (
+    ACTIONS,
+    PHOTO,
+    VIDEO,
+    World,
+    WorldConfig,
+    WorldMismatchError,
+    simulate,
+    write_world,
+)
 from phoenix_flax.errors import DatasetError
 from phoenix_flax.hashing import FINGERPRINT_ROWS, hash_ids
 from phoenix_flax.validation import ConfigError
@@ -382,6 +392,38 @@ def test_phoenix_synth_names_a_bad_option_without_a_traceback(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"{option[2:].replace('-', '_')}={value}: must be in" in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_holding_another_world_is_refused_not_reused(tmp_path, capsys):
+    from train import demo
+
+    root = str(tmp_path / "run")
+    cfg = WorldConfig(seed=4, users=20, authors=5, posts=80, sessions=120, history=8)
+    data = demo.make_world(cfg, root, {})
+    assert demo.make_world(cfg, root, {}) == data and f"reusing {data['data_dir']}" in capsys.readouterr().out
+
+    # A world.json from before test_share: the field counts at its default, so the same world matches.
+    world_json = tmp_path / "run" / "world" / "world.json"
+    saved = json.loads(world_json.read_text())
+    del saved["config"]["test_share"]
+    world_json.write_text(json.dumps(saved))
+    assert demo.make_world(cfg, root, {}) == data
+    other = WorldConfig(seed=4, users=20, authors=5, posts=80, sessions=150, history=8, test_share=0.3)
+    with pytest.raises(WorldMismatchError) as e:
+        demo.make_world(other, root, {})
+    assert "sessions=120 (asked 150), test_share=0.1 (asked 0.3); delete" in str(e.value)
+    assert "users=" not in str(e.value)
+
+    # phoenix-demo's own WORLD is not this one: one line naming the difference, before any work.
+    rc = demo.main(["--workdir", root])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds another world: " in err and "--fresh" in err and "Traceback" not in err
+
+    # The prepared dataset without the world it came from is not trusted either.
+    shutil.rmtree(tmp_path / "run" / "world")
+    with pytest.raises(WorldMismatchError, match="prepared from a world no longer in"):
+        demo.make_world(cfg, root, {})
+    assert not (tmp_path / "run" / "world").exists()
 
 
 def test_a_cold_world_shows_its_new_posts_only_after_training(tmp_path):

@@ -48,11 +48,20 @@ def make_world(world_cfg: synth.WorldConfig, root: str, timings: dict) -> dict[s
     start = stage(
         f"synthesize a world: {world_cfg.users} users, {world_cfg.posts} posts, {world_cfg.sessions} sessions"
     )
-    if not os.path.exists(os.path.join(world_dir, "world.json")):
+    # What is reused must be what was asked for: a workdir from an earlier WORLD would otherwise
+    # train and be judged on the old world under the new one's name.
+    again = f"delete {root} (phoenix-demo's --fresh does) or use another --workdir"
+    if os.path.exists(os.path.join(world_dir, "world.json")):
+        try:
+            synth.check_world(world_dir, world_cfg)
+        except synth.WorldMismatchError as e:
+            raise synth.WorldMismatchError(f"{e}; {again}") from None
+        print(f"reusing {world_dir}")
+    else:
+        if os.path.exists(data_dir):
+            raise synth.WorldMismatchError(f"{data_dir} was prepared from a world no longer in {world_dir}; {again}")
         world = synth.World(world_cfg)
         synth.write_world(world, synth.simulate(world), world_dir)
-    else:
-        print(f"reusing {world_dir}")
     timings["synthesize"] = time.perf_counter() - start
 
     start = stage("prepare the TFDS ArrayRecord dataset")

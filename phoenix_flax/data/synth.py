@@ -27,6 +27,7 @@ import numpy as np
 
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.raw import items_column
+from phoenix_flax.errors import PhoenixError
 from phoenix_flax.validation import ConfigError
 
 ACTIONS = DEFAULT_ACTIONS
@@ -308,6 +309,29 @@ def _table(world: World, s: Sessions):
             "candidates": candidates,
         }
     )
+
+
+class WorldMismatchError(PhoenixError):
+    """A folder holds a world written with another WorldConfig than the one asked for."""
+
+
+def check_world(world_dir: str, cfg: WorldConfig) -> None:
+    """Fails unless the world in `world_dir` was written with `cfg`. Fields its world.json
+    predates count at their defaults (a world from before `test_share` has the default share)."""
+    path = os.path.join(world_dir, "world.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)["config"]
+        saved_cfg = WorldConfig(**saved)
+    except (ValueError, KeyError, TypeError) as e:  # JSON, a missing section, an unknown field, a bad value
+        raise WorldMismatchError(f"{path}: not a world's parameters ({type(e).__name__}: {e})") from None
+    differ = [
+        f"{f.name}={getattr(saved_cfg, f.name)!r} (asked {getattr(cfg, f.name)!r})"
+        for f in dataclasses.fields(cfg)
+        if getattr(saved_cfg, f.name) != getattr(cfg, f.name)
+    ]
+    if differ:
+        raise WorldMismatchError(f"{world_dir} holds another world: {', '.join(differ)}")
 
 
 def write_world(world: World, splits: dict[str, Sessions], out: str, fmt: str = "parquet") -> dict[str, str]:
