@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -146,6 +147,16 @@ def test_prepare_cli_reports_errors_and_skips(tmp_path, capsys):
     rc = prepare_cli.main(["--data-dir", str(tmp_path / "b"), "--train", path, "--skip-invalid"])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
     assert prepare_cli.main(["--data-dir", str(tmp_path / "c"), "--train", str(tmp_path / "nothing*.jsonl")]) == 2
+
+
+def test_prepare_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where tempfile.mkdtemp() makes its folders
+    path = write_jsonl(tmp_path / "in.jsonl", [session(0), session(1)])
+    prep.prepare(str(tmp_path / "d"), {"train": prep.SplitSource((path,))})
+    assert os.path.exists(prep.dataset_dir(str(tmp_path / "d")))
+    assert os.listdir(scratch) == []
 
 
 def test_parquet_reads_like_jsonl(tmp_path):

@@ -102,6 +102,15 @@ class SplitStatistics:
         }
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The info of a dataset built here: TFDS's bucket has none to fetch for it. (TFDS's own
+    `initialize_from_bucket`, called for a dataset not yet prepared, makes a temporary directory
+    before finding that out and never removes it: an empty /tmp/tmp*tfds per prepare.)"""
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class PhoenixSessions(tfds.core.GeneratorBasedBuilder):
     """Engagement sessions: a user, their history, the candidates shown and what they did."""
 
@@ -123,7 +132,7 @@ class PhoenixSessions(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=self.__doc__,
             features=tfds.features.FeaturesDict(FEATURES),
