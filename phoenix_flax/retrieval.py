@@ -128,10 +128,12 @@ def top_k(
         idx = start + jnp.arange(chunk)
         keep = (idx >= i * chunk) & jax.lax.dynamic_slice_in_dim(corpus_valid, start, chunk)
         scores = jnp.where(keep[None], users @ rows.T, -jnp.inf)  # [B, chunk]
-        all_scores = jnp.concatenate([best_scores, scores], axis=1)
-        all_idx = jnp.concatenate([best_idx, jnp.broadcast_to(idx, scores.shape)], axis=1)
-        best_scores, pos = jax.lax.top_k(all_scores, k)
-        return (best_scores, jnp.take_along_axis(all_idx, pos, axis=1)), None
+        best_scores, pos = jax.lax.top_k(jnp.concatenate([best_scores, scores], axis=1), k)  # pos [B, k]
+        # A position past the k kept is a row of this chunk. Indices are not concatenated like the
+        # scores: a [B, chunk] index array would double the step's memory, and with one chunk XLA
+        # folds it into a constant of the program ([B, N] int32 built at compile time).
+        kept = jnp.take_along_axis(best_idx, jnp.minimum(pos, k - 1), axis=1)
+        return (best_scores, jnp.where(pos >= k, start + pos - k, kept)), None
 
     b = users.shape[0]
     init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))

@@ -1,6 +1,8 @@
 """Two-tower retrieval: towers, chunked top-K against brute force, temperature, shared tables."""
 
 import dataclasses
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +63,16 @@ def test_top_k_with_fewer_valid_items_than_k():
     assert (idx[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
     with pytest.raises(ValueError, match="k=21"):
         top_k(users, corpus, 21)
+
+
+def test_top_k_compiles_no_corpus_sized_constant():
+    # In one chunk the rows' indices are known at compile time: an index array built from them was
+    # folded into a [B, N] int32 constant of the program (82 MB, 1.6 s to compile, for 1,024 users
+    # over 20,000 posts).
+    users, corpus = jax.ShapeDtypeStruct((64, 8), jnp.float32), jax.ShapeDtypeStruct((3000, 8), jnp.float32)
+    hlo = top_k.lower(users, corpus, 10).compile().as_text()
+    shapes = re.findall(r"\[([\d,]+)\]\{[^}]*\} constant\(", hlo)
+    assert max((math.prod(int(d) for d in s.split(",")) for s in shapes), default=0) < 3000
 
 
 @pytest.fixture(scope="module")
