@@ -57,9 +57,9 @@ def make_world(world_cfg: synth.WorldConfig, root: str, timings: dict) -> dict[s
         except synth.WorldMismatchError as e:
             raise synth.WorldMismatchError(f"{e}; {again}") from None
         print(f"reusing {world_dir}")
+    elif os.path.exists(data_dir):
+        raise synth.WorldMismatchError(f"{data_dir} was prepared from a world no longer in {world_dir}; {again}")
     else:
-        if os.path.exists(data_dir):
-            raise synth.WorldMismatchError(f"{data_dir} was prepared from a world no longer in {world_dir}; {again}")
         world = synth.World(world_cfg)
         synth.write_world(world, synth.simulate(world), world_dir)
     timings["synthesize"] = time.perf_counter() - start
