@@ -96,10 +96,8 @@ def main() -> None:
     for name in args.worlds.split(","):
         world_dir = os.path.join(args.workdir, name, "world")
         world = synth.World(WORLDS[name])
-        if not os.path.exists(os.path.join(world_dir, "world.json")):
-            synth.write_world(world, synth.simulate(world), world_dir)
         try:
-            synth.check_world(world_dir, WORLDS[name])
+            synth.reuse_or_write(world, world_dir)
         except synth.WorldMismatchError as e:
             raise SystemExit(f"{e}; use another --workdir") from None
         test = read_test(world, world_dir)

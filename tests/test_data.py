@@ -32,6 +32,7 @@ from phoenix_flax.data.synth import (
 from phoenix_flax.errors import DatasetError
 from phoenix_flax.hashing import FINGERPRINT_ROWS, hash_ids
 from phoenix_flax.validation import ConfigError
+from train import demo
 from train import prepare as prepare_cli
 from train import synth as synth_cli
 
@@ -406,8 +407,6 @@ def test_phoenix_synth_names_a_bad_option_without_a_traceback(tmp_path, capsys):
 
 
 def test_a_workdir_holding_another_world_is_refused_not_reused(tmp_path, capsys):
-    from train import demo
-
     root = str(tmp_path / "run")
     cfg = WorldConfig(seed=4, users=20, authors=5, posts=80, sessions=120, history=8)
     data = demo.make_world(cfg, root, {})

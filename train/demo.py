@@ -51,17 +51,13 @@ def make_world(world_cfg: synth.WorldConfig, root: str, timings: dict) -> dict[s
     # What is reused must be what was asked for: a workdir from an earlier WORLD would otherwise
     # train and be judged on the old world under the new one's name.
     again = f"delete {root} (phoenix-demo's --fresh does) or use another --workdir"
-    if os.path.exists(os.path.join(world_dir, "world.json")):
-        try:
-            synth.check_world(world_dir, world_cfg)
-        except synth.WorldMismatchError as e:
-            raise synth.WorldMismatchError(f"{e}; {again}") from None
-        print(f"reusing {world_dir}")
-    elif os.path.exists(data_dir):
+    if not os.path.exists(os.path.join(world_dir, "world.json")) and os.path.exists(data_dir):
         raise synth.WorldMismatchError(f"{data_dir} was prepared from a world no longer in {world_dir}; {again}")
-    else:
-        world = synth.World(world_cfg)
-        synth.write_world(world, synth.simulate(world), world_dir)
+    try:
+        if not synth.reuse_or_write(synth.World(world_cfg), world_dir):
+            print(f"reusing {world_dir}")
+    except synth.WorldMismatchError as e:
+        raise synth.WorldMismatchError(f"{e}; {again}") from None
     timings["synthesize"] = time.perf_counter() - start
 
     start = stage("prepare the TFDS ArrayRecord dataset")

@@ -334,6 +334,16 @@ def check_world(world_dir: str, cfg: WorldConfig) -> None:
         raise WorldMismatchError(f"{world_dir} holds another world: {', '.join(differ)}")
 
 
+def reuse_or_write(world: World, out: str) -> bool:
+    """Simulates and writes `world` into `out` unless `out` holds it already (another world there
+    fails: `check_world`) -> whether it wrote."""
+    if os.path.exists(os.path.join(out, "world.json")):
+        check_world(out, world.cfg)
+        return False
+    write_world(world, simulate(world), out)
+    return True
+
+
 def write_world(world: World, splits: dict[str, Sessions], out: str, fmt: str = "parquet") -> dict[str, str]:
     """Writes the sessions, corpus, test truth and parameters; returns the session files by split."""
     import pyarrow.parquet as pq
