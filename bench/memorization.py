@@ -13,8 +13,18 @@ into table rows leaves of it: per action with at least 50 test positives, the te
 
 A model whose post knowledge flows through ROWSxH rows is bounded by that column on an action the
 post decides (video_view, photo_expand), as it learns no more than these offsets do there. The
-model's AUC from bench/quality.py's run is printed beside them when --workdir has it. The worlds
-and their prepared datasets are bench/quality.py's, made in --workdir or reused from it.
+model's AUC from bench/quality.py's run is printed beside them when --workdir has it, and then a
+second table: what that model would reach with perfect memorization, its user-dependent parts
+(`PhoenixRanker.logit_parts`: the action bias's "affinity" and the "transformer"'s unembedding)
+added to the exact offsets in place of its post and author offsets,
+
+  exact+user:  at the model's own weights (1 and 1);
+  best mix:    at the best of a grid of weights for the two (0 to 1 by 0.25 each), chosen on the
+               test split itself: a bound on any reweighting, not a model;
+  sd:          the bootstrap standard deviation (over test sessions, the weights held) of best
+               mix's AUC minus the post rate's: how far apart the two must be to differ.
+
+The worlds and their prepared datasets are bench/quality.py's, made in --workdir or reused from it.
 
     python bench/memorization.py [--worlds dense,sparse] [--workdir runs/quality] [--tables 262144x2,...]
 """
@@ -34,6 +44,8 @@ from phoenix_flax.hashing import hash_ids
 from phoenix_flax.metrics import auc
 from train.demo import DEMO_CONFIG, make_world
 
+USER_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the best mix's grid, for the affinity and the transformer each
+BOOTSTRAP = 200  # resamples of the test sessions
 ITERATIONS = 300  # of the fit below: 400 gave the same test AUCs to 4 digits on the sparse world
 EM_FROM = 50  # iterations before the prior variance is first fit (the offsets must have moved)
 
@@ -113,6 +125,57 @@ def main() -> None:
             if model_auc:
                 cells.append(model_auc.get(action, float("nan")))
             print(f"{action:<16}{positives:>10}" + "".join(f"{x:>14.4f}" for x in cells))
+        if model_auc:
+            unique, first = np.unique(test_posts, return_index=True)
+            exact_by_post = (unique, columns["exact"][first])  # a post's offsets, whichever candidate
+            perfect_memorization(cfg, os.path.join(root, "train"), actions, exact_by_post)
+
+
+def perfect_memorization(cfg, train_dir: str, actions: list[str], exact_by_post) -> None:
+    """The second table (see the module's docstring), from the run's best checkpoint."""
+    from phoenix_flax.checkpoint import restore_model  # JAX starts here, not before
+    from phoenix_flax.evaluation import collect
+    from phoenix_flax.sharding import make_mesh, use_mesh
+
+    mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    restored = restore_model(train_dir, "best", mesh)
+    with use_mesh(mesh, restored.cfg.mesh.logical_rules()):
+        out = collect(restored.model, restored.cfg, "test", 512, mesh, logit_parts=True)
+    if "logit_affinity" not in out:
+        print(f"(the model of {train_dir} has no affinity: no table of its user parts)")
+        return
+    labels, user = out["labels"], (out["logit_affinity"], out["logit_transformer"])
+    unique, offsets = exact_by_post
+    exact = offsets[np.searchsorted(unique, out["post_id"])]
+    rate = post_rates(*split_labels(cfg, actions, cfg.data.train_split), out["post_id"])
+    _, session = np.unique(out["session_id"], return_inverse=True)
+    rng = np.random.default_rng(0)
+    print(f"\nwith perfect memorization: {train_dir} (step {restored.step}), its user parts beside the exact offsets")
+    print(f"{'action':<16}{'post rate':>11}{'exact':>9}{'exact+user':>12}{'best mix':>10}{'(weights)':>14}{'sd':>8}")
+    for i, action in enumerate(actions):
+        y = labels[:, i]
+        if y.sum() < MIN_POSITIVES:
+            continue
+        mixes = {
+            (wa, wt): exact[:, i] + wa * user[0][:, i] + wt * user[1][:, i]
+            for wa in USER_WEIGHTS
+            for wt in USER_WEIGHTS
+        }
+        best = max(mixes, key=lambda w: auc(mixes[w], y))
+        sd = np.std([auc(mixes[best][k], y[k]) - auc(rate[k, i], y[k]) for k in session_resamples(session, rng)])
+        print(
+            f"{action:<16}{auc(rate[:, i], y):>11.4f}{auc(exact[:, i], y):>9.4f}{auc(mixes[1.0, 1.0], y):>12.4f}"
+            f"{auc(mixes[best], y):>10.4f}{f'({best[0]:g}, {best[1]:g})':>14}{sd:>8.4f}"
+        )
+
+
+def session_resamples(session: np.ndarray, rng: np.random.Generator):
+    """`session [n]` (0..S-1, each candidate's) -> BOOTSTRAP index arrays, each the candidates of S
+    sessions drawn with replacement."""
+    order = np.argsort(session, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(session))[:-1])  # [S] candidate indices
+    for _ in range(BOOTSTRAP):
+        yield np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
 
 
 if __name__ == "__main__":

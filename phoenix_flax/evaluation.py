@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from phoenix_flax.batch import labeled_candidates
 from phoenix_flax.checkpoint import CheckpointError, restore_model
@@ -44,8 +45,12 @@ from phoenix_flax.training import make_eval_step
 POPULARITY_PRIOR = 10.0  # impressions of smoothing toward the global rate
 
 
-def collect(model, cfg: ExperimentConfig, split: str, batch_size: int, mesh) -> dict[str, np.ndarray]:
-    """One pass over `split`: per valid candidate and per row with a positive, what eval needs."""
+def collect(
+    model, cfg: ExperimentConfig, split: str, batch_size: int, mesh, logit_parts: bool = False
+) -> dict[str, np.ndarray]:
+    """One pass over `split`: per valid candidate and per row with a positive, what eval needs;
+    with `logit_parts`, also each part of the ranker's logits per candidate (`logit_transformer`,
+    `logit_post`, ...: `PhoenixRanker.logit_parts`)."""
     data = make_dataset(
         cfg.model,
         cfg.data,
@@ -58,12 +63,17 @@ def collect(model, cfg: ExperimentConfig, split: str, batch_size: int, mesh) -> 
         process_count=1,
     )
     eval_step = make_eval_step(cfg.loss)
+    parts_step = nnx.jit(lambda m, b: m.ranker.logit_parts(b)) if logit_parts else None
     out: dict[str, list] = {k: [] for k in ("probs", "labels", "session_id", "position", "post_id")}
     out.update({k: [] for k in ("users", "positive_post_id", "in_batch_rank")})
     for batch in data:
-        _, outputs = eval_step(model, global_batch(batch, mesh, cfg.mesh.logical_rules()))
+        sharded = global_batch(batch, mesh, cfg.mesh.logical_rules())
+        _, outputs = eval_step(model, sharded)
         outputs = jax.device_get(outputs)
         valid = labeled_candidates(batch)
+        if parts_step is not None:
+            for name, part in jax.device_get(parts_step(model, sharded)).items():
+                out.setdefault(f"logit_{name}", []).append(part[valid])
         if "probs" in outputs:
             out["probs"].append(outputs["probs"][valid])
             out["labels"].append(batch["candidate_actions"][valid])

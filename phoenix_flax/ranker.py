@@ -80,14 +80,17 @@ class ActionBias(nnx.Module):
         a = self.mix.shape[-1]
         return self.author(author_hashes).sum(-2)[..., a:], self.user(user_hashes).sum(-2)
 
-    def __call__(self, post_hashes: jax.Array, author_hashes: jax.Array, user_hashes: jax.Array) -> jax.Array:
-        """[..., Hp], [..., Ha], [..., Hu] (broadcasting with the others) -> float32 [..., A]."""
-        rows = self.post(post_hashes).sum(-2) + self.author(author_hashes).sum(-2)  # [..., A + r]
+    def parts(self, post_hashes: jax.Array, author_hashes: jax.Array, user_hashes: jax.Array) -> dict[str, jax.Array]:
+        """[..., Hp], [..., Ha], [..., Hu] (broadcasting with the others) -> what each path adds to the
+        logits, float32 [..., A] each: "post" and "author" offsets, and with affinity_rank > 0 the
+        user's "affinity"."""
+        post, author = self.post(post_hashes).sum(-2), self.author(author_hashes).sum(-2)  # [..., A + r]
         if not hasattr(self, "mix"):  # affinity_rank 0: the rows are the offsets
-            return rows
+            return {"post": post, "author": author}
         a = self.mix.shape[-1]
         u = self.user(user_hashes).sum(-2)  # [..., r]
-        return rows[..., :a] + (u * rows[..., a:]) @ self.mix[...]
+        affinity = (u * (post[..., a:] + author[..., a:])) @ self.mix[...]
+        return {"post": post[..., :a], "author": author[..., :a], "affinity": affinity}
 
 
 class CalibrationShift(nnx.Variable):
@@ -116,6 +119,11 @@ class PhoenixRanker(nnx.Module):
         """Hashes in, logits `[B, C, A]` (float32) out."""
         return self.logits_from_embeddings(batch, self.embeddings(batch))
 
+    def logit_parts(self, batch: Batch) -> dict[str, jax.Array]:
+        """What each path adds to the logits, `[B, C, A]` each, summing to them: the "transformer"'s
+        unembedding and, with the action bias, its "post", "author" and "affinity" parts."""
+        return self._parts_from_embeddings(batch, self.embeddings(batch))
+
     def probabilities(self, logits: jax.Array) -> jax.Array:
         """Logits `[..., A]` -> what evaluation and serving report: sigmoid(logits + calibration shifts)."""
         if self.calibration is not None:
@@ -127,18 +135,22 @@ class PhoenixRanker(nnx.Module):
         parts = [flatten_hashes(post_emb), flatten_hashes(author_emb), self.blocks.surface(surface)]
         return constrain_rows(concat_dense(parts, self.candidate_proj[...], self.dtype))
 
-    def _head(
+    def _head_parts(
         self, h: jax.Array, post_hashes: jax.Array, author_hashes: jax.Array, user_hashes: jax.Array
-    ) -> jax.Array:
-        """Final norm and unembedding, plus the action bias: [..., D] -> float32 logits [..., A]."""
+    ) -> dict[str, jax.Array]:
+        """Final norm and unembedding, and the action bias: [..., D] -> the logits' float32 parts [..., A]."""
         h = self.final_norm(h)
-        logits = (h @ self.unembed[...].astype(h.dtype)).astype(jnp.float32)
+        parts = {"transformer": (h @ self.unembed[...].astype(h.dtype)).astype(jnp.float32)}
         if self.action_bias is not None:
-            logits = logits + self.action_bias(post_hashes, author_hashes, user_hashes)
-        return logits
+            parts |= self.action_bias.parts(post_hashes, author_hashes, user_hashes)
+        return parts
 
     def logits_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
         """Already looked-up embeddings in (as the original took them), logits `[B, C, A]` out."""
+        return sum(self._parts_from_embeddings(batch, emb).values())
+
+    def _parts_from_embeddings(self, batch: Batch, emb: Embeddings) -> dict[str, jax.Array]:
+        """Looked-up embeddings in, the logits' parts `[B, C, A]` (see `logit_parts`) out."""
         user = self.blocks.user(emb)  # [B, 1, D]
         history = self.blocks.history(batch, emb)  # [B, S, D]
         candidates = self.candidate_block(
@@ -152,7 +164,7 @@ class PhoenixRanker(nnx.Module):
             prefix_valid(batch),
             is_valid(batch["candidate_post_hashes"]),
         )
-        return self._head(
+        return self._head_parts(
             h[:, prefix_len:],
             batch["candidate_post_hashes"],
             batch["candidate_author_hashes"],
@@ -190,4 +202,4 @@ class PhoenixRanker(nnx.Module):
         position = context.valid.shape[1]  # shared: right after the history
         keys, values = context.keys[:, rows], context.values[:, rows]  # [L, N, P, Hkv, K]
         h = self.transformer.isolated(h, position, keys, values, context.valid[rows])
-        return self._head(h, post_hashes, author_hashes, context.user_hashes[rows])
+        return sum(self._head_parts(h, post_hashes, author_hashes, context.user_hashes[rows]).values())

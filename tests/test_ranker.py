@@ -160,10 +160,12 @@ def test_padded_history_and_candidates_have_no_effect(ranker):
 
 
 def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_affinity():
+    """And `logit_parts` gives each of them, and the transformer's part, apart."""
     model = with_random_action_bias(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)))
     batch = random_batch(SMALL, 3, np.random.default_rng(5))  # with padded candidates and hashes
     batch["user_hashes"][0, 1] = 0  # a padded user hash adds nothing either
     with_bias = np.asarray(model(model_inputs(batch)))
+    parts = {k: np.asarray(v) for k, v in model.logit_parts(model_inputs(batch)).items()}
     bias, a = model.action_bias, len(SMALL.actions)
     post_rows, author_rows, user_f, mix = (
         np.asarray(x) for x in (bias.post.table[...], bias.author.table[...], bias.user.table[...], bias.mix[...])
@@ -178,6 +180,13 @@ def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_
     want = summed_rows(post, ph) + summed_rows(author, ah) + affinity
     assert (ph == 0).any() and np.abs(affinity).max() > 0.5 and SMALL.affinity_rank > 0
     np.testing.assert_allclose(with_bias - without, want, atol=1e-4)
+
+    assert list(parts) == ["transformer", "post", "author", "affinity"]
+    np.testing.assert_allclose(parts["transformer"], without, atol=1e-5)
+    np.testing.assert_allclose(parts["post"], summed_rows(post, ph), atol=1e-5)
+    np.testing.assert_allclose(parts["author"], summed_rows(author, ah), atol=1e-5)
+    np.testing.assert_allclose(parts["affinity"], affinity, atol=1e-4)
+    np.testing.assert_allclose(sum(parts.values()), with_bias, atol=1e-5)
 
 
 def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_authors():

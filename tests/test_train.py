@@ -341,6 +341,11 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     assert np.abs(shifts).max() > 0.01
     excess = (probs - labels).sum(0) + shifts / cfg.eval.calibration_prior_std**2
     np.testing.assert_allclose(excess, 0, atol=1e-2 * len(probs) ** 0.5)
+    # The logits' parts, collected beside, are what those probabilities were made of.
+    parts = collect(restored.model, restored.cfg, "validation", 16, mesh, logit_parts=True)
+    logits = sum(parts[f"logit_{k}"] for k in ("transformer", "post", "author", "affinity"))
+    assert np.abs(parts["logit_affinity"]).max() > 0 and np.abs(parts["logit_post"]).max() > 0
+    np.testing.assert_allclose(1 / (1 + np.exp(-(logits + shifts))), got["probs"], atol=1e-5)
     weights = action_weights(cfg.model.actions)
     assert evals[best]["eval_weighted_auc"] == pytest.approx(weighted_auc(probs, labels, weights), abs=1e-5)
 
