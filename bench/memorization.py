@@ -126,13 +126,15 @@ def main() -> None:
                 cells.append(model_auc.get(action, float("nan")))
             print(f"{action:<16}{positives:>10}" + "".join(f"{x:>14.4f}" for x in cells))
         if model_auc:
+            # Both depend on the post alone: per post, for the model's own pass over the test split.
             unique, first = np.unique(test_posts, return_index=True)
-            exact_by_post = (unique, columns["exact"][first])  # a post's offsets, whichever candidate
-            perfect_memorization(cfg, os.path.join(root, "train"), actions, exact_by_post)
+            by_post = (unique, columns["post rate"][first], columns["exact"][first])
+            perfect_memorization(os.path.join(root, "train"), by_post)
 
 
-def perfect_memorization(cfg, train_dir: str, actions: list[str], exact_by_post) -> None:
-    """The second table (see the module's docstring), from the run's best checkpoint."""
+def perfect_memorization(train_dir: str, by_post) -> None:
+    """The second table (see the module's docstring), from the run's best checkpoint; `by_post`:
+    the test posts' sorted IDs and their post rates and exact offsets `[N, A]`."""
     from phoenix_flax.checkpoint import restore_model  # JAX starts here, not before
     from phoenix_flax.evaluation import collect
     from phoenix_flax.sharding import make_mesh, use_mesh
@@ -145,9 +147,9 @@ def perfect_memorization(cfg, train_dir: str, actions: list[str], exact_by_post)
         print(f"(the model of {train_dir} has no affinity: no table of its user parts)")
         return
     labels, user = out["labels"], (out["logit_affinity"], out["logit_transformer"])
-    unique, offsets = exact_by_post
-    exact = offsets[np.searchsorted(unique, out["post_id"])]
-    rate = post_rates(*split_labels(cfg, actions, cfg.data.train_split), out["post_id"])
+    unique, rates, offsets = by_post
+    row = np.searchsorted(unique, out["post_id"])
+    rate, exact, actions = rates[row], offsets[row], restored.cfg.model.actions
     _, session = np.unique(out["session_id"], return_inverse=True)
     rng = np.random.default_rng(0)
     print(f"\nwith perfect memorization: {train_dir} (step {restored.step}), its user parts beside the exact offsets")
@@ -171,11 +173,11 @@ def perfect_memorization(cfg, train_dir: str, actions: list[str], exact_by_post)
 
 def session_resamples(session: np.ndarray, rng: np.random.Generator):
     """`session [n]` (0..S-1, each candidate's) -> BOOTSTRAP index arrays, each the candidates of S
-    sessions drawn with replacement."""
-    order = np.argsort(session, kind="stable")
-    members = np.split(order, np.cumsum(np.bincount(session))[:-1])  # [S] candidate indices
+    sessions drawn with replacement (a session drawn twice, its candidates twice)."""
+    sessions = session.max() + 1
     for _ in range(BOOTSTRAP):
-        yield np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        drawn = np.bincount(rng.integers(0, sessions, sessions), minlength=sessions)  # [S] times drawn
+        yield np.repeat(np.arange(len(session)), drawn[session])
 
 
 if __name__ == "__main__":
