@@ -22,7 +22,9 @@ added to the exact offsets in place of its post and author offsets,
   best mix:    at the best of a grid of weights for the two (0 to 1 by 0.25 each), chosen on the
                test split itself: a bound on any reweighting, not a model;
   sd:          the bootstrap standard deviation (over test sessions, the weights held) of best
-               mix's AUC minus the post rate's: how far apart the two must be to differ.
+               mix's AUC minus the post rate's: how far apart the two must be to differ;
+  rate+user:   best mix and its sd again with counting itself in place of the exact offsets (the
+               logit of the post rate): what the model's user knowledge adds to what counting knows.
 
 The worlds and their prepared datasets are bench/quality.py's, made in --workdir or reused from it.
 
@@ -150,25 +152,36 @@ def perfect_memorization(train_dir: str, by_post) -> None:
     unique, rates, offsets = by_post
     row = np.searchsorted(unique, out["post_id"])
     rate, exact, actions = rates[row], offsets[row], restored.cfg.model.actions
+    memorized = {"exact": exact, "rate": np.log(rate / (1 - rate))}  # [N, A] logits: smoothed rates are in (0, 1)
     _, session = np.unique(out["session_id"], return_inverse=True)
     rng = np.random.default_rng(0)
     print(f"\nwith perfect memorization: {train_dir} (step {restored.step}), its user parts beside the exact offsets")
-    print(f"{'action':<16}{'post rate':>11}{'exact':>9}{'exact+user':>12}{'best mix':>10}{'(weights)':>14}{'sd':>8}")
+    print(
+        f"{'action':<16}{'post rate':>11}{'exact':>9}{'exact+user':>12}{'best mix':>10}{'(weights)':>14}{'sd':>8}"
+        f"{'rate+user':>11}{'(weights)':>14}{'sd':>8}"
+    )
     for i, action in enumerate(actions):
         y = labels[:, i]
         if y.sum() < MIN_POSITIVES:
             continue
-        mixes = {
-            (wa, wt): exact[:, i] + wa * user[0][:, i] + wt * user[1][:, i]
-            for wa in USER_WEIGHTS
-            for wt in USER_WEIGHTS
-        }
-        best = max(mixes, key=lambda w: auc(mixes[w], y))
-        sd = np.std([auc(mixes[best][k], y[k]) - auc(rate[k, i], y[k]) for k in session_resamples(session, rng)])
-        print(
-            f"{action:<16}{auc(rate[:, i], y):>11.4f}{auc(exact[:, i], y):>9.4f}{auc(mixes[1.0, 1.0], y):>12.4f}"
-            f"{auc(mixes[best], y):>10.4f}{f'({best[0]:g}, {best[1]:g})':>14}{sd:>8.4f}"
-        )
+        best = {}  # per memorization: the best mix's weights and scores
+        for name, logits in memorized.items():
+            mixes = {
+                (wa, wt): logits[:, i] + wa * user[0][:, i] + wt * user[1][:, i]
+                for wa in USER_WEIGHTS
+                for wt in USER_WEIGHTS
+            }
+            weights = max(mixes, key=lambda w: auc(mixes[w], y))
+            best[name] = weights, mixes[weights]
+        differences = []  # [resamples, memorizations]: best mix minus the post rate, on the same resamples
+        for k in session_resamples(session, rng):
+            post_rate = auc(rate[k, i], y[k])
+            differences.append([auc(scores[k], y[k]) - post_rate for _, scores in best.values()])
+        cells = f"{action:<16}{auc(rate[:, i], y):>11.4f}{auc(exact[:, i], y):>9.4f}"
+        cells += f"{auc(exact[:, i] + user[0][:, i] + user[1][:, i], y):>12.4f}"
+        for (weights, scores), sd, width in zip(best.values(), np.std(differences, axis=0), (10, 11), strict=True):
+            cells += f"{auc(scores, y):>{width}.4f}{f'({weights[0]:g}, {weights[1]:g})':>14}{sd:>8.4f}"
+        print(cells)
 
 
 def session_resamples(session: np.ndarray, rng: np.random.Generator):
