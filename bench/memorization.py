@@ -164,23 +164,25 @@ def perfect_memorization(train_dir: str, by_post) -> None:
         y = labels[:, i]
         if y.sum() < MIN_POSITIVES:
             continue
-        best = {}  # per memorization: the best mix's weights and scores
-        for name, logits in memorized.items():
+        best, grid_aucs = [], []  # per memorization: the best mix's (weights, scores, AUC); every mix's AUC
+        for logits in memorized.values():
             mixes = {
                 (wa, wt): logits[:, i] + wa * user[0][:, i] + wt * user[1][:, i]
                 for wa in USER_WEIGHTS
                 for wt in USER_WEIGHTS
             }
-            weights = max(mixes, key=lambda w: auc(mixes[w], y))
-            best[name] = weights, mixes[weights]
+            aucs = {w: auc(scores, y) for w, scores in mixes.items()}
+            grid_aucs.append(aucs)
+            weights = max(aucs, key=aucs.get)
+            best.append((weights, mixes[weights], aucs[weights]))
         differences = []  # [resamples, memorizations]: best mix minus the post rate, on the same resamples
         for k in session_resamples(session, rng):
             post_rate = auc(rate[k, i], y[k])
-            differences.append([auc(scores[k], y[k]) - post_rate for _, scores in best.values()])
+            differences.append([auc(scores[k], y[k]) - post_rate for _, scores, _ in best])
         cells = f"{action:<16}{auc(rate[:, i], y):>11.4f}{auc(exact[:, i], y):>9.4f}"
-        cells += f"{auc(exact[:, i] + user[0][:, i] + user[1][:, i], y):>12.4f}"
-        for (weights, scores), sd, width in zip(best.values(), np.std(differences, axis=0), (10, 11), strict=True):
-            cells += f"{auc(scores, y):>{width}.4f}{f'({weights[0]:g}, {weights[1]:g})':>14}{sd:>8.4f}"
+        cells += f"{grid_aucs[0][1.0, 1.0]:>12.4f}"  # exact+user: the exact offsets' mix at the model's weights
+        for (weights, _, best_auc), sd, width in zip(best, np.std(differences, axis=0), (10, 11), strict=True):
+            cells += f"{best_auc:>{width}.4f}{f'({weights[0]:g}, {weights[1]:g})':>14}{sd:>8.4f}"
         print(cells)
 
 
