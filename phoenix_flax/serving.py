@@ -12,7 +12,7 @@ from flax import nnx
 
 from phoenix_flax.batch import pad_batch, pad_rows
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.data.pipeline import hash_prefix, recent_history
+from phoenix_flax.data.pipeline import hash_prefix, recent_histories
 from phoenix_flax.data.raw import Session, read_corpus
 from phoenix_flax.hashing import hash_ids
 from phoenix_flax.model import PhoenixModel
@@ -26,8 +26,7 @@ def prefix_batch(
     """User and history inputs of `sessions`, padded with empty rows to `batch_size`. `bits`: the
     bit of each model action in the sessions' masks (default: parsed with the model's vocabulary)."""
     bits = np.arange(cfg.num_actions) if bits is None else bits
-    rows = [recent_history(vars(s), cfg.history_len, bits) for s in sessions]
-    ex = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    ex = recent_histories([vars(s) for s in sessions], cfg.history_len, bits)
     ex["user_id"] = np.array([s.user_id for s in sessions], np.int64)
     return pad_batch(hash_prefix(ex, cfg), batch_size)
 

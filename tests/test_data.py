@@ -17,7 +17,7 @@ from phoenix_flax.batch import DEVICE_FIELDS
 from phoenix_flax.config import DEFAULT_ACTIONS, ModelConfig
 from phoenix_flax.data import prepare as prep
 from phoenix_flax.data.config import DataConfig
-from phoenix_flax.data.pipeline import SessionToExamples, global_batch, make_dataset
+from phoenix_flax.data.pipeline import ExamplesToBatch, SessionToExamples, global_batch, make_dataset
 from phoenix_flax.data.raw import SessionFormatError, SkipReport, read_sessions
 from phoenix_flax.data.synth import (
     ACTIONS,
@@ -218,12 +218,103 @@ def test_split_by_fraction_is_a_partition(tmp_path):
 
 
 def examples(sess, cfg=CFG, data_actions=DEFAULT_ACTIONS, positive=("favorite",)):
+    """One session's examples, as the pipeline batches them, one dict of arrays per example."""
     import dataclasses
 
     from phoenix_flax.data.raw import SessionParser
 
     record = dataclasses.asdict(SessionParser(data_actions).parse(sess, 0))
-    return SessionToExamples(cfg, data_actions, positive).flat_map(record)
+    batch = ExamplesToBatch(cfg, data_actions, positive)(SessionToExamples(cfg).flat_map(record))
+    return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["session_id"]))]
+
+
+def example_by_example(session, s, c, bits, positive_mask):
+    """A session's examples built one at a time with plain slicing: the reference for the
+    pipeline's vectorized batches."""
+    multi_hot = lambda m: ((np.asarray(m, np.int64)[..., None] >> bits) & 1).astype(np.int32)  # noqa: E731
+    n = min(len(session["history_post_id"]), s)
+    history = {}
+    for key in ("history_post_id", "history_author_id", "history_product_surface", "history_actions"):
+        history[key] = np.zeros(s, session[key].dtype)
+        history[key][:n] = session[key][len(session[key]) - n :]
+    history["history_actions"] = multi_hot(history["history_actions"])
+    history["history_valid"] = np.arange(s) < n
+    m, labeled = len(session["candidate_post_id"]), bool(session["labeled"])
+    hits = [j for j in range(m) if labeled and session["candidate_actions"][j] & positive_mask]
+    out = []
+    for start in range(0, m, c):
+        k = min(c, m - start)
+        ex = {"session_id": np.int64(session["session_id"]), "candidate_offset": np.int32(start)}
+        ex |= {"user_id": np.int64(session["user_id"]), **history}
+        for key in ("candidate_post_id", "candidate_author_id", "candidate_product_surface", "candidate_actions"):
+            ex[key] = np.zeros(c, session[key].dtype)
+            ex[key][:k] = session[key][start : start + k]
+        ex["candidate_actions"] = multi_hot(ex["candidate_actions"])
+        ex["candidate_valid"] = np.arange(c) < k
+        ex["labeled"] = np.bool_(labeled)
+        first = start == 0 and len(hits) > 0
+        ex["positive_post_id"] = np.int64(session["candidate_post_id"][hits[0]] if first else 0)
+        ex["positive_author_id"] = np.int64(session["candidate_author_id"][hits[0]] if first else 0)
+        ex["positive_valid"] = np.bool_(first)
+        out.append(ex)
+    return out
+
+
+def test_session_records_decode_as_tfds_does(dataset, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    from phoenix_flax.data import pipeline
+
+    ours = pipeline.open_source(dataset["data_dir"], "train")
+    theirs = tfds.data_source(prep.DATASET_NAME, data_dir=dataset["data_dir"], split="train")
+    assert len(ours) == len(theirs) == 30
+    for got, want in zip(ours.__getitems__(range(30)), theirs.__getitems__(range(30)), strict=True):
+        assert got.keys() == want.keys()
+        for key in got:
+            assert type(got[key]) is type(want[key]) and np.asarray(got[key]).dtype == np.asarray(want[key]).dtype, key
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    # A dataset without a field the parser expects: the error names the dataset, record and field.
+    monkeypatch.setitem(pipeline.FEATURES, "bookmarks", np.int64)
+    with pytest.raises(DatasetError, match=r"split 'train', record 3: no field 'bookmarks'"):
+        ours[3]
+
+
+def test_vectorized_batches_equal_examples_built_one_at_a_time():
+    rng = np.random.default_rng(0)
+    sessions = []
+    for i in range(40):  # ragged: empty and long histories, 1 to 11 candidates, some unlabeled
+        h, m = int(rng.integers(0, 9)), int(rng.integers(1, 12))
+        sessions.append(
+            {
+                "session_id": np.int64(i),
+                "user_id": np.int64(rng.integers(1, 1 << 40)),
+                "history_post_id": rng.integers(1, 1 << 40, h),
+                "history_author_id": rng.integers(1, 1 << 20, h),
+                "history_product_surface": rng.integers(0, 4, h).astype(np.int32),
+                "history_actions": rng.integers(0, 1 << len(DEFAULT_ACTIONS), h),
+                "candidate_post_id": rng.integers(1, 1 << 40, m),
+                "candidate_author_id": rng.integers(1, 1 << 20, m),
+                "candidate_product_surface": rng.integers(0, 4, m).astype(np.int32),
+                "candidate_actions": rng.integers(0, 1 << len(DEFAULT_ACTIONS), m) * (rng.random(m) < 0.3),
+                "labeled": np.bool_(i % 5 != 0),
+            }
+        )
+    cfg = ModelConfig(history_len=4, num_candidates=3, actions=("reply", "favorite", "dwell"))
+    to_batch = ExamplesToBatch(cfg, DEFAULT_ACTIONS, ("favorite", "repost"))
+    bits = np.array([DEFAULT_ACTIONS.index(a) for a in cfg.actions])
+    positive_mask = (1 << DEFAULT_ACTIONS.index("favorite")) | (1 << DEFAULT_ACTIONS.index("repost"))
+    # A batch holds examples of many sessions in any order, a session's several examples included.
+    refs = [e for x in sessions for e in SessionToExamples(cfg).flat_map(x)]
+    want = [ex for x in sessions for ex in example_by_example(x, 4, 3, bits, positive_mask)]
+    order = rng.permutation(len(refs))
+    batch = to_batch([refs[j] for j in order])
+    assert len(refs) == sum(-(-len(x["candidate_post_id"]) // 3) for x in sessions) > len(sessions)
+    assert set(batch) == set(want[0])
+    assert batch["positive_valid"].any() and not batch["history_valid"].all() and not batch["candidate_valid"].all()
+    for key, value in batch.items():
+        expected = np.stack([want[j][key] for j in order])
+        assert value.dtype == expected.dtype, key
+        np.testing.assert_array_equal(value, expected, err_msg=key)
 
 
 def test_truncation_keeps_the_most_recent_history_and_pads_at_the_end():

@@ -1,6 +1,6 @@
 """The grain pipeline: prepared sessions -> hashed, fixed-shape, per-process numpy batches.
 
-    source (tfds.data_source) -> global shuffle per epoch -> repeat -> this process's 1/P
+    source (SessionRecords) -> global shuffle per epoch -> repeat -> this process's 1/P
     -> session to examples of C candidates -> batch -> hash IDs -> [worker processes]
 
 A session with more than C candidates becomes several examples (candidates never attend to
@@ -19,11 +19,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 from etils import epath
+from tensorflow_datasets.core.example_parser import tf_example_pb2
 
 from phoenix_flax.batch import DEVICE_FIELDS, pad_batch
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.data.config import DataConfig
-from phoenix_flax.data.prepare import DATASET_NAME, STATISTICS_FILE, PhoenixSessions, dataset_dir  # noqa: F401
+from phoenix_flax.data.prepare import DATASET_NAME, FEATURES, STATISTICS_FILE, PhoenixSessions, dataset_dir  # noqa: F401
 from phoenix_flax.errors import DatasetError
 from phoenix_flax.hashing import fingerprint, hash_ids
 from phoenix_flax.sharding import DEFAULT_RULES, LogicalRules, logical_sharding
@@ -52,11 +53,48 @@ def dataset_statistics(data_dir: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def open_source(data_dir: str, split: str):
-    splits = dataset_splits(data_dir)
-    if split not in splits:
-        raise DatasetError(f"the dataset in {data_dir} has no split {split!r} (it has {sorted(splits)})")
-    return tfds.data_source(DATASET_NAME, data_dir=data_dir, split=split)
+class SessionRecords:
+    """A split's sessions, `{field: numpy value}` by index (grain's random-access source).
+
+    TFDS's ArrayRecord reads, parsed straight from each `tf.train.Example` into the FEATURES'
+    dtypes: TFDS's generic decoding costs several times the read (bench/pipeline.py)."""
+
+    def __init__(self, data_dir: str, split: str):
+        splits = dataset_splits(data_dir)
+        if split not in splits:
+            raise DatasetError(f"the dataset in {data_dir} has no split {split!r} (it has {sorted(splits)})")
+        self.data_dir, self.split = data_dir, split
+        self._records = tfds.data_source(DATASET_NAME, data_dir=data_dir, split=split).data_source  # bytes
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self._parse(self._records[index], index)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        return [self._parse(r, i) for r, i in zip(self._records.__getitems__(indices), indices, strict=True)]
+
+    def _parse(self, record: bytes, index: int) -> dict:
+        fields = tf_example_pb2.Example.FromString(record).features.feature
+        out = {}
+        for key, spec in FEATURES.items():
+            if key not in fields:
+                raise DatasetError(f"{self.data_dir}, split {self.split!r}, record {index}: no field {key!r}")
+            values = np.array(fields[key].int64_list.value, np.int64)
+            if isinstance(spec, tfds.features.Tensor):
+                out[key] = values.astype(spec.np_dtype)
+            elif len(values) != 1:
+                raise DatasetError(
+                    f"{self.data_dir}, split {self.split!r}, record {index}: field {key!r} holds {len(values)} values, not 1"
+                )
+            else:
+                out[key] = np.dtype(spec).type(values[0]).item()  # a Python scalar, as TFDS decodes it
+        return out
+
+
+def open_source(data_dir: str, split: str) -> SessionRecords:
+    return SessionRecords(data_dir, split)
 
 
 def bit_positions(model_actions: Sequence[str], data_actions: Sequence[str], what: str) -> np.ndarray:
@@ -71,16 +109,30 @@ def _multi_hot(masks: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return ((masks[..., None] >> bits) & 1).astype(np.int32)
 
 
-def recent_history(session: Mapping[str, np.ndarray], s: int, bits: np.ndarray) -> dict[str, np.ndarray]:
-    """The S most recent history items (oldest first), padded at the end, actions as multi-hot."""
-    n = min(len(session["history_post_id"]), s)
-    out = {}
-    for key in ("history_post_id", "history_author_id", "history_product_surface", "history_actions"):
-        x = np.zeros(s, session[key].dtype)
-        x[:n] = session[key][len(session[key]) - n :]
-        out[key] = x
+def _gather(sessions: Sequence[Mapping[str, np.ndarray]], key: str, index: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Field `key` of each session concatenated, gathered at `index [n, W]` into the concatenation
+    (0 where not `valid`): one copy and one gather for the whole batch, in the sessions' dtype."""
+    flat = np.concatenate([np.zeros(1, sessions[0][key].dtype), *(s[key] for s in sessions)])  # [1 + total]
+    return flat[np.where(valid, index + 1, 0)]  # position 0: the zero the padding reads
+
+
+def _windows(lengths: np.ndarray, first: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `width` consecutive items of ragged fields of lengths `lengths [n]`, row i starting
+    at item `first[i]` of its session -> (index [n, width] into the fields' concatenation, valid)."""
+    offsets = np.cumsum(lengths) - lengths  # [n]: each session's first item in the concatenation
+    cols = np.arange(width)
+    return offsets[:, None] + first[:, None] + cols, cols < (lengths - first)[:, None]
+
+
+def recent_histories(sessions: Sequence[Mapping[str, np.ndarray]], s: int, bits: np.ndarray) -> dict[str, np.ndarray]:
+    """Each session's S most recent history items (oldest first), padded at the end, actions as
+    multi-hot: `[n, S]` fields (`history_actions [n, S, A]`)."""
+    lengths = np.array([len(x["history_post_id"]) for x in sessions], np.int64)
+    index, valid = _windows(lengths, np.maximum(lengths - s, 0), s)
+    keys = ("history_post_id", "history_author_id", "history_product_surface", "history_actions")
+    out = {key: _gather(sessions, key, index, valid) for key in keys}
     out["history_actions"] = _multi_hot(out["history_actions"], bits)
-    out["history_valid"] = np.arange(s) < n
+    out["history_valid"] = valid
     return out
 
 
@@ -101,9 +153,23 @@ def _hashed(ids, valid, num_hashes, rows):
 
 
 class SessionToExamples(grain.experimental.FlatMapTransform):
-    """One session -> ceil(#candidates / C) examples of raw IDs with fixed shapes."""
+    """One session -> ceil(#candidates / C) examples, each `(session, first candidate)`: what
+    `ExamplesToBatch` turns into arrays, a batch at a time."""
 
     max_fan_out = 1024
+
+    def __init__(self, cfg: ModelConfig):
+        self.c = cfg.num_candidates
+
+    def flat_map(self, session: Mapping[str, np.ndarray]) -> list[tuple[Mapping[str, np.ndarray], int]]:
+        return [(session, start) for start in range(0, len(session["candidate_post_id"]), self.c)]
+
+
+class ExamplesToBatch:
+    """A batch's examples `(session, first candidate)` -> raw-ID arrays with fixed shapes `[n, ...]`:
+    the session's S most recent history items, C candidates from the first (padded at the end), and
+    the session's first positive candidate in the session's first example. Vectorized over the
+    batch: a field is one concatenation and one gather, whatever the number of sessions."""
 
     def __init__(self, cfg: ModelConfig, data_actions: Sequence[str], positive_actions: Sequence[str]):
         self.s, self.c = cfg.history_len, cfg.num_candidates
@@ -111,36 +177,35 @@ class SessionToExamples(grain.experimental.FlatMapTransform):
         positive_bits = bit_positions(positive_actions, data_actions, "positive_actions")
         self.positive_mask = np.int64(np.bitwise_or.reduce(np.int64(1) << positive_bits))
 
-    def flat_map(self, session: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        c = self.c
-        history = recent_history(session, self.s, self.bits)
-
-        labeled = bool(session["labeled"])
-        cand_masks = session["candidate_actions"]
-        hits = np.nonzero((cand_masks & self.positive_mask) != 0)[0] if labeled else []
-        m = len(session["candidate_post_id"])
-        examples = []
-        for start in range(0, m, c):
-            k = min(c, m - start)
-            ex = {"session_id": np.int64(session["session_id"]), "candidate_offset": np.int32(start)}
-            ex["user_id"] = np.int64(session["user_id"])
-            ex.update(history)
-            for key in ("candidate_post_id", "candidate_author_id", "candidate_product_surface"):
-                x = np.zeros(c, session[key].dtype)
-                x[:k] = session[key][start : start + k]
-                ex[key] = x
-            masks = np.zeros(c, np.int64)
-            masks[:k] = cand_masks[start : start + k]
-            ex["candidate_actions"] = _multi_hot(masks, self.bits)
-            ex["candidate_valid"] = np.arange(c) < k
-            ex["labeled"] = np.bool_(labeled)
-            first = start == 0 and len(hits) > 0  # the session's positive, in its first example
-            j = hits[0] if first else 0
-            ex["positive_post_id"] = np.int64(session["candidate_post_id"][j] if first else 0)
-            ex["positive_author_id"] = np.int64(session["candidate_author_id"][j] if first else 0)
-            ex["positive_valid"] = np.bool_(first)
-            examples.append(ex)
-        return examples
+    def __call__(self, examples: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+        sessions = [session for session, _ in examples]
+        starts = np.array([start for _, start in examples], np.int64)
+        lengths = np.array([len(x["candidate_post_id"]) for x in sessions], np.int64)  # each >= 1
+        index, valid = _windows(lengths, starts, self.c)
+        out = {
+            "session_id": np.array([x["session_id"] for x in sessions], np.int64),
+            "candidate_offset": starts.astype(np.int32),
+            "user_id": np.array([x["user_id"] for x in sessions], np.int64),
+            **recent_histories(sessions, self.s, self.bits),
+        }
+        for key in ("candidate_post_id", "candidate_author_id", "candidate_product_surface"):
+            out[key] = _gather(sessions, key, index, valid)
+        out["candidate_actions"] = _multi_hot(_gather(sessions, "candidate_actions", index, valid), self.bits)
+        out["candidate_valid"] = valid
+        out["labeled"] = np.array([bool(x["labeled"]) for x in sessions])
+        # The session's first positive candidate, in its first example only.
+        masks = np.concatenate([x["candidate_actions"] for x in sessions])  # [total]
+        offsets = np.cumsum(lengths) - lengths
+        hit = np.where((masks & self.positive_mask) != 0, np.arange(len(masks)), len(masks))
+        first_hit = np.minimum.reduceat(hit, offsets)  # [n]; len(masks): none
+        positive = (starts == 0) & out["labeled"] & (first_hit < len(masks))
+        j = np.where(positive, first_hit, 0)[:, None]
+        for key in ("post_id", "author_id"):
+            out[f"positive_{key}"] = np.where(
+                positive, _gather(sessions, f"candidate_{key}", j, positive[:, None])[:, 0], 0
+            )
+        out["positive_valid"] = positive
+        return out
 
 
 class HashBatch(grain.transforms.Map):
@@ -212,12 +277,12 @@ def make_dataset(
         ds = ds.shuffle(seed=data.seed)  # a new global order each epoch
     ds = ds.repeat(num_epochs)
     ds = ds[process_index::process_count]  # disjoint, and together complete, each epoch
-    to_examples = SessionToExamples(cfg, dataset_actions(data.data_dir), data.positive_actions)
+    to_batch = ExamplesToBatch(cfg, dataset_actions(data.data_dir), data.positive_actions)
     # A short read-ahead: grain's default (16 threads, 500 records) costs more in bookkeeping and
     # GIL contention than local ArrayRecord reads take (bench/pipeline.py).
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
-    it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(read), to_examples)
-    it = it.batch(batch_size, drop_remainder=drop_remainder)
+    it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(read), SessionToExamples(cfg))
+    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=to_batch)
     it = it.map(HashBatch(cfg, batch_size))
     if data.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; ours are not an absl app
