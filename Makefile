@@ -2,6 +2,11 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# glibc's malloc backs its large blocks with transparent huge pages (where THP is in "madvise"
+# mode): XLA's CPU runtime maps fresh buffers every step, and faulting them in 4 KiB pages cost
+# a fifth of the training's CPU time (`python bench/train_step.py --malloc`). Ignored by a glibc
+# older than 2.35; a GLIBC_TUNABLES of your own is kept.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo demo-movielens test lint format bench lock clean
 

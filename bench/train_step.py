@@ -3,12 +3,21 @@
 Times the project's step (`nnx.jit` through `nnx.cached_partial`, as `phoenix-train` runs it)
 against a plain functional `jax.jit` step over the same split state, side by side in one run,
 on a fixed batch (no input pipeline). Prints sessions/s of each and their ratio.
-    python bench/train_step.py [--config configs/demo.py] [--steps 30] [--rounds 5] [--config.k=v ...]
+
+With --malloc, times the project's step instead in child processes, alternately with glibc's
+default malloc and with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (what the Makefile sets), and
+prints each one's sessions/s, and its minor page faults and system CPU seconds per step.
+    python bench/train_step.py [--config configs/demo.py] [--steps 30] [--rounds 5] [--malloc] [--config.k=v ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
 
 import jax
@@ -33,13 +42,64 @@ def timed(step, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def project_step_rate(cfg, steps: int = 20, rounds: int = 3) -> float:
-    """Sessions/s of the project's training step on a fixed batch (no input pipeline)."""
+def project_step(cfg):
+    """The project's training step (as `phoenix-train` runs it) on a fixed batch: a callable."""
     mesh = make_mesh(cfg.mesh.axis_sizes())
     batch = global_batch(random_batch(cfg.model, cfg.data.batch_size, np.random.default_rng(0)), mesh)
     model, optimizer = create_train_state(cfg, mesh, STEPS_PER_EPOCH)
     step = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
-    return steps * cfg.data.batch_size / min(timed(lambda: step(batch), steps) for _ in range(rounds))
+    return lambda: step(batch)
+
+
+def project_step_rate(cfg, steps: int = 20, rounds: int = 3) -> float:
+    """Sessions/s of the project's training step on a fixed batch (no input pipeline)."""
+    step = project_step(cfg)
+    return steps * cfg.data.batch_size / min(timed(step, steps) for _ in range(rounds))
+
+
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+
+
+def child_measurement(cfg, steps: int) -> dict:
+    """One timed run of the project's step in this process: sessions/s, and minor page faults and
+    system CPU seconds per step."""
+    step = project_step(cfg)
+    jax.block_until_ready(step())  # compile, warm up
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = timed(step, steps)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "sessions_per_second": steps * cfg.data.batch_size / seconds,
+        "faults_per_step": (after.ru_minflt - before.ru_minflt) / (steps + 1),  # + timed's warm-up step
+        "system_seconds_per_step": (after.ru_stime - before.ru_stime) / (steps + 1),
+    }
+
+
+def compare_malloc(argv: list[str], rounds: int) -> None:
+    """The step in child processes, alternately without and with huge pages for malloc."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    runs = {"glibc default": [], HUGE_PAGES: []}
+    for _ in range(rounds):
+        for name, extra in (("glibc default", {}), (HUGE_PAGES, {"GLIBC_TUNABLES": HUGE_PAGES})):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", *argv],
+                env=env | extra,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"{'malloc':<26} {'sessions/s':>11} {'page faults/step':>17} {'system s/step':>14}   (best of {rounds} runs)")
+    for name, results in runs.items():
+        best = max(results, key=lambda r: r["sessions_per_second"])
+        print(
+            f"{name:<26} {best['sessions_per_second']:11,.0f} {best['faults_per_step']:17,.0f} "
+            f"{best['system_seconds_per_step']:14.4f}"
+        )
+    ratio = max(r["sessions_per_second"] for r in runs[HUGE_PAGES]) / max(
+        r["sessions_per_second"] for r in runs["glibc default"]
+    )
+    print(f"huge pages: {ratio:.2f}x the sessions/s")
 
 
 def main() -> None:
@@ -47,8 +107,14 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.py")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--malloc", action="store_true", help="glibc's default malloc against huge pages")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     cfg = apply_overrides(load(args.config), overrides)
+    if args.malloc:
+        return compare_malloc(["--config", args.config, "--steps", str(args.steps), *overrides], args.rounds)
+    if args.child:
+        return print(json.dumps(child_measurement(cfg, args.steps)))
     mesh = make_mesh(cfg.mesh.axis_sizes())
     batch = global_batch(random_batch(cfg.model, cfg.data.batch_size, np.random.default_rng(0)), mesh)
 

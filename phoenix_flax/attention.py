@@ -15,11 +15,6 @@ custom VJP that recomputes each block's scores from the saved output and log-sum
 tensor grows with the sequence length squared in either pass. `dense_attention` with the full
 mask is the reference the parity tests compare against (`attention="dense"`).
 
-A sequence that fits in one block (T <= `attention_block`) is computed in the dense form under
-either setting: its `[B, N, G, T, T]` scores are the one block the blockwise form would compute,
-bounded by the block, and the loops and recomputing backward pass of the blockwise form only add
-time (bench/train_step.py, demo shapes: 1.3x the step's rate).
-
 Shapes: B batch, P prefix length, C candidates, T = P + C, N key/value heads, G query heads per
 key/value head, K head width. Queries are `[B, T, N, G, K]`, keys and values `[B, T, N, K]`.
 """
@@ -253,9 +248,8 @@ def sequence_attention(q, k, v, prefix_valid, candidate_valid, *, multiplier: fl
     """Attention over `[prefix, candidates]` (candidates may be absent: the user tower).
 
     q [B, T, N, G, K], k and v [B, T, N, K], prefix_valid [B, P], candidate_valid [B, C] or None.
-    A sequence of at most `block` positions is one block, computed in the dense form.
     """
-    if impl == "dense" or q.shape[1] <= block:
+    if impl == "dense":
         if candidate_valid is None:
             mask = causal_mask(prefix_valid)
         else:
@@ -277,7 +271,7 @@ def isolated_attention(
 ):
     """Serving: N items, each over its own cached context and itself. q [N, 1, Hkv, G, K],
     context [N, P, Hkv, K], context_valid [N, P], own_k/own_v [N, 1, Hkv, K] -> [N, 1, Hkv, G, K]."""
-    if impl == "dense" or context_k.shape[1] + 1 <= block:  # one block: the dense form (see sequence_attention)
+    if impl == "dense":
         keys = jnp.concatenate([context_k, own_k.astype(context_k.dtype)], axis=1)
         values = jnp.concatenate([context_v, own_v.astype(context_v.dtype)], axis=1)
         mask = jnp.concatenate([context_valid, jnp.ones_like(context_valid[:, :1])], axis=1)[:, None]

@@ -9,9 +9,8 @@ from phoenix_flax.compat import config_from_reference, ranker_from_reference, re
 ATOL = 1e-4
 
 
-# The import works for every layout and attention form, and each reproduces the original. Blocks
-# of 4 positions: a sequence within one block is computed in the dense form.
-OPTIONS = [{"attention_block": 4}, {"attention": "dense"}, {"scan_layers": True, "remat": "full"}]
+# The import works for every layout and attention form, and each reproduces the original.
+OPTIONS = [{}, {"attention": "dense"}, {"scan_layers": True, "remat": "full"}]
 OPTION_IDS = ["blockwise", "dense", "scanned"]
 
 
