@@ -89,16 +89,13 @@ def compare_malloc(argv: list[str], rounds: int) -> None:
                 check=True,
             )
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    best = {name: max(results, key=lambda r: r["sessions_per_second"]) for name, results in runs.items()}
     print(f"{'malloc':<26} {'sessions/s':>11} {'page faults/step':>17} {'system s/step':>14}   (best of {rounds} runs)")
-    for name, results in runs.items():
-        best = max(results, key=lambda r: r["sessions_per_second"])
+    for name, b in best.items():
         print(
-            f"{name:<26} {best['sessions_per_second']:11,.0f} {best['faults_per_step']:17,.0f} "
-            f"{best['system_seconds_per_step']:14.4f}"
+            f"{name:<26} {b['sessions_per_second']:11,.0f} {b['faults_per_step']:17,.0f} {b['system_seconds_per_step']:14.4f}"
         )
-    ratio = max(r["sessions_per_second"] for r in runs[HUGE_PAGES]) / max(
-        r["sessions_per_second"] for r in runs["glibc default"]
-    )
+    ratio = best[HUGE_PAGES]["sessions_per_second"] / best["glibc default"]["sessions_per_second"]
     print(f"huge pages: {ratio:.2f}x the sessions/s")
 
 

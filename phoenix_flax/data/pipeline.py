@@ -110,11 +110,10 @@ def _multi_hot(masks: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return ((masks[..., None] >> bits) & 1).astype(np.int32)
 
 
-def _gather(sessions: Sequence[Mapping[str, np.ndarray]], key: str, index: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Field `key` of each session concatenated, gathered at `index [n, W]` into the concatenation
-    (0 where not `valid`): one copy and one gather for the whole batch, in the sessions' dtype."""
-    flat = np.concatenate([np.zeros(1, sessions[0][key].dtype), *(s[key] for s in sessions)])  # [1 + total]
-    return flat[np.where(valid, index + 1, 0)]  # position 0: the zero the padding reads
+def _concatenated(sessions: Sequence[Mapping[str, np.ndarray]], key: str) -> np.ndarray:
+    """Field `key` of each session, concatenated after one zero: `[1 + total]`, in the sessions'
+    dtype. Index it with `_windows`' positions + 1, and 0 where not valid (the zero padding reads)."""
+    return np.concatenate([np.zeros(1, sessions[0][key].dtype), *(s[key] for s in sessions)])
 
 
 def _windows(lengths: np.ndarray, first: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +130,7 @@ def recent_histories(sessions: Sequence[Mapping[str, np.ndarray]], s: int, bits:
     lengths = np.array([len(x["history_post_id"]) for x in sessions], np.int64)
     index, valid = _windows(lengths, np.maximum(lengths - s, 0), s)
     keys = ("history_post_id", "history_author_id", "history_product_surface", "history_actions")
-    out = {key: _gather(sessions, key, index, valid) for key in keys}
+    out = {key: _concatenated(sessions, key)[np.where(valid, index + 1, 0)] for key in keys}
     out["history_actions"] = _multi_hot(out["history_actions"], bits)
     out["history_valid"] = valid
     return out
@@ -189,22 +188,23 @@ class ExamplesToBatch:
             "user_id": np.array([x["user_id"] for x in sessions], np.int64),
             **recent_histories(sessions, self.s, self.bits),
         }
-        for key in ("candidate_post_id", "candidate_author_id", "candidate_product_surface"):
-            out[key] = _gather(sessions, key, index, valid)
-        out["candidate_actions"] = _multi_hot(_gather(sessions, "candidate_actions", index, valid), self.bits)
+        flat = {
+            k: _concatenated(sessions, f"candidate_{k}") for k in ("post_id", "author_id", "product_surface", "actions")
+        }
+        rows = np.where(valid, index + 1, 0)
+        for key in ("post_id", "author_id", "product_surface"):
+            out[f"candidate_{key}"] = flat[key][rows]
+        out["candidate_actions"] = _multi_hot(flat["actions"][rows], self.bits)
         out["candidate_valid"] = valid
         out["labeled"] = np.array([bool(x["labeled"]) for x in sessions])
         # The session's first positive candidate, in its first example only.
-        masks = np.concatenate([x["candidate_actions"] for x in sessions])  # [total]
-        offsets = np.cumsum(lengths) - lengths
+        masks = flat["actions"][1:]  # [total]
         hit = np.where((masks & self.positive_mask) != 0, np.arange(len(masks)), len(masks))
-        first_hit = np.minimum.reduceat(hit, offsets)  # [n]; len(masks): none
+        # [n]: from each session's first item (its row's first index less its start); len(masks): none
+        first_hit = np.minimum.reduceat(hit, index[:, 0] - starts)
         positive = (starts == 0) & out["labeled"] & (first_hit < len(masks))
-        j = np.where(positive, first_hit, 0)[:, None]
         for key in ("post_id", "author_id"):
-            out[f"positive_{key}"] = np.where(
-                positive, _gather(sessions, f"candidate_{key}", j, positive[:, None])[:, 0], 0
-            )
+            out[f"positive_{key}"] = flat[key][np.where(positive, first_hit + 1, 0)]
         out["positive_valid"] = positive
         return out
 
