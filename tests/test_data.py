@@ -18,7 +18,7 @@ from phoenix_flax.config import DEFAULT_ACTIONS, ModelConfig
 from phoenix_flax.data import prepare as prep
 from phoenix_flax.data.config import DataConfig
 from phoenix_flax.data.pipeline import ExamplesToBatch, SessionToExamples, global_batch, make_dataset
-from phoenix_flax.data.raw import SessionFormatError, SkipReport, read_sessions
+from phoenix_flax.data.raw import SessionFormatError, SessionParser, SkipReport, read_sessions
 from phoenix_flax.data.synth import (
     ACTIONS,
     PHOTO,
@@ -180,6 +180,96 @@ def test_parquet_reads_like_jsonl(tmp_path):
         list(read_sessions([str(tmp_path / "bad.parquet")], DEFAULT_ACTIONS))
 
 
+def random_records(rng, n, actions=DEFAULT_ACTIONS):
+    """n raw records of every shape the format allows: empty and long histories, unlabeled
+    sessions, in_network given or not, session_id given or null, negative and 2^62 IDs."""
+
+    def items(k, labeled):
+        out = []
+        for _ in range(k):
+            names = list(rng.choice(actions, size=int(rng.integers(0, 4))))  # repeats included
+            out.append(
+                {
+                    "post_id": int(rng.integers(-(1 << 62), 1 << 62)),
+                    "author_id": int(rng.integers(0, 1000)),
+                    "product_surface": int(rng.integers(0, 5)),
+                    "actions": names if labeled else None,
+                    "in_network": [None, True, False][int(rng.integers(0, 3))],
+                }
+            )
+        return out
+
+    return [
+        {
+            "session_id": None if i % 5 == 0 else int(rng.integers(0, 1 << 40)),
+            "user_id": int(rng.integers(1, 1 << 40)),
+            "history": items(int(rng.integers(0, 12)), labeled=True),
+            "candidates": items(int(rng.integers(1, 6)), labeled=bool(i % 7)),
+        }
+        for i in range(n)
+    ]
+
+
+def record_by_record(path, skip_invalid=False):
+    """(key, Session) of a file parsed one decoded record at a time: the reference for the
+    columnar Parquet reader."""
+    from phoenix_flax.data.raw import _Invalid, _records
+
+    parser, out = SessionParser(DEFAULT_ACTIONS), []
+    for line, record, _ in _records(path):
+        try:
+            out.append((f"0:{line}", parser.parse(record, default_session_id=len(out))))
+        except _Invalid:
+            if not skip_invalid:
+                raise
+    return out
+
+
+def assert_same_sessions(got, want):
+    assert [k for k, _ in got] == [k for k, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        for field in a.__dataclass_fields__:
+            x, y = getattr(a, field), getattr(b, field)
+            assert type(x) is type(y), field
+            if isinstance(x, np.ndarray):
+                assert x.dtype == y.dtype, field
+            np.testing.assert_array_equal(x, y, err_msg=field)
+
+
+def test_parquet_batches_parse_as_their_records_do(tmp_path):
+    rng = np.random.default_rng(0)
+    records = random_records(rng, 4200)  # two of the reader's 4096-row batches
+    path = str(tmp_path / "s.parquet")
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=1000)
+    got = list(read_sessions([path], DEFAULT_ACTIONS))
+    assert_same_sessions(got, record_by_record(path))
+    assert any(s.candidate_in_network is not None for _, s in got) and not all(s.labeled for _, s in got)
+    # int32 columns and no in_network or session_id: still read as their records are
+    narrow = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "session_id"} for r in records[:50]])
+    item = pa.struct([("post_id", pa.int32()), ("author_id", pa.int32()), ("product_surface", pa.int8()),
+                      ("actions", pa.list_(pa.string()))])  # fmt: skip
+    narrow = narrow.cast(pa.schema([("user_id", pa.int64()), ("history", pa.list_(item)), ("candidates", pa.list_(item))]),
+                         safe=False)  # fmt: skip
+    pq.write_table(narrow, path)
+    assert_same_sessions(list(read_sessions([path], DEFAULT_ACTIONS)), record_by_record(path))
+
+    # A bad record in the second batch: the error names its line; skipped, the others are kept
+    # with the session ids the record-by-record reading gives them.
+    records[4100]["candidates"][0]["actions"] = ["favourite"]
+    records[10]["history"] = [{"post_id": 1, "author_id": 2, "product_surface": 0, "actions": None, "in_network": None}]
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=1000)
+    with pytest.raises(SessionFormatError, match=r"s.parquet:11: field 'history\[0\].actions': missing"):
+        list(read_sessions([path], DEFAULT_ACTIONS))
+    report = SkipReport()
+    got = list(read_sessions([path], DEFAULT_ACTIONS, skip_invalid=True, report=report))
+    assert_same_sessions(got, record_by_record(path, skip_invalid=True))
+    assert len(got) == 4198 and report.counts == {
+        "history[].actions: missing": 1,
+        "candidates[].actions[]: unknown action": 1,
+    }
+    assert "s.parquet:4101: field 'candidates[0].actions[0]'" in report.summary()
+
+
 # --- preparation ------------------------------------------------------------------------------
 
 
@@ -193,6 +283,42 @@ def test_statistics_match_the_raw_records(dataset):
         want = np.mean([action in c["actions"] for c in cands])
         assert s["candidate_action_rates"][action] == pytest.approx(want)
     assert dataset["report"].total == 0
+
+
+def test_split_statistics_counted_in_bulk_match_a_direct_count():
+    rng = np.random.default_rng(1)
+    parser = SessionParser(DEFAULT_ACTIONS)
+    sessions = [parser.parse(r, i) for i, r in enumerate(random_records(rng, 5000))]  # past one bulk count
+    stats = prep.SplitStatistics(DEFAULT_ACTIONS)
+    for s in sessions:
+        stats.add(s)
+    got = stats.to_dict()
+    history = np.concatenate([s.history_actions for s in sessions])
+    labeled = np.concatenate([s.candidate_actions for s in sessions if s.labeled])
+    for i, action in enumerate(DEFAULT_ACTIONS):
+        assert got["history_action_rates"][action] == pytest.approx(np.mean((history >> i) & 1))
+        assert got["candidate_action_rates"][action] == pytest.approx(np.mean((labeled >> i) & 1))
+    assert got["labeled_sessions"] == sum(s.labeled for s in sessions)
+    assert got["max_product_surface"] == max(
+        int(np.max(np.concatenate([s.history_product_surface, s.candidate_product_surface]))) for s in sessions
+    )
+
+
+def test_sessions_are_serialized_as_tfds_serializes_them(dataset):
+    """`session_example` against TFDS's generic encoding and serialization of the same fields,
+    byte for byte once the map's entries are ordered (TFDS's own order changes between processes)."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import example_serializer
+    from tensorflow_datasets.core.example_parser import tf_example_pb2
+
+    features = tfds.features.FeaturesDict(prep.FEATURES)
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    sessions = [s for _, s in read_sessions([dataset["train"]], DEFAULT_ACTIONS)]
+    sessions[0].labeled = False
+    for s in sessions:
+        theirs = serializer.serialize_example(features.encode_example({k: getattr(s, k) for k in prep.FEATURES}))
+        ours = prep.session_example(s)
+        assert tf_example_pb2.Example.FromString(theirs).SerializeToString(deterministic=True) == ours
 
 
 def test_preparing_twice_gives_the_same_dataset(dataset, tmp_path):

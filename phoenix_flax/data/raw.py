@@ -23,10 +23,14 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from phoenix_flax.errors import PhoenixError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
@@ -64,6 +68,17 @@ class Session:
         if self.candidate_in_network is None:
             return np.ones(len(self.candidate_post_id), bool)
         return self.candidate_in_network
+
+
+def _integers(column) -> np.ndarray | None:
+    """An Arrow integer column without nulls -> int64 values; None otherwise (or beyond int64)."""
+    import pyarrow as pa
+
+    if not pa.types.is_integer(column.type) or column.null_count:
+        return None
+    if column.type == pa.uint64() and len(column) and column.to_numpy().max() > INT64_MAX:
+        return None
+    return column.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 class _Invalid(Exception):
@@ -164,6 +179,106 @@ class SessionParser:
             raise _Invalid("candidates", "empty: a session shows at least one candidate")
         return Session(session_id, user_id, *history, *candidates, labeled, None if in_network.all() else in_network)
 
+    def parse_columns(self, batch: pa.RecordBatch, first_session_id: int) -> list[Session] | None:
+        """A Parquet record batch's sessions, all checked and converted at once, as `parse` would
+        return them; None when any record needs `parse` (a null or missing field, a column of
+        another type, an unknown action, a surface out of range, ...), which then names it."""
+        import pyarrow as pa
+
+        names = batch.schema.names
+        if "user_id" not in names or "history" not in names or "candidates" not in names:
+            return None
+        user_id = _integers(batch.column("user_id"))
+        history = self._item_columns(batch.column("history"), labels_optional=False)
+        candidates = self._item_columns(batch.column("candidates"), labels_optional=True)
+        if user_id is None or history is None or candidates is None:
+            return None
+        default_ids = first_session_id + np.arange(batch.num_rows, dtype=np.int64)
+        session_id = default_ids
+        if "session_id" in names and not pa.types.is_null(batch.schema.field("session_id").type):
+            column = batch.column("session_id")
+            given = _integers(column.fill_null(0))
+            if given is None:
+                return None
+            session_id = np.where(column.is_null().to_numpy(zero_copy_only=False), default_ids, given)
+        h_bounds, h_cols, _, _ = history
+        c_bounds, c_cols, labeled, in_network = candidates
+        c_lengths = np.diff(c_bounds)
+        if self.require_candidates and not c_lengths.all():
+            return None
+        sessions = []
+        for i in range(batch.num_rows):
+            h, c = slice(h_bounds[i], h_bounds[i + 1]), slice(c_bounds[i], c_bounds[i + 1])
+            network = in_network[c]
+            sessions.append(
+                Session(
+                    int(session_id[i]),
+                    int(user_id[i]),
+                    *(col[h] for col in h_cols),
+                    *(col[c] for col in c_cols),
+                    bool(labeled[i]),
+                    None if network.all() else network,
+                )
+            )
+        return sessions
+
+    def _item_columns(self, column, labels_optional: bool):
+        """A `list<struct>` column of items -> (per-session bounds `[n + 1]`, (post, author,
+        surface, action masks) `[items]`, per-session labeled `[n]`, in_network `[items]`), or None
+        where a record needs `parse`."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or column.null_count:
+            return None
+        items = column.flatten()  # this slice's items
+        if not pa.types.is_struct(items.type) or items.null_count:
+            return None
+        fields = dict(zip([f.name for f in items.type], items.flatten(), strict=True))
+        if any(name not in fields for name in ("post_id", "author_id", "product_surface", "actions")):
+            return None
+        post, author, surface = (_integers(fields[n]) for n in ("post_id", "author_id", "product_surface"))
+        if post is None or author is None or surface is None:
+            return None
+        if len(surface) and (surface.min() < 0 or surface.max() >= self.surface_limit):
+            return None
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        actions = fields["actions"]
+        if not (pa.types.is_list(actions.type) or pa.types.is_large_list(actions.type)) and not pa.types.is_null(
+            actions.type
+        ):
+            return None
+        has = ~actions.is_null().to_numpy(zero_copy_only=False)  # [items]
+        masks = np.zeros(len(has), np.int64)
+        labeled = np.zeros(len(lengths), bool)
+        if not pa.types.is_null(actions.type):
+            names = actions.flatten()
+            if not (pa.types.is_string(names.type) or pa.types.is_large_string(names.type)):
+                return None
+            index = pc.index_in(names, value_set=pa.array(self.actions, names.type))
+            if index.null_count:  # an unknown (or null) name
+                return None
+            counts = pc.list_value_length(actions).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            bits = np.left_shift(np.int64(1), index.to_numpy(zero_copy_only=False).astype(np.int64))
+            np.bitwise_or.at(masks, np.repeat(np.arange(len(has)), counts), bits)
+        if not labels_optional and not has.all():
+            return None
+        if len(lengths):
+            present = np.add.reduceat(np.append(has, False).astype(np.int64), bounds[:-1])  # [n]; per session
+            present[lengths == 0] = 0
+            if np.any((present != 0) & (present != lengths)):  # labels for some candidates only
+                return None
+            labeled = present > 0
+        in_network = np.ones(len(has), bool)
+        if "in_network" in fields:
+            flags = fields["in_network"]
+            if pa.types.is_boolean(flags.type):
+                in_network = flags.fill_null(True).to_numpy(zero_copy_only=False)
+            elif not pa.types.is_null(flags.type):
+                return None
+        return bounds, (post, author, surface.astype(np.int32), masks), labeled, in_network
+
 
 class SkipReport:
     """Counts of records skipped with `--skip-invalid`, by reason, with the first example of each."""
@@ -213,18 +328,21 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
+def _parquet_batches(path: str) -> Iterator[pa.RecordBatch]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=4096)
+    except (pa.ArrowException, OSError) as e:
+        raise SessionFormatError(path, 1, None, f"not a readable Parquet file: {e}") from None
+
+
 def _records(path: str) -> Iterator[tuple[int, object, SessionFormatError | None]]:
     """(line number, decoded record, decoding error) of a JSON Lines or Parquet file."""
     if path.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
-        except (pa.ArrowException, OSError) as e:
-            raise SessionFormatError(path, 1, None, f"not a readable Parquet file: {e}") from None
         line = 0
-        for batch in batches:
+        for batch in _parquet_batches(path):
             for record in batch.to_pylist():
                 line += 1
                 yield line, record, None
@@ -263,8 +381,10 @@ def read_sessions(
     parser = SessionParser(actions, require_candidates, surface_vocab_size)
     report = report if report is not None else SkipReport()
     ordinal = 0
-    for file_index, path in enumerate(paths):
-        for line, record, error in _records(path):
+
+    def checked(path, records):
+        nonlocal ordinal
+        for line, record, error in records:
             if error is None:
                 try:
                     session = parser.parse(record, default_session_id=ordinal)
@@ -276,7 +396,25 @@ def read_sessions(
                 report.add(error)
                 continue
             ordinal += 1
-            yield f"{file_index}:{line}", session
+            yield line, session
+
+    for file_index, path in enumerate(paths):
+        if not path.endswith(".parquet"):
+            for line, session in checked(path, _records(path)):
+                yield f"{file_index}:{line}", session
+            continue
+        line = 0
+        for batch in _parquet_batches(path):
+            sessions = parser.parse_columns(batch, first_session_id=ordinal)
+            if sessions is None:  # some record needs the per-record parser, which names its problem
+                records = ((line + i, record, None) for i, record in enumerate(batch.to_pylist(), start=1))
+                for record_line, session in checked(path, records):
+                    yield f"{file_index}:{record_line}", session
+            else:
+                ordinal += len(sessions)
+                for i, session in enumerate(sessions, start=1):
+                    yield f"{file_index}:{line + i}", session
+            line += batch.num_rows
 
 
 def items_column(
