@@ -39,7 +39,7 @@ from phoenix_flax.config import CheckpointConfig, ExperimentConfig, saved_config
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.model import PhoenixModel
 from phoenix_flax.sharding import make_mesh
-from phoenix_flax.training import abstract_train_state, averaged_params, create_model
+from phoenix_flax.training import abstract_model, abstract_train_state, averaged_params
 
 ITEMS = ("model", "optimizer", "data", "config")  # every step's
 AVERAGE = "average"  # a step's with optimizer.ema_decay
@@ -536,7 +536,7 @@ def restore_model(
         for candidate in candidates:
             try:
                 cfg = checkpoints.config(candidate)
-                model = create_model(cfg, mesh)
+                model = abstract_model(cfg, mesh)
                 digest = checkpoints.restore(candidate, model, average=cfg.optimizer.ema_decay > 0)
             except DamagedCheckpointError as e:
                 if len(candidates) == 1:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from phoenix_flax.batch import labeled_candidates
 from phoenix_flax.config import ExperimentConfig, LossConfig, OptimizerConfig
@@ -280,11 +281,18 @@ def create_train_state(
         return nnx.jit(lambda: new_train_state(cfg, steps_per_epoch))()
 
 
-def create_model(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> PhoenixModel:
-    """The model alone, sharded (for evaluation and serving)."""
+def abstract_model(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> PhoenixModel:
+    """The model with abstract arrays (shapes, dtypes and shardings on `mesh`), allocating
+    nothing: the target evaluation and serving restore a checkpoint into. (Initializing it
+    instead cost a 9-second compilation of the initializers at the demo's shapes.)"""
     with use_mesh(mesh, cfg.mesh.logical_rules()):
-        _check_fits(cfg, mesh)
-        return nnx.jit(lambda: build_model(cfg))()
+        model = nnx.eval_shape(lambda: build_model(cfg))
+        check_divisible(nnx.state(model, nnx.Param), mesh)
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, x.sharding.spec)), state
+    )
+    return nnx.merge(graphdef, state)
 
 
 def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict, dict]:

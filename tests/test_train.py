@@ -23,7 +23,7 @@ from phoenix_flax.metrics import auc, calibration, normalized_entropy, recall_at
 from phoenix_flax.scoring import action_weights
 from phoenix_flax.sharding import make_mesh
 from phoenix_flax.trainer import NonFiniteLossError, train
-from phoenix_flax.training import create_model, create_train_state
+from phoenix_flax.training import abstract_model, create_train_state
 
 
 def losses(logged):
@@ -67,9 +67,9 @@ def test_checkpoint_restores_onto_another_mesh_and_evaluates(tiny_world, tmp_pat
     train(cfg, str(tmp_path))
     with Checkpointer(str(tmp_path)) as checkpoints:
         assert checkpoints.config(6) == cfg
-        trained = create_model(cfg, make_mesh({"data": 2, "fsdp": 2, "model": 2}))
+        trained = abstract_model(cfg, make_mesh({"data": 2, "fsdp": 2, "model": 2}))
         checkpoints.restore(6, trained)
-        single = create_model(cfg, make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1]))
+        single = abstract_model(cfg, make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1]))
         checkpoints.restore(6, single)
     table = single.embeddings.post.table[...]
     assert len(table.sharding.device_set) == 1
