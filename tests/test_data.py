@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import pathlib
+import pickle
 import shutil
 import tempfile
 
@@ -386,21 +387,36 @@ def example_by_example(session, s, c, bits, positive_mask):
     return out
 
 
-def test_session_records_decode_as_tfds_does(dataset, monkeypatch):
+def test_session_records_decode_as_tfds_does(dataset, monkeypatch, tmp_path):
     import tensorflow_datasets as tfds
 
     from phoenix_flax.data import pipeline
 
-    ours = pipeline.open_source(dataset["data_dir"], "train")
-    theirs = tfds.data_source(prep.DATASET_NAME, data_dir=dataset["data_dir"], split="train")
-    assert len(ours) == len(theirs) == 30
-    for got, want in zip(ours.__getitems__(range(30)), theirs.__getitems__(range(30)), strict=True):
-        assert got.keys() == want.keys()
-        for key in got:
-            assert type(got[key]) is type(want[key]) and np.asarray(got[key]).dtype == np.asarray(want[key]).dtype, key
-            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    # Written in three shards: records are found across shard boundaries, one at a time and in
+    # batches out of order, and in a copy pickled as grain's worker processes get it.
+    data_dir = str(tmp_path / "sharded")
+    builder = prep.PhoenixSessions(data_dir=data_dir, sources={"train": prep.SplitSource((dataset["train"],))})
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3), file_format="array_record")
+    theirs = tfds.data_source(prep.DATASET_NAME, data_dir=data_dir, split="train")
+    ours = pipeline.open_source(data_dir, "train")
+    assert len(ours) == len(theirs) == 30 and len(builder.info.splits["train"].shard_lengths) == 3
+    order = np.random.default_rng(0).permutation(30).tolist()
+    for got_records in (
+        [ours[i] for i in order],
+        ours.__getitems__(order),
+        pickle.loads(pickle.dumps(ours)).__getitems__(order),
+    ):
+        for got, want in zip(got_records, theirs.__getitems__(order), strict=True):
+            assert got.keys() == want.keys()
+            for key in got:
+                assert (
+                    type(got[key]) is type(want[key]) and np.asarray(got[key]).dtype == np.asarray(want[key]).dtype
+                ), key
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with pytest.raises(IndexError, match="record 30 of split 'train', which has 30"):
+        ours[30]
     # A dataset without a field the parser expects: the error names the dataset, record and field.
-    monkeypatch.setitem(pipeline.FEATURES, "bookmarks", np.int64)
+    monkeypatch.setattr(pipeline, "_FIELD_TYPES", (*pipeline._FIELD_TYPES, ("bookmarks", int, True)))
     with pytest.raises(DatasetError, match=r"split 'train', record 3: no field 'bookmarks'"):
         ours[3]
 
