@@ -96,7 +96,7 @@ def collect(
 def split_labels(cfg: ExperimentConfig, actions: Sequence[str], split: str) -> tuple[np.ndarray, np.ndarray]:
     """Post IDs `[n]` and labels `[n, A]` (for `actions`) of every labeled candidate of `split`."""
     bits = bit_positions(actions, dataset_actions(cfg.data.data_dir), "actions")
-    source = open_source(cfg.data.data_dir, split)
+    source = open_source(cfg.data.data_dir, split, fields=("labeled", "candidate_post_id", "candidate_actions"))
     posts, masks = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for start in range(0, len(source), 1024):
         for record in source.__getitems__(range(start, min(start + 1024, len(source)))):

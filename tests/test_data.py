@@ -415,10 +415,19 @@ def test_session_records_decode_as_tfds_does(dataset, monkeypatch, tmp_path):
                 np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     with pytest.raises(IndexError, match="record 30 of split 'train', which has 30"):
         ours[30]
+    # Some fields only (the popularity baseline's pass): those of the whole parse.
+    some = ("labeled", "candidate_post_id", "candidate_actions")
+    subset = pipeline.open_source(data_dir, "train", some).__getitems__(order)
+    for got, whole in zip(subset, ours.__getitems__(order), strict=True):
+        assert set(got) == set(some)
+        for key in some:
+            np.testing.assert_array_equal(got[key], whole[key], err_msg=key)
+    with pytest.raises(ValueError, match=r"fields \['bookmarks'\] are not among"):
+        pipeline.open_source(data_dir, "train", ("labeled", "bookmarks"))
     # A dataset without a field the parser expects: the error names the dataset, record and field.
     monkeypatch.setattr(pipeline, "_FIELD_TYPES", (*pipeline._FIELD_TYPES, ("bookmarks", int, True)))
     with pytest.raises(DatasetError, match=r"split 'train', record 3: no field 'bookmarks'"):
-        ours[3]
+        pipeline.open_source(data_dir, "train")[3]
 
 
 def test_vectorized_batches_equal_examples_built_one_at_a_time():

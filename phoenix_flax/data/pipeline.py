@@ -65,11 +65,16 @@ class SessionRecords:
     (the whole pipeline waited on it); TFDS's generic decoding took three times as long as the
     read itself (0.35 against 0.11 ms a record), and the pipeline shares the CPU with the step."""
 
-    def __init__(self, data_dir: str, split: str):
+    def __init__(self, data_dir: str, split: str, fields: Sequence[str] | None = None):
+        """`fields`: the FEATURES to parse (default: all)."""
         splits = dataset_splits(data_dir)
         if split not in splits:
             raise DatasetError(f"the dataset in {data_dir} has no split {split!r} (it has {sorted(splits)})")
         self.data_dir, self.split = data_dir, split
+        unknown = set(fields or ()) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"fields {sorted(unknown)} are not among the dataset's {list(FEATURES)}")
+        self._fields = tuple(t for t in _FIELD_TYPES if fields is None or t[0] in fields)
         info = _prepared(data_dir).info.splits[split]
         self._files = [str(path) for path in info.filepaths]
         self._starts = [int(x) for x in np.cumsum([0, *info.shard_lengths])]  # shards' first indices; the total
@@ -122,7 +127,7 @@ class SessionRecords:
     def _parse(self, record: bytes, index: int) -> dict:
         fields = tf_example_pb2.Example.FromString(record).features.feature
         out = {}
-        for key, dtype, scalar in _FIELD_TYPES:
+        for key, dtype, scalar in self._fields:
             if key not in fields:
                 raise DatasetError(f"{self.data_dir}, split {self.split!r}, record {index}: no field {key!r}")
             values = fields[key].int64_list.value
@@ -146,8 +151,8 @@ _FIELD_TYPES = tuple(
 )
 
 
-def open_source(data_dir: str, split: str) -> SessionRecords:
-    return SessionRecords(data_dir, split)
+def open_source(data_dir: str, split: str, fields: Sequence[str] | None = None) -> SessionRecords:
+    return SessionRecords(data_dir, split, fields)
 
 
 def bit_positions(model_actions: Sequence[str], data_actions: Sequence[str], what: str) -> np.ndarray:
