@@ -67,7 +67,7 @@ class SessionRecords:
 
     def __init__(self, data_dir: str, split: str, fields: Sequence[str] | None = None):
         """`fields`: the FEATURES to parse (default: all)."""
-        splits = dataset_splits(data_dir)
+        splits = _prepared(data_dir).info.splits  # one read of the dataset's info
         if split not in splits:
             raise DatasetError(f"the dataset in {data_dir} has no split {split!r} (it has {sorted(splits)})")
         self.data_dir, self.split = data_dir, split
@@ -75,7 +75,7 @@ class SessionRecords:
         if unknown:
             raise ValueError(f"fields {sorted(unknown)} are not among the dataset's {list(FEATURES)}")
         self._fields = tuple(t for t in _FIELD_TYPES if fields is None or t[0] in fields)
-        info = _prepared(data_dir).info.splits[split]
+        info = splits[split]
         self._files = [str(path) for path in info.filepaths]
         self._starts = [int(x) for x in np.cumsum([0, *info.shard_lengths])]  # shards' first indices; the total
         self._open()
