@@ -41,7 +41,8 @@ import numpy as np
 from quality import WORLDS
 
 from phoenix_flax.config import load, replace_fields
-from phoenix_flax.evaluation import MIN_POSITIVES, post_rates, split_labels
+from phoenix_flax.counting import PostCounts, split_labels
+from phoenix_flax.evaluation import MIN_POSITIVES
 from phoenix_flax.hashing import hash_ids
 from phoenix_flax.metrics import auc
 from train.demo import DEMO_CONFIG, make_world
@@ -106,7 +107,7 @@ def main() -> None:
         cfg = replace_fields(base, data=make_world(WORLDS[name], root, {}))
         train_posts, train_labels = split_labels(cfg, actions, cfg.data.train_split)
         test_posts, test_labels = split_labels(cfg, actions, "test")
-        columns = {"post rate": post_rates(train_posts, train_labels, test_posts)}
+        columns = {"post rate": PostCounts.of(train_posts, train_labels, actions).rates(test_posts)}
         for table in [None, *tables]:
             train_rows, test_rows, num_rows = posts_rows(train_posts, test_posts, table)
             b, theta = most_probable_offsets(train_rows, num_rows, train_labels)
@@ -144,7 +145,7 @@ def perfect_memorization(train_dir: str, by_post) -> None:
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
     restored = restore_model(train_dir, "best", mesh)
     with use_mesh(mesh, restored.cfg.mesh.logical_rules()):
-        out = collect(restored.model, restored.cfg, "test", 512, mesh, logit_parts=True)
+        out = collect(restored.model, restored.cfg, "test", 512, mesh, logit_parts=True, counts=restored.counts)
     if "logit_affinity" not in out:
         print(f"(the model of {train_dir} has no affinity: no table of its user parts)")
         return

@@ -36,6 +36,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from phoenix_flax.config import CheckpointConfig, ExperimentConfig, saved_config, to_dict
+from phoenix_flax.counting import PostCounts
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.model import PhoenixModel
 from phoenix_flax.sharding import make_mesh
@@ -500,6 +501,7 @@ class Restored(NamedTuple):
     step: int
     model: PhoenixModel
     digest: str | None  # the checkpoint's content, from its integrity record (None without one)
+    counts: PostCounts | None = None  # the run's post counts, with model.count_blend
 
 
 def restore_model(
@@ -545,7 +547,10 @@ def restore_model(
                 continue
             for e in damaged:
                 (report or _stderr)(f"{e}; using step {candidate}")
-            return Restored(cfg, candidate, model, digest)
+            counts = None
+            if model.ranker is not None and model.ranker.blend is not None:
+                counts = PostCounts.load(PostCounts.file(workdir), cfg.model.actions)
+            return Restored(cfg, candidate, model, digest, counts)
     raise CheckpointError(f"no checkpoint of {workdir} restores: " + "; ".join(str(e) for e in damaged))
 
 

@@ -66,6 +66,7 @@ def config_from_reference(reference_config: Mapping, **options) -> ModelConfig:
         dtype="float32",
         action_bias=False,  # not in the original
         calibration=False,  # nor this
+        count_blend=False,  # nor this
         **options,
     )
 

@@ -25,6 +25,7 @@ from flax import nnx
 from phoenix_flax.batch import labeled_candidates
 from phoenix_flax.checkpoint import CheckpointError, restore_model
 from phoenix_flax.config import ExperimentConfig, replace_fields
+from phoenix_flax.counting import PostCounts, split_labels
 from phoenix_flax.data.pipeline import bit_positions, dataset_actions, global_batch, make_dataset, open_source
 from phoenix_flax.data.prepare import FEATURES
 from phoenix_flax.data.raw import Session, read_corpus
@@ -42,15 +43,20 @@ from phoenix_flax.serving import CorpusIndex, prefix_batch
 from phoenix_flax.sharding import make_mesh, use_mesh
 from phoenix_flax.training import make_eval_step
 
-POPULARITY_PRIOR = 10.0  # impressions of smoothing toward the global rate
-
 
 def collect(
-    model, cfg: ExperimentConfig, split: str, batch_size: int, mesh, logit_parts: bool = False
+    model,
+    cfg: ExperimentConfig,
+    split: str,
+    batch_size: int,
+    mesh,
+    logit_parts: bool = False,
+    counts: PostCounts | None = None,
 ) -> dict[str, np.ndarray]:
     """One pass over `split`: per valid candidate and per row with a positive, what eval needs;
     with `logit_parts`, also each part of the ranker's logits per candidate (`logit_transformer`,
-    `logit_post`, ...: `PhoenixRanker.logit_parts`)."""
+    `logit_post`, ...: `PhoenixRanker.logit_parts`). `counts`: the run's post counts, which a
+    ranker with `model.count_blend` scores with (`Restored.counts`)."""
     data = make_dataset(
         cfg.model,
         cfg.data,
@@ -63,16 +69,16 @@ def collect(
         process_count=1,
     )
     eval_step = make_eval_step(cfg.loss)
-    parts_step = nnx.jit(lambda m, b: m.ranker.logit_parts(b)) if logit_parts else None
     out: dict[str, list] = {k: [] for k in ("probs", "labels", "session_id", "position", "post_id")}
     out.update({k: [] for k in ("users", "positive_post_id", "in_batch_rank")})
     for batch in data:
-        sharded = global_batch(batch, mesh, cfg.mesh.logical_rules())
-        _, outputs = eval_step(model, sharded)
+        if counts is not None:
+            batch = counts.with_log_odds(batch)
+        _, outputs = eval_step(model, global_batch(batch, mesh, cfg.mesh.logical_rules()))
         outputs = jax.device_get(outputs)
         valid = labeled_candidates(batch)
-        if parts_step is not None:
-            for name, part in jax.device_get(parts_step(model, sharded)).items():
+        if logit_parts:
+            for name, part in outputs["logit_parts"].items():
                 out.setdefault(f"logit_{name}", []).append(part[valid])
         if "probs" in outputs:
             out["probs"].append(outputs["probs"][valid])
@@ -91,39 +97,6 @@ def collect(
             out["users"].append(users)
             out["positive_post_id"].append(batch["positive_post_id"][pv])
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
-
-
-def split_labels(cfg: ExperimentConfig, actions: Sequence[str], split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Post IDs `[n]` and labels `[n, A]` (for `actions`) of every labeled candidate of `split`."""
-    bits = bit_positions(actions, dataset_actions(cfg.data.data_dir), "actions")
-    source = open_source(cfg.data.data_dir, split, fields=("labeled", "candidate_post_id", "candidate_actions"))
-    posts, masks = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for start in range(0, len(source), 1024):
-        for record in source.__getitems__(range(start, min(start + 1024, len(source)))):
-            if record["labeled"]:
-                posts.append(record["candidate_post_id"])
-                masks.append(record["candidate_actions"])
-    posts, masks = np.concatenate(posts), np.concatenate(masks)
-    return posts, ((masks[:, None] >> bits) & 1).astype(np.float64)
-
-
-def post_rates(posts: np.ndarray, labels: np.ndarray, post_ids: np.ndarray) -> np.ndarray:
-    """Each post's smoothed action rates among candidates `posts [n]` with `labels [n, A]` ->
-    [N, A] for `post_ids` (a post not among them: the overall rate)."""
-    unique, inverse = np.unique(posts, return_inverse=True)
-    counts = np.zeros((len(unique), labels.shape[1]))
-    np.add.at(counts, inverse, labels)
-    shown = np.bincount(inverse, minlength=len(unique)).astype(np.float64)
-    rate = labels.mean(0)
-    smoothed = (counts + POPULARITY_PRIOR * rate) / (shown[:, None] + POPULARITY_PRIOR)
-    idx = np.searchsorted(unique, post_ids).clip(0, len(unique) - 1)
-    known = unique[idx] == post_ids
-    return np.where(known[:, None], smoothed[idx], rate)
-
-
-def popularity_scores(cfg: ExperimentConfig, post_ids: np.ndarray, actions: Sequence[str]) -> np.ndarray:
-    """Each post's smoothed action rates in the training split -> [N, A] scores for `post_ids`."""
-    return post_rates(*split_labels(cfg, actions, cfg.data.train_split), post_ids)
 
 
 def oracle_scores(truth_file: str, session_id: np.ndarray, position: np.ndarray, actions: Sequence[str]):
@@ -173,8 +146,6 @@ def next_item(model, cfg: ExperimentConfig, split: str, corpus_file: str, ks=(10
     score among every corpus item, with the items of the session's history excluded (as
     RecBole's full sort does; a target already in the history is then a miss) and included; beside a popularity baseline (positives per item in
     the training split)."""
-    from flax import nnx
-
     if model.retrieval is None:
         raise CheckpointError("next-item evaluation needs a retrieval model (this checkpoint's retrieval_weight was 0)")
     index = CorpusIndex.build(model, cfg.model, *read_corpus(corpus_file))
@@ -247,7 +218,7 @@ def evaluate(
     """Metrics of a checkpoint on `split` (see the module's doc); with `plots_dir`, per action a
     reliability diagram and ROC curves (model, popularity, oracle) as PNG files there."""
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    cfg, step, model, _ = restore_model(workdir, step, mesh)
+    cfg, step, model, _, counts = restore_model(workdir, step, mesh)
     if data_dir is not None:
         cfg = replace_fields(cfg, data={"data_dir": data_dir})
     truth_file = truth_file or (cfg.data.truth_file if split == "test" else None)
@@ -265,11 +236,11 @@ def evaluate(
 
     actions = cfg.model.actions
     with use_mesh(mesh, cfg.mesh.logical_rules()):
-        got = collect(model, cfg, split, batch_size, mesh)
+        got = collect(model, cfg, split, batch_size, mesh, counts=counts)
     result: dict = {"step": step, "split": split}
     if len(got["probs"]):
         labels, probs = got["labels"], got["probs"]
-        popular = popularity_scores(cfg, got["post_id"], actions)
+        popular = PostCounts.of_split(cfg, actions).rates(got["post_id"])
         oracle = oracle_scores(truth_file, got["session_id"], got["position"], actions) if truth_file else None
         per_action = {}
         for i, a in enumerate(actions):

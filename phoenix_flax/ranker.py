@@ -98,6 +98,20 @@ class CalibrationShift(nnx.Variable):
     by the optimizer, saved with the model."""
 
 
+class LogitBlend(nnx.Variable):
+    """Per-action weights `[K + 1, A]` of the logits' K parts (`logit_part_names`) and of the
+    candidate's counted log-odds (phoenix_flax/counting.py), fit on validation with the
+    calibration shifts (phoenix_flax/calibration.py): not trained by the optimizer, saved with the
+    model. Ones for the parts and zero for the counts give the logits themselves."""
+
+
+def logit_part_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The keys of `PhoenixRanker.logit_parts`, in order."""
+    if not cfg.action_bias:
+        return ("transformer",)
+    return ("transformer", "post", "author") + (("affinity",) if cfg.affinity_rank > 0 else ())
+
+
 class PhoenixRanker(nnx.Module):
     """Predicts one logit per engagement action for every candidate: `[B, C, A]`."""
 
@@ -114,6 +128,9 @@ class PhoenixRanker(nnx.Module):
         self.unembed = param(rngs, dense_init, (d, cfg.num_actions), ("embed", "actions"))
         self.action_bias = ActionBias(cfg, rngs=rngs) if cfg.action_bias else None
         self.calibration = CalibrationShift(jnp.zeros((cfg.num_actions,), jnp.float32)) if cfg.calibration else None
+        self.part_names = logit_part_names(cfg)
+        start = jnp.ones((len(self.part_names) + 1, cfg.num_actions), jnp.float32).at[-1].set(0.0)  # the logits
+        self.blend = LogitBlend(start) if cfg.count_blend else None
 
     def __call__(self, batch: Batch) -> jax.Array:
         """Hashes in, logits `[B, C, A]` (float32) out."""
@@ -122,13 +139,27 @@ class PhoenixRanker(nnx.Module):
     def logit_parts(self, batch: Batch) -> dict[str, jax.Array]:
         """What each path adds to the logits, `[B, C, A]` each, summing to them: the "transformer"'s
         unembedding and, with the action bias, its "post", "author" and "affinity" parts."""
-        return self._parts_from_embeddings(batch, self.embeddings(batch))
+        return self.parts_from_embeddings(batch, self.embeddings(batch))
 
-    def probabilities(self, logits: jax.Array) -> jax.Array:
-        """Logits `[..., A]` -> what evaluation and serving report: sigmoid(logits + calibration shifts)."""
+    def calibrated_logits(self, parts: dict[str, jax.Array], count_logits: jax.Array | None = None) -> jax.Array:
+        """The logits' parts `[..., A]` each (`logit_parts`) and, with `model.count_blend`, the
+        candidates' counted log-odds `[..., A]` -> the logits evaluation and serving report: the
+        parts summed (with the blend, weighted per action, plus the weighted counts), plus the
+        calibration shifts."""
+        if self.blend is None:
+            logits = sum(parts.values())
+        else:
+            if count_logits is None:
+                raise ValueError("a ranker with model.count_blend scores with the candidates' counts (PostCounts)")
+            w = self.blend[...]  # [K + 1, A]
+            logits = sum(w[k] * parts[name] for k, name in enumerate(self.part_names)) + w[-1] * count_logits
         if self.calibration is not None:
             logits = logits + self.calibration[...]
-        return jax.nn.sigmoid(logits)
+        return logits
+
+    def probabilities(self, parts: dict[str, jax.Array], count_logits: jax.Array | None = None) -> jax.Array:
+        """sigmoid(`calibrated_logits`): what evaluation and serving report."""
+        return jax.nn.sigmoid(self.calibrated_logits(parts, count_logits))
 
     def candidate_block(self, post_emb: jax.Array, author_emb: jax.Array, surface: jax.Array) -> jax.Array:
         """[post, author, surface emb] @ candidate_proj: [..., Hp, D], [..., Ha, D], [...] -> [..., D]."""
@@ -147,9 +178,9 @@ class PhoenixRanker(nnx.Module):
 
     def logits_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
         """Already looked-up embeddings in (as the original took them), logits `[B, C, A]` out."""
-        return sum(self._parts_from_embeddings(batch, emb).values())
+        return sum(self.parts_from_embeddings(batch, emb).values())
 
-    def _parts_from_embeddings(self, batch: Batch, emb: Embeddings) -> dict[str, jax.Array]:
+    def parts_from_embeddings(self, batch: Batch, emb: Embeddings) -> dict[str, jax.Array]:
         """Looked-up embeddings in, the logits' parts `[B, C, A]` (see `logit_parts`) out."""
         user = self.blocks.user(emb)  # [B, 1, D]
         history = self.blocks.history(batch, emb)  # [B, S, D]
@@ -185,21 +216,25 @@ class PhoenixRanker(nnx.Module):
         _, (keys, values) = self.transformer(x, jnp.arange(x.shape[1]), valid, keys_values=True)
         return UserContext(keys, values, valid, batch["user_hashes"])
 
-    def score_candidates(
+    def score_candidates(self, context: UserContext, *candidates: jax.Array) -> jax.Array:
+        """Logits `[N, A]` of N candidates (`candidate_parts`' arguments), candidate n scored against
+        session `rows[n]` of `context`. Equals the full-sequence model's logits for the same
+        candidates; any N, in any chunks."""
+        return sum(self.candidate_parts(context, *candidates).values())
+
+    def candidate_parts(
         self,
         context: UserContext,
         rows: jax.Array,
         post_hashes: jax.Array,
         author_hashes: jax.Array,
         surface: jax.Array,
-    ) -> jax.Array:
-        """Logits `[N, A]` of N candidates, candidate n scored against session `rows[n]` of `context`.
-
-        post_hashes [N, Hp], author_hashes [N, Ha], surface [N]. Equals the full-sequence model's
-        logits for the same candidates; any N, in any chunks.
-        """
+    ) -> dict[str, jax.Array]:
+        """The logits of N candidates in parts, `[N, A]` each (see `logit_parts`), candidate n
+        scored against session `rows[n]` of `context`. post_hashes [N, Hp], author_hashes [N, Ha],
+        surface [N]."""
         h = self.candidate_block(self.embeddings.post(post_hashes), self.embeddings.author(author_hashes), surface)
         position = context.valid.shape[1]  # shared: right after the history
         keys, values = context.keys[:, rows], context.values[:, rows]  # [L, N, P, Hkv, K]
         h = self.transformer.isolated(h, position, keys, values, context.valid[rows])
-        return sum(self._head_parts(h, post_hashes, author_hashes, context.user_hashes[rows]).values())
+        return self._head_parts(h, post_hashes, author_hashes, context.user_hashes[rows])

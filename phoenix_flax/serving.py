@@ -12,6 +12,7 @@ from flax import nnx
 
 from phoenix_flax.batch import pad_batch, pad_rows
 from phoenix_flax.config import ModelConfig
+from phoenix_flax.counting import PostCounts
 from phoenix_flax.data.pipeline import hash_prefix, recent_histories
 from phoenix_flax.data.raw import Session, read_corpus
 from phoenix_flax.hashing import hash_ids
@@ -43,24 +44,37 @@ class CachedRanker:
     is computed once; candidates are then scored in fixed-size chunks against it.
     """
 
-    def __init__(self, model: PhoenixModel, cfg: ModelConfig, batch_size: int = 64, chunk_size: int = 512):
+    def __init__(
+        self,
+        model: PhoenixModel,
+        cfg: ModelConfig,
+        batch_size: int = 64,
+        chunk_size: int = 512,
+        counts: PostCounts | None = None,
+    ):
+        """`counts`: the run's post counts (`Restored.counts`), which a ranker with
+        `model.count_blend` scores with."""
         if model.ranker is None:
             raise ValueError("this checkpoint has no ranker (its loss.ranking_weight was 0)")
-        self.model, self.cfg = model, cfg
+        if model.ranker.blend is not None and counts is None:
+            raise ValueError("this ranker blends in post counts (model.count_blend): pass the run's (Restored.counts)")
+        self.model, self.cfg, self.counts = model, cfg, counts
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self._context = nnx.jit(lambda m, b: m.ranker.user_context(b))
-        self._score = nnx.jit(lambda m, ctx, *cands: m.ranker.probabilities(m.ranker.score_candidates(ctx, *cands)))
+        self._score = nnx.jit(
+            lambda m, ctx, counted, *cands: m.ranker.probabilities(m.ranker.candidate_parts(ctx, *cands), counted)
+        )
 
     def probabilities(self, sessions: Sequence[Session]) -> list[np.ndarray]:
         """-> one `[m_i, A]` array per session, in input order."""
         cfg, out = self.cfg, []
         for group in _batches(sessions, self.batch_size):
             context = self._context(self.model, prefix_batch(group, cfg, self.batch_size))
+            post_ids = np.concatenate([s.candidate_post_id for s in group])
+            counted = None if self.counts is None else self.counts.log_odds(post_ids)  # [N, A]
             candidates = (  # rows (the candidate's session in the group), hashes, surfaces: [N, ...]
                 np.concatenate([np.full(len(s.candidate_post_id), i, np.int32) for i, s in enumerate(group)]),
-                hash_ids(
-                    np.concatenate([s.candidate_post_id for s in group]), cfg.num_post_hashes, cfg.post_vocab_rows
-                ),
+                hash_ids(post_ids, cfg.num_post_hashes, cfg.post_vocab_rows),
                 hash_ids(
                     np.concatenate([s.candidate_author_id for s in group]), cfg.num_author_hashes, cfg.author_vocab_rows
                 ),
@@ -70,7 +84,12 @@ class CachedRanker:
             probs = []
             for start in range(0, n, self.chunk_size):
                 chunk = [pad_rows(x[start : start + self.chunk_size], self.chunk_size) for x in candidates]
-                probs.append(np.asarray(self._score(self.model, context, *chunk))[: min(self.chunk_size, n - start)])
+                count_chunk = (
+                    None if counted is None else pad_rows(counted[start : start + self.chunk_size], self.chunk_size)
+                )
+                probs.append(
+                    np.asarray(self._score(self.model, context, count_chunk, *chunk))[: min(self.chunk_size, n - start)]
+                )
             probs = np.concatenate(probs)
             bounds = np.cumsum([0] + [len(s.candidate_post_id) for s in group])
             out.extend(probs[bounds[i] : bounds[i + 1]] for i in range(len(group)))

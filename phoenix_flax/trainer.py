@@ -24,11 +24,12 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from phoenix_flax.batch import labeled_candidates
-from phoenix_flax.calibration import fit_logit_shifts
+from phoenix_flax.calibration import fit_logit_blend, fit_logit_shifts, shifts_to_rates
 from phoenix_flax.checkpoint import Checkpointer, DamagedCheckpointError, check_compatible, restore_newest
 from phoenix_flax.cli import log
 from phoenix_flax.config import ConfigError, ExperimentConfig, dumps, replace_fields
 from phoenix_flax.config.experiment import eval_metric_names
+from phoenix_flax.counting import PostCounts
 from phoenix_flax.data.pipeline import (
     dataset_actions,
     dataset_splits,
@@ -164,40 +165,55 @@ def preflight(cfg: ExperimentConfig) -> set[str]:
     return splits
 
 
-def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> dict[str, float]:
+def evaluate_during_training(
+    model, cfg: ExperimentConfig, eval_step, mesh, counts: PostCounts | None
+) -> dict[str, float]:
     """Over the first `eval.batches` validation batches (the same ones each time): the mean
     losses and, with a ranker, the actions' mean AUC and the weighted score's AUC (`eval_metric_names`).
 
-    With `model.calibration`, first fits the ranker's calibration shifts on these batches and
-    sets them in `model` (every process fits the same, from the gathered logits), so the
-    checkpoint saved at this step holds them and the weighted score's AUC is of what it serves.
+    With `model.calibration`, first fits the ranker's calibration shifts (and with
+    `model.count_blend` its blend, scoring with `counts`) on these batches and sets them in `model`
+    (every process fits the same, from the gathered logits), so the checkpoint saved at this step
+    holds them and the weighted score's AUC is of what it serves.
     """
+    ranker = model.ranker
     data = iter(make_dataset(cfg.model, cfg.data, cfg.data.eval_split, shuffle=False))
     weighted = "eval_weighted_auc" in eval_metric_names(cfg.loss, cfg.eval, cfg.model)
     totals: dict[str, list] = {}
-    logits, labels = [], []
+    gathered: dict[str, list] = {}  # per key, the valid candidates' values of each batch
     for _ in range(cfg.eval.batches):
-        batch = global_batch(next(data), mesh, cfg.mesh.logical_rules())
+        local = next(data)
+        batch = global_batch(local if counts is None else counts.with_log_odds(local), mesh, cfg.mesh.logical_rules())
         metrics, outputs = eval_step(model, batch)
         for k, v in metrics.items():
             totals.setdefault(k, []).append(v)
         if "logits" in outputs:
-            got_logits, got_labels, valid = multihost_utils.process_allgather(
-                (outputs["logits"], batch["candidate_actions"], labeled_candidates(batch)), tiled=True
-            )
-            logits.append(got_logits[valid])
-            labels.append(got_labels[valid])
+            wanted = {"labels": batch["candidate_actions"], **outputs["logit_parts"]}
+            if counts is not None:
+                wanted["counts"] = batch["candidate_count_logits"]
+            got, valid = multihost_utils.process_allgather((wanted, labeled_candidates(batch)), tiled=True)
+            for k, v in got.items():
+                gathered.setdefault(k, []).append(v[valid])
     result = {f"eval_{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()}
     # An AUC without both classes in these batches is undefined: left out (the step is then no
     # candidate for the best checkpoint), never written as a number.
-    if logits:
-        logits, labels = np.concatenate(logits), np.concatenate(labels)
-        if model.ranker.calibration is not None:
+    if gathered:
+        got = {k: np.concatenate(v) for k, v in gathered.items()}
+        labels, parts = got["labels"], {k: got[k] for k in ranker.part_names}
+        logits = sum(parts.values())
+        if ranker.blend is not None:
+            features = np.stack([*parts.values(), got["counts"]])  # [K + 1, N, A]
+            std = cfg.eval.blend_prior_std
+            deviations, _ = fit_logit_blend(logits, labels, features, std, std)
+            weights = np.r_[np.ones(len(parts)), 0.0][:, None] + deviations  # about the blend's start
+            _set(ranker.blend, weights)
+            logits = np.einsum("kna,ka->na", features, weights)
+            rates = (labels.sum(0) + counts.positives.sum(0)) / (len(labels) + counts.shown.sum())
+            shifts = shifts_to_rates(logits, rates)
+        elif ranker.calibration is not None:
             shifts = fit_logit_shifts(logits, labels, cfg.eval.calibration_prior_std)
-            current = model.ranker.calibration[...]  # keeps its sharding: the steps do not recompile
-            model.ranker.calibration[...] = jax.make_array_from_callback(
-                current.shape, current.sharding, shifts.__getitem__
-            )
+        if ranker.calibration is not None:
+            _set(ranker.calibration, shifts)
             logits = logits + shifts
         probs = 1 / (1 + np.exp(-logits))
         aucs = [a for a in (auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])) if np.isfinite(a)]
@@ -206,6 +222,12 @@ def evaluate_during_training(model, cfg: ExperimentConfig, eval_step, mesh) -> d
         if weighted and np.isfinite(w := weighted_auc(probs, labels, action_weights(cfg.model.actions))):
             result["eval_weighted_auc"] = w
     return result
+
+
+def _set(variable, value: np.ndarray) -> None:
+    """Sets a ranker variable fit on the host, keeping its sharding (the steps do not recompile)."""
+    current = variable[...]
+    variable[...] = jax.make_array_from_callback(current.shape, current.sharding, value.astype(np.float32).__getitem__)
 
 
 def _resume(checkpoints: Checkpointer, cfg: ExperimentConfig, model, optimizer, data, report) -> int:
@@ -258,9 +280,15 @@ def train(
         data = iter(make_dataset(cfg.model, cfg.data, cfg.data.train_split))
         checkpoints = stack.enter_context(Checkpointer(workdir, cfg.checkpoint))
         step = _resume(checkpoints, cfg, model, optimizer, data, report)
+        counts = None
+        if model.ranker is not None and model.ranker.blend is not None:
+            counts = PostCounts.of_split(cfg, cfg.model.actions)
+            report(f"model.count_blend: counted {len(counts.post_ids):,} posts in '{cfg.data.train_split}'")
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(dumps(cfg))
+            if counts is not None:
+                counts.save(PostCounts.file(workdir))
         writer = MetricWriter(workdir, resume_step=step)
         stack.callback(writer.close)
         preemption = Preemption()
@@ -270,7 +298,7 @@ def train(
         if model.ranker is not None and model.ranker.calibration is not None and not has_eval:
             report(
                 f"note: no validation during training (eval.batches={cfg.eval.batches}, splits {sorted(splits)}): "
-                "the calibration shifts (model.calibration) stay 0"
+                "the calibration shifts (model.calibration) stay 0, and the blend (model.count_blend) the logits' own sum"
             )
         return _loop(
             cfg,
@@ -283,12 +311,15 @@ def train(
             preemption,
             step,
             stop_after,
+            counts,
             has_eval=has_eval,
             report=report,
         )
 
 
-def _loop(cfg, mesh, model, optimizer, data, checkpoints, writer, preemption, step, stop_after, *, has_eval, report):
+def _loop(
+    cfg, mesh, model, optimizer, data, checkpoints, writer, preemption, step, stop_after, counts, *, has_eval, report
+):
     train_step = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
     rules = cfg.mesh.logical_rules()
     eval_step = make_eval_step(cfg.loss)
@@ -336,7 +367,7 @@ def _loop(cfg, mesh, model, optimizer, data, checkpoints, writer, preemption, st
             if has_eval and (step % cfg.eval.every_steps == 0 or step == last or stop):
                 flush()
                 with averaged_weights(model, optimizer):  # what evaluation and serving will restore
-                    eval_metrics = evaluate_during_training(model, cfg, eval_step, mesh)
+                    eval_metrics = evaluate_during_training(model, cfg, eval_step, mesh, counts)
                 writer.write(step, eval_metrics)
                 logged.append({"step": step, **eval_metrics})
             if step % cfg.checkpoint.every_steps == 0 or step == last or stop:

@@ -296,19 +296,20 @@ def abstract_model(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> PhoenixMod
 
 
 def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict, dict]:
-    """-> (total loss, scalar metrics, outputs). Outputs: ranker `logits [B, C, A]`, retrieval
-    `users [B, D]` and `positives [B, D]`."""
+    """-> (total loss, scalar metrics, outputs). Outputs: ranker `logits [B, C, A]` and their
+    `logit_parts` (`PhoenixRanker.logit_parts`), retrieval `users [B, D]` and `positives [B, D]`."""
     metrics, outputs = {}, {}
     total = jnp.float32(0.0)
     emb = model.embeddings(batch)  # every table looked up once, for both towers
     if model.ranker is not None:
-        logits = model.ranker.logits_from_embeddings(batch, emb)
+        parts = model.ranker.parts_from_embeddings(batch, emb)
+        logits = sum(parts.values())
         valid = labeled_candidates(batch)
         weights = None if cfg.action_weights is None else jnp.asarray(cfg.action_weights, jnp.float32)
         rank = ranking_bce(logits, batch["candidate_actions"], valid, weights)
         total = total + cfg.ranking_weight * rank
         metrics["ranking_loss"] = rank
-        outputs["logits"] = logits
+        outputs["logits"], outputs["logit_parts"] = logits, parts
         if cfg.exposure_weight > 0:
             exposure = exposure_loss(model, batch, valid)
             total = total + cfg.exposure_weight * exposure
@@ -366,12 +367,13 @@ def make_train_step(cfg: LossConfig):
 
 def make_eval_step(cfg: LossConfig):
     """`step(model, batch) -> (metrics, outputs)` without updates; with a ranker, outputs add the
-    reported `probs [B, C, A]` (calibrated) to `compute_losses`' logits."""
+    reported `probs [B, C, A]` (`PhoenixRanker.probabilities`, with the batch's
+    `candidate_count_logits` where it has them) to `compute_losses`' logits."""
 
     def eval_step(model: PhoenixModel, batch: dict):
         _, metrics, outputs = compute_losses(model, batch, cfg)
         if "logits" in outputs:
-            outputs["probs"] = model.ranker.probabilities(outputs["logits"])
+            outputs["probs"] = model.ranker.probabilities(outputs["logit_parts"], batch.get("candidate_count_logits"))
         return metrics, outputs
 
     return nnx.jit(eval_step)

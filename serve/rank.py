@@ -51,7 +51,7 @@ def rank(args: argparse.Namespace) -> int:
     cfg = restored.cfg.model
     weights = action_weights(cfg.actions, overrides).astype(np.float64)
     sessions, report = read_session_input(args, cfg)
-    probs = CachedRanker(restored.model, cfg, args.batch_size, args.chunk_size).probabilities(sessions)
+    probs = CachedRanker(restored.model, cfg, args.batch_size, args.chunk_size, restored.counts).probabilities(sessions)
     with open(args.output, "w") as f:
         for session, p_session in zip(sessions, probs, strict=True):
             line = {

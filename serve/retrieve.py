@@ -79,7 +79,7 @@ def retrieve_top_k(args: argparse.Namespace) -> int:
             )
             for s, h in zip(sessions, hits, strict=True)
         ]
-        probs = CachedRanker(model, cfg, args.batch_size).probabilities(retrieved)
+        probs = CachedRanker(model, cfg, args.batch_size, counts=restored.counts).probabilities(retrieved)
     with open(args.output, "w") as f:
         for i, (session, h) in enumerate(zip(sessions, hits, strict=True)):
             cands = [

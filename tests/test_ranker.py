@@ -189,6 +189,29 @@ def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_
     np.testing.assert_allclose(sum(parts.values()), with_bias, atol=1e-5)
 
 
+def test_the_reported_logits_blend_the_parts_and_the_counts_per_action_and_add_the_shifts():
+    model = with_random_action_bias(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)))
+    batch = model_inputs(random_batch(SMALL, 3, np.random.default_rng(6)))
+    forward = nnx.jit(lambda m, b: (m.logit_parts(b), m(b)))
+    parts, logits = forward(model, batch)
+    counts = jnp.asarray(np.random.default_rng(7).normal(size=parts["post"].shape), jnp.float32)  # [B, C, A]
+    # Unfitted, the blend (ones for the parts, zero for the counts) reports the logits themselves.
+    np.testing.assert_allclose(model.calibrated_logits(parts, counts), logits, atol=1e-5)
+    rng = np.random.default_rng(8)
+    weights, shifts = rng.normal(size=(5, len(SMALL.actions))), rng.normal(size=len(SMALL.actions))
+    model.blend[...], model.calibration[...] = jnp.asarray(weights, jnp.float32), jnp.asarray(shifts, jnp.float32)
+    features = [np.asarray(parts[k]) for k in ("transformer", "post", "author", "affinity")] + [np.asarray(counts)]
+    want = sum(w * f for w, f in zip(weights, features, strict=True)) + shifts
+    np.testing.assert_allclose(model.calibrated_logits(parts, counts), want, atol=1e-4)
+    np.testing.assert_allclose(model.probabilities(parts, counts), 1 / (1 + np.exp(-want)), atol=1e-5)
+    with pytest.raises(ValueError, match="scores with the candidates' counts"):
+        model.probabilities(parts)
+    plain = PhoenixRanker(dataclasses.replace(SMALL, count_blend=False), rngs=nnx.Rngs(0))
+    assert plain.blend is None
+    parts, logits = forward(plain, batch)
+    np.testing.assert_allclose(plain.probabilities(parts), jax.nn.sigmoid(logits), atol=1e-6)
+
+
 def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_authors():
     """Every shown candidate's author against one shown author of every other session (session
     j's slot j mod its count), same authors as the row's removed, logQ from the columns the

@@ -26,8 +26,8 @@ from train import evaluate as evaluate_cli
 def trained(tiny_world, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("serving_run"))
     train(tiny_experiment(tiny_world["data_dir"]), workdir)
-    cfg, step, model, _ = restore_model(workdir)
-    return {"workdir": workdir, "cfg": cfg, "model": model, "step": step}
+    cfg, step, model, _, counts = restore_model(workdir)
+    return {"workdir": workdir, "cfg": cfg, "model": model, "step": step, "counts": counts}
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +41,34 @@ def sessions(tiny_world, trained):
     return records, [parser.parse(r, i) for i, r in enumerate(records)]
 
 
-def full_sequence_probs(model, cfg, session):
-    """Every candidate of the session in one sequence, the ranker's plain forward pass, plus the
-    checkpoint's calibration shifts."""
+def full_sequence_probs(model, cfg, session, counts):
+    """Every candidate of the session in one sequence, the ranker's forward pass in parts, blended
+    in numpy with the counts' log-odds by the checkpoint's weights, plus its calibration shifts."""
     batch = prefix_batch([session], cfg, 1)
     batch["candidate_post_hashes"] = hash_ids(session.candidate_post_id, cfg.num_post_hashes, cfg.post_vocab_rows)[None]
     batch["candidate_author_hashes"] = hash_ids(
         session.candidate_author_id, cfg.num_author_hashes, cfg.author_vocab_rows
     )[None]
     batch["candidate_product_surface"] = session.candidate_product_surface[None]
-    return 1 / (1 + np.exp(-(np.asarray(model.ranker(batch))[0] + np.asarray(model.ranker.calibration[...]))))
+    parts = {k: np.asarray(v)[0] for k, v in model.ranker.logit_parts(batch).items()}  # [m, A] each
+    features = [parts[k] for k in ("transformer", "post", "author", "affinity")]
+    features.append(counts.log_odds(session.candidate_post_id))
+    weights = np.asarray(model.ranker.blend[...])  # [5, A]
+    logits = sum(w * f for w, f in zip(weights, features, strict=True)) + np.asarray(model.ranker.calibration[...])
+    return 1 / (1 + np.exp(-logits))
 
 
 def test_cached_chunked_scores_equal_the_full_sequence(trained, sessions):
-    model, cfg = trained["model"], trained["cfg"].model
+    model, cfg, counts = trained["model"], trained["cfg"].model, trained["counts"]
     _, parsed = sessions
     assert np.abs(np.asarray(model.ranker.calibration[...])).max() > 0.01  # fit at the run's last step
-    small = CachedRanker(model, cfg, batch_size=3, chunk_size=5).probabilities(parsed)
-    large = CachedRanker(model, cfg, batch_size=16, chunk_size=512).probabilities(parsed)
+    assert np.abs(np.asarray(model.ranker.blend[-1])).max() > 0.01  # the counts' weights too
+    small = CachedRanker(model, cfg, batch_size=3, chunk_size=5, counts=counts).probabilities(parsed)
+    large = CachedRanker(model, cfg, batch_size=16, chunk_size=512, counts=counts).probabilities(parsed)
+    with pytest.raises(ValueError, match="blends in post counts"):
+        CachedRanker(model, cfg)
     for session, a, b in zip(parsed, small, large, strict=True):
-        full = full_sequence_probs(model, cfg, session)
+        full = full_sequence_probs(model, cfg, session, counts)
         assert a.shape == full.shape == (len(session.candidate_post_id), cfg.num_actions)
         np.testing.assert_allclose(a, full, atol=1e-5, rtol=0)
         np.testing.assert_allclose(b, full, atol=1e-5, rtol=0)
@@ -119,7 +127,7 @@ def test_rank_writes_sessions_in_order_with_candidates_by_score(trained, session
         for c in cands:
             assert list(c["probs"]) == list(actions)
             assert c["score"] == pytest.approx(np.dot([c["probs"][a] for a in actions], w), abs=1e-4)
-        full = full_sequence_probs(model, cfg, session)
+        full = full_sequence_probs(model, cfg, session, trained["counts"])
         j = int(np.argmax(full @ w))
         assert cands[0]["post_id"] == session.candidate_post_id[j]
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from phoenix_flax.checkpoint import Checkpointer, CheckpointError, restore_model
 from phoenix_flax.config import ConfigError, apply_overrides, from_dict, load, to_dict
+from phoenix_flax.counting import PostCounts
 from phoenix_flax.evaluation import evaluate, format_table
 from phoenix_flax.metrics import auc, calibration, normalized_entropy, recall_at_k, weighted_auc
 from phoenix_flax.scoring import action_weights
@@ -207,7 +208,8 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
         for key in added:
             del old[section][key]
     restored = saved_config(old)
-    assert (restored.model.action_bias, restored.model.affinity_rank, restored.model.calibration) == (False, 0, False)
+    model = restored.model
+    assert (model.action_bias, model.affinity_rank, model.calibration, model.count_blend) == (False, 0, False, False)
     optimizer = restored.optimizer
     assert (
         optimizer.table_initial_accumulator,
@@ -220,6 +222,7 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
     assert restored.loss.exposure_weight == 0.0
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
     assert cfg.model.affinity_rank > 0 and cfg.model.action_bias and cfg.model.calibration  # (not vacuous)
+    assert cfg.model.count_blend
     assert cfg.optimizer.action_bias_offsets == "newton"
 
     # Rules saved before a logical name existed: it gets its default rule, the others stay.
@@ -255,6 +258,8 @@ def test_config_overrides_are_typed():
         ("--config.optimizer.action_bias_weight_decay=0.1", "action_bias_weight_decay=0.1: must be 0 with newton"),
         ("--config.optimizer.action_bias_initial_accumulator=0", "must be > 0 with newton offsets"),
         ("--config.optimizer.action_bias_newton_step=1.5", r"action_bias_newton_step=1.5: must be in \(0, 1\]"),
+        ("--config.model.calibration=false", r"count_blend=True: needs calibration \(fit with its shifts\)"),
+        ("--config.eval.blend_prior_std=0", "blend_prior_std=0.0: must be a positive number"),
     ]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(cfg, [bad])
@@ -312,6 +317,7 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     and that value equals the actions' mean AUC computed by phoenix-eval's own pass over the
     same validation sessions with the restored model. With optimizer.ema_decay, both are the
     parameters' moving average."""
+    from phoenix_flax.calibration import fit_logit_blend
     from phoenix_flax.data.pipeline import open_source
     from phoenix_flax.evaluation import collect
 
@@ -328,24 +334,32 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     restored = restore_model(str(tmp_path), "best")
     assert restored.step == best
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    got = collect(restored.model, restored.cfg, "validation", 16, mesh)
+    got = collect(restored.model, restored.cfg, "validation", 16, mesh, logit_parts=True, counts=restored.counts)
     source = open_source(cfg.data.data_dir, "validation")
     first = {int(source[i]["session_id"]) for i in range(10 * cfg.data.batch_size)}  # stored order
     rows = np.isin(got["session_id"], list(first))
     probs, labels = got["probs"][rows], got["labels"][rows]
     want = np.nanmean([auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])])
     assert evals[best]["eval_mean_auc"] == pytest.approx(want, abs=1e-5)
-    # The checkpoint's calibration shifts were fit on these sessions, and evaluation adds them:
-    # per action, the prior's pull b / std^2 balances the predictions' excess over the labels.
+    # What the probabilities are made of: the logits' parts and the training split's counted
+    # log-odds (counted here again, by post), weighted per action by the blend, plus the shifts.
+    counted = PostCounts.of_split(cfg, cfg.model.actions)
+    np.testing.assert_array_equal(counted.shown, restored.counts.shown)
+    parts = [got[f"logit_{k}"] for k in ("transformer", "post", "author", "affinity")]
+    assert np.abs(got["logit_affinity"]).max() > 0 and np.abs(got["logit_post"]).max() > 0
+    features = np.stack([*parts, counted.log_odds(got["post_id"])])  # [5, n, A]
+    weights = np.asarray(restored.model.ranker.blend[...])  # [5, A]
     shifts = np.asarray(restored.model.ranker.calibration[...])
-    assert np.abs(shifts).max() > 0.01
-    excess = (probs - labels).sum(0) + shifts / cfg.eval.calibration_prior_std**2
-    np.testing.assert_allclose(excess, 0, atol=1e-2 * len(probs) ** 0.5)
-    # The logits' parts, collected beside, are what those probabilities were made of.
-    parts = collect(restored.model, restored.cfg, "validation", 16, mesh, logit_parts=True)
-    logits = sum(parts[f"logit_{k}"] for k in ("transformer", "post", "author", "affinity"))
-    assert np.abs(parts["logit_affinity"]).max() > 0 and np.abs(parts["logit_post"]).max() > 0
-    np.testing.assert_allclose(1 / (1 + np.exp(-(logits + shifts))), got["probs"], atol=1e-5)
+    logits = np.einsum("kna,ka->na", features, weights) + shifts
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), got["probs"], atol=1e-5)
+    # The blend was fit on these sessions (about weights 1 for the parts and 0 for the counts), and
+    # the shifts make their mean prediction the rate of these sessions and the training split's.
+    std = cfg.eval.blend_prior_std
+    deviation, _ = fit_logit_blend(sum(p[rows] for p in parts), labels, features[:, rows], std, std)
+    np.testing.assert_allclose(weights, np.array([1, 1, 1, 1, 0])[:, None] + deviation, atol=1e-4)
+    assert np.abs(deviation).max() > 0.01 and np.abs(shifts).max() > 0.01
+    pooled = (labels.sum(0) + counted.positives.sum(0)) / (len(labels) + counted.shown.sum())
+    np.testing.assert_allclose(probs.mean(0), pooled, rtol=1e-4)
     weights = action_weights(cfg.model.actions)
     assert evals[best]["eval_weighted_auc"] == pytest.approx(weighted_auc(probs, labels, weights), abs=1e-5)
 
@@ -413,6 +427,41 @@ def test_calibration_shifts_minimize_the_log_loss_with_their_prior():
     weak = fit_logit_shifts(logits, labels, 1e3)  # hardly a prior: mean prediction = observed rate
     np.testing.assert_allclose((1 / (1 + np.exp(-(logits + weak))))[:, :2].mean(0), labels[:, :2].mean(0), atol=1e-4)
     assert weak[0] == pytest.approx(0.7, abs=0.3) and np.isfinite(weak[2]) and weak[2] < -4
+
+
+def test_the_logit_blend_is_the_most_probable_under_its_priors():
+    """Weights and shifts where the penalized log loss has zero gradient (it is convex, so its
+    minimum), and a planted blend recovered from many samples."""
+    from phoenix_flax.calibration import fit_logit_blend
+
+    rng = np.random.default_rng(1)
+    n, k, a = 100_000, 3, 2
+    logits, features = rng.normal(-1.0, 1.0, (n, a)), rng.normal(0.0, 1.0, (k, n, a))
+    planted_w, planted_b = np.array([[0.5, -0.3], [0.0, 1.2], [-0.8, 0.4]]), np.array([0.3, -0.6])
+    z = logits + np.einsum("kna,ka->na", features, planted_w) + planted_b
+    labels = (rng.random((n, a)) < 1 / (1 + np.exp(-z))).astype(np.float64)
+    labels[:, 1] *= rng.random(n) < 0.02  # a rare action besides: the prior matters there
+    for prior_std, shift_std in ((1e3, 1e3), (0.3, 0.1)):
+        w, b = fit_logit_blend(logits, labels, features, prior_std, shift_std)
+        p = 1 / (1 + np.exp(-(logits + np.einsum("kna,ka->na", features, w) + b)))
+        gradient_w = np.einsum("kna,na->ka", features, p - labels) + w / prior_std**2
+        gradient_b = (p - labels).sum(0) + b / shift_std**2
+        np.testing.assert_allclose(gradient_w, 0, atol=0.05)  # of sums over 100,000 candidates
+        np.testing.assert_allclose(gradient_b, 0, atol=0.05)
+    w, b = fit_logit_blend(logits[:, :1], labels[:, :1], features[:, :, :1], 1e3, 1e3)
+    np.testing.assert_allclose(w[:, 0], planted_w[:, 0], atol=0.03)
+    assert b[0] == pytest.approx(planted_b[0], abs=0.03)
+
+
+def test_shifts_to_rates_give_the_mean_prediction_asked():
+    from phoenix_flax.calibration import shifts_to_rates
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(-2.0, 1.5, (5000, 3))
+    shifts = shifts_to_rates(logits, np.array([0.3, 0.001, 0.0]))
+    means = (1 / (1 + np.exp(-(logits + shifts)))).mean(0)
+    np.testing.assert_allclose(means[:2], [0.3, 0.001], rtol=1e-5)
+    assert np.isfinite(shifts[2]) and means[2] < 1e-5  # no positive at all: a finite shift all the same
 
 
 def test_the_best_checkpoint_is_kept_and_found_after_reopening(tiny_world, tmp_path):

@@ -184,9 +184,13 @@ class EvalConfig:
     # The prior of model.calibration's shifts (std in logits; 0.1 is about 10% of a probability):
     # an action with few validation positives keeps its shift near 0.
     calibration_prior_std: float = 0.1
+    # With model.count_blend, the prior of its weights (about 1 for the logits' parts, 0 for the
+    # counts; std in logits). Its shifts match the training and validation rates instead.
+    blend_prior_std: float = 1.0
 
     def __post_init__(self):
-        Checks(self).at_least(1, "every_steps").at_least(0, "batches").positive("calibration_prior_std").raise_if_any()
+        checks = Checks(self).at_least(1, "every_steps").at_least(0, "batches")
+        checks.positive("calibration_prior_std", "blend_prior_std").raise_if_any()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,7 +417,7 @@ def from_dict(d: dict, cls=ExperimentConfig):
 # Fields added after runs were first saved, with the values that keep an older run what it was:
 # a saved config without them builds the model, and the optimizer state, it was trained with.
 FIELDS_ADDED = {
-    "model": {"action_bias": False, "affinity_rank": 0, "calibration": False},
+    "model": {"action_bias": False, "affinity_rank": 0, "calibration": False, "count_blend": False},
     "optimizer": {
         "table_initial_accumulator": 0.1,
         "table_weight_decay": 0.0,

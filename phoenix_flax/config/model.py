@@ -84,6 +84,12 @@ class ModelConfig:
     # and serving (not by the loss), so that mean predictions match observed rates; see
     # phoenix_flax/calibration.py. Not in the original (its import turns it off).
     calibration: bool = True
+    # The reported logits weigh, per action, the logits' parts (transformer, post, author,
+    # affinity) and the candidate post's counted log-odds in the training split (its smoothed
+    # action rates; phoenix_flax/counting.py), the weights fit on validation with the calibration
+    # shifts: with few impressions per post counting knows a post's rates better than hashed rows
+    # learn them (README). Needs calibration. Not in the original (its import turns it off).
+    count_blend: bool = True
     # Retrieval softmax temperature, and whether it is learned.
     retrieval_temperature: float = 0.05
     learn_temperature: bool = False
@@ -105,6 +111,9 @@ class ModelConfig:
         checks.require(bool(self.actions), "actions", "must name at least one action")
         checks.require(len(set(self.actions)) == len(self.actions), "actions", "has duplicates")
         checks.at_least(0, "affinity_rank")
+        checks.require(
+            self.calibration or not self.count_blend, "count_blend", "needs calibration (fit with its shifts)"
+        )
         checks.at_least(1, "attention_block").literals()  # candidate_positions, dtype, attention, remat
         checks.raise_if_any()
 
