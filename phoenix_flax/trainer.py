@@ -188,9 +188,11 @@ def evaluate_during_training(
         for k, v in metrics.items():
             totals.setdefault(k, []).append(v)
         if "logits" in outputs:
-            wanted = {"labels": batch["candidate_actions"], **outputs["logit_parts"]}
-            if counts is not None:
-                wanted["counts"] = batch["candidate_count_logits"]
+            if ranker.blend is None:
+                wanted = {"logits": outputs["logits"]}
+            else:  # what the blend weighs
+                wanted = {**outputs["logit_parts"], "counts": batch["candidate_count_logits"]}
+            wanted["labels"] = batch["candidate_actions"]
             got, valid = multihost_utils.process_allgather((wanted, labeled_candidates(batch)), tiled=True)
             for k, v in got.items():
                 gathered.setdefault(k, []).append(v[valid])
@@ -199,19 +201,21 @@ def evaluate_during_training(
     # candidate for the best checkpoint), never written as a number.
     if gathered:
         got = {k: np.concatenate(v) for k, v in gathered.items()}
-        labels, parts = got["labels"], {k: got[k] for k in ranker.part_names}
-        logits = sum(parts.values())
+        labels = got["labels"]
         if ranker.blend is not None:
-            features = np.stack([*parts.values(), got["counts"]])  # [K + 1, N, A]
+            parts = [got[k] for k in ranker.part_names]
+            features = np.stack([*parts, got["counts"]])  # [K + 1, N, A]
             std = cfg.eval.blend_prior_std
-            deviations, _ = fit_logit_blend(logits, labels, features, std, std)
+            deviations, _ = fit_logit_blend(sum(parts), labels, features, std, std)
             weights = np.r_[np.ones(len(parts)), 0.0][:, None] + deviations  # about the blend's start
             _set(ranker.blend, weights)
             logits = np.einsum("kna,ka->na", features, weights)
             rates = (labels.sum(0) + counts.positives.sum(0)) / (len(labels) + counts.shown.sum())
             shifts = shifts_to_rates(logits, rates)
-        elif ranker.calibration is not None:
-            shifts = fit_logit_shifts(logits, labels, cfg.eval.calibration_prior_std)
+        else:
+            logits = got["logits"]
+            if ranker.calibration is not None:
+                shifts = fit_logit_shifts(logits, labels, cfg.eval.calibration_prior_std)
         if ranker.calibration is not None:
             _set(ranker.calibration, shifts)
             logits = logits + shifts
