@@ -34,10 +34,12 @@ TARGET_FIELDS = {
     "positive_valid": "[B] the example has a retrieval positive",
     "candidate_author_fingerprint": "[B, C] int32 fingerprint of each candidate's author ID (the exposure softmax)",
 }
-# What evaluation and serving add with model.count_blend (PostCounts.with_log_odds); not in training's batches.
+# What the training step reads: the pipeline's batches hold these.
+STEP_FIELDS = (*INPUT_FIELDS, *TARGET_FIELDS)
+# What evaluation adds with model.count_blend (PostCounts.with_log_odds).
 COUNT_FIELDS = {"candidate_count_logits": "[B, C, A] float32 counted log-odds of each candidate's post"}
 # Fields sent to the devices; the pipeline's other fields (raw IDs, session IDs) stay on the host.
-DEVICE_FIELDS = (*INPUT_FIELDS, *TARGET_FIELDS, *COUNT_FIELDS)
+DEVICE_FIELDS = (*STEP_FIELDS, *COUNT_FIELDS)
 
 Batch = Mapping[str, jax.Array]
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from phoenix_flax.batch import DEVICE_FIELDS
+from phoenix_flax.batch import STEP_FIELDS
 from phoenix_flax.config import DEFAULT_ACTIONS, ModelConfig
 from phoenix_flax.data import prepare as prep
 from phoenix_flax.data.config import DataConfig
@@ -511,7 +511,7 @@ def batches(dataset, process_index=0, process_count=1, *, batch_size=4, seed=0, 
 
 def test_batches_hash_every_id_with_the_models_function(dataset):
     batch = next(iter(batches(dataset)))
-    assert set(DEVICE_FIELDS) <= set(batch)
+    assert set(STEP_FIELDS) <= set(batch)
     ids = batch["candidate_post_id"]
     valid = batch["candidate_post_hashes"][..., 0] != 0
     want = hash_ids(ids, CFG.num_post_hashes, CFG.post_vocab_rows) * valid[..., None]
@@ -577,7 +577,7 @@ def test_global_batch_is_sharded_over_data_and_fsdp(dataset):
     batch = next(iter(batches(dataset, batch_size=8)))
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"))
     arrays = global_batch(batch, mesh)
-    assert set(arrays) == set(DEVICE_FIELDS)
+    assert set(arrays) == set(STEP_FIELDS)
     x = arrays["candidate_post_hashes"]
     assert x.shape == (8, 3, 2) and x.addressable_shards[0].data.shape == (2, 3, 2)
     np.testing.assert_array_equal(np.asarray(x), batch["candidate_post_hashes"])

@@ -10,7 +10,7 @@ import tomllib
 import numpy as np
 from conftest import REPO
 
-from phoenix_flax.batch import DEVICE_FIELDS, INPUT_FIELDS
+from phoenix_flax.batch import INPUT_FIELDS, STEP_FIELDS
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.testing import model_inputs, random_batch
 
@@ -68,7 +68,7 @@ def test_nothing_reads_outside_the_repository():
 def test_random_batches_hold_every_field_a_step_reads():
     cfg = ModelConfig(history_len=5, num_candidates=3)
     batch = random_batch(cfg, 4, np.random.default_rng(0))
-    assert set(batch) == set(DEVICE_FIELDS)
+    assert set(batch) == set(STEP_FIELDS)
     assert set(model_inputs(batch)) == set(INPUT_FIELDS)
     # The positive is a real candidate of its row: the retrieval loss trains on consistent data.
     np.testing.assert_array_equal(batch["positive_post_hashes"], batch["candidate_post_hashes"][:, 0])
