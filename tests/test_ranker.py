@@ -206,10 +206,8 @@ def test_the_reported_logits_blend_the_parts_and_the_counts_per_action_and_add_t
     np.testing.assert_allclose(model.probabilities(parts, counts), 1 / (1 + np.exp(-want)), atol=1e-5)
     with pytest.raises(ValueError, match="scores with the candidates' counts"):
         model.probabilities(parts)
-    plain = PhoenixRanker(dataclasses.replace(SMALL, count_blend=False), rngs=nnx.Rngs(0))
-    assert plain.blend is None
-    parts, logits = forward(plain, batch)
-    np.testing.assert_allclose(plain.probabilities(parts), jax.nn.sigmoid(logits), atol=1e-6)
+    model.blend = None  # as model.count_blend=False builds it: the parts summed, no counts needed
+    np.testing.assert_allclose(model.probabilities(parts), jax.nn.sigmoid(logits + shifts), atol=1e-6)
 
 
 def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_authors():
