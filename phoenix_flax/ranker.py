@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from phoenix_flax.batch import Batch, is_valid, prefix_valid
@@ -105,6 +106,12 @@ class LogitBlend(nnx.Variable):
     model. Ones for the parts and zero for the counts give the logits themselves."""
 
 
+def blend_start(num_parts: int, num_actions: int) -> np.ndarray:
+    """`LogitBlend`'s weights before any fit `[K + 1, A]`: ones for the parts, zero for the counts
+    (the logits themselves); the blend's prior is centred on them."""
+    return np.concatenate([np.ones((num_parts, num_actions)), np.zeros((1, num_actions))]).astype(np.float32)
+
+
 def logit_part_names(cfg: ModelConfig) -> tuple[str, ...]:
     """The keys of `PhoenixRanker.logit_parts`, in order."""
     if not cfg.action_bias:
@@ -129,8 +136,8 @@ class PhoenixRanker(nnx.Module):
         self.action_bias = ActionBias(cfg, rngs=rngs) if cfg.action_bias else None
         self.calibration = CalibrationShift(jnp.zeros((cfg.num_actions,), jnp.float32)) if cfg.calibration else None
         self.part_names = logit_part_names(cfg)
-        start = jnp.ones((len(self.part_names) + 1, cfg.num_actions), jnp.float32).at[-1].set(0.0)  # the logits
-        self.blend = LogitBlend(start) if cfg.count_blend else None
+        start = blend_start(len(self.part_names), cfg.num_actions)
+        self.blend = LogitBlend(jnp.asarray(start)) if cfg.count_blend else None
 
     def __call__(self, batch: Batch) -> jax.Array:
         """Hashes in, logits `[B, C, A]` (float32) out."""

@@ -40,6 +40,7 @@ from phoenix_flax.data.pipeline import (
 )
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.metrics import auc, weighted_auc
+from phoenix_flax.ranker import blend_start
 from phoenix_flax.scoring import action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
 from phoenix_flax.training import averaged_weights, create_train_state, make_eval_step, make_train_step
@@ -207,7 +208,7 @@ def evaluate_during_training(
             features = np.stack([*parts, got["counts"]])  # [K + 1, N, A]
             std = cfg.eval.blend_prior_std
             deviations, _ = fit_logit_blend(sum(parts), labels, features, std, std)
-            weights = np.r_[np.ones(len(parts)), 0.0][:, None] + deviations  # about the blend's start
+            weights = blend_start(len(parts), labels.shape[1]) + deviations
             _set(ranker.blend, weights)
             logits = np.einsum("kna,ka->na", features, weights)
             rates = (labels.sum(0) + counts.positives.sum(0)) / (len(labels) + counts.shown.sum())
