@@ -9,7 +9,8 @@ with the checkpoint, is added to the logits by evaluation and serving (`PhoenixR
 the loss never sees it.
 
 With `model.count_blend` the fit weighs, per action, the logits' parts and the candidate post's
-counted log-odds (phoenix_flax/counting.py; `PhoenixRanker.calibrated_logits`): held-out data
+counted log-odds (phoenix_flax/counting.py), and with `model.count_gate` each part times their
+sigmoid (`ranker.blend_features`, `PhoenixRanker.calibrated_logits`): held-out data
 decides how much of the post's knowledge to take from counting and how much of the user's from
 the model, which the training split cannot (its counts hold each label they predict). The shifts
 then set the mean prediction on those batches to the action's rate in the training split and the
@@ -40,24 +41,40 @@ def fit_logit_blend(
     `[A]`), float32: per action the most probable w and b of `logits + sum_k w_k features_k + b`
     under Gaussian priors N(0, prior_std^2) on each w_k and N(0, shift_prior_std^2) on b.
 
-    Newton's method on the penalized log loss (convex), every action at once; each coordinate's
-    step at most 1, so that a far start (a rare action) does not overshoot.
+    Newton's method on the penalized log loss (convex), every action at once, each action's step
+    halved until its loss falls by a share of what the step promises (Armijo): a full Newton step
+    from a far start overshoots, and with correlated features (the gated parts) it can cycle.
     """
-    z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+    z, y = np.asarray(logits, np.float64).T, np.asarray(labels, np.float64).T  # [A, N]
     k = len(features)
     x = np.concatenate(
-        [np.moveaxis(np.asarray(features, np.float64), 0, -1), np.ones((*z.shape, 1))], -1
-    )  # [N, A, K+1]
+        [np.moveaxis(np.asarray(features, np.float64), 0, -1).swapaxes(0, 1), np.ones((*z.shape, 1))], -1
+    )  # [A, N, K+1]
     precision = np.array([1.0 / prior_std**2] * k + [1.0 / shift_prior_std**2])
-    theta = np.zeros((z.shape[1], k + 1))  # [A, K+1]: the weights, then the shift
+
+    def penalized_loss(scores, theta):  # [A]
+        return (np.logaddexp(0.0, scores) - y * scores).sum(-1) + 0.5 * (precision * theta**2).sum(-1)
+
+    theta = np.zeros((z.shape[0], k + 1))  # [A, K+1]: the weights, then the shift
     for _ in range(100):
-        p = 1.0 / (1.0 + np.exp(-(z + np.einsum("nak,ak->na", x, theta))))
-        gradient = np.einsum("nak,na->ak", x, p - y) + precision * theta
-        hessian = np.einsum("nak,nal,na->akl", x, x, p * (1.0 - p)) + np.diag(precision)
-        step = np.clip(np.linalg.solve(hessian, gradient[..., None])[..., 0], -1.0, 1.0)
-        theta -= step
-        if np.abs(step).max() < 1e-9:
+        scores = z + (x @ theta[..., None])[..., 0]
+        p = 1.0 / (1.0 + np.exp(-scores))
+        gradient = (x.swapaxes(1, 2) @ (p - y)[..., None])[..., 0] + precision * theta
+        hessian = x.swapaxes(1, 2) @ (x * (p * (1.0 - p))[..., None]) + np.diag(precision)
+        direction = np.linalg.solve(hessian, gradient[..., None])[..., 0]  # [A, K+1]
+        if np.abs(direction).max() < 1e-9:
             break
+        promised = (gradient * direction).sum(-1)  # [A] >= 0: the hessian is positive definite
+        moved = (x @ direction[..., None])[..., 0]
+        loss, t = penalized_loss(scores, theta), np.ones(len(theta))
+        slack = 1e-12 * np.abs(loss)  # rounding, where the step is already tiny
+        for _ in range(40):
+            trial = penalized_loss(scores - t[:, None] * moved, theta - t[:, None] * direction)
+            short = trial > loss - 1e-4 * t * promised + slack
+            if not short.any():
+                break
+            t = np.where(short, t / 2, t)
+        theta -= t[:, None] * direction
     return theta[:, :k].T.astype(np.float32), theta[:, k].astype(np.float32)
 
 

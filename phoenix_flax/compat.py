@@ -67,6 +67,7 @@ def config_from_reference(reference_config: Mapping, **options) -> ModelConfig:
         action_bias=False,  # not in the original
         calibration=False,  # nor this
         count_blend=False,  # nor this
+        count_gate=False,
         **options,
     )
 

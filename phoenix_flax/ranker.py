@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -100,16 +101,33 @@ class CalibrationShift(nnx.Variable):
 
 
 class LogitBlend(nnx.Variable):
-    """Per-action weights `[K + 1, A]` of the logits' K parts (`logit_part_names`) and of the
-    candidate's counted log-odds (phoenix_flax/counting.py), fit on validation with the
-    calibration shifts (phoenix_flax/calibration.py): not trained by the optimizer, saved with the
-    model. Ones for the parts and zero for the counts give the logits themselves."""
+    """Per-action weights `[F, A]` of the count blend's F features (`blend_features`), fit on
+    validation with the calibration shifts (phoenix_flax/calibration.py): not trained by the
+    optimizer, saved with the model. `blend_start`'s weights give the logits themselves."""
 
 
-def blend_start(num_parts: int, num_actions: int) -> np.ndarray:
-    """`LogitBlend`'s weights before any fit `[K + 1, A]`: ones for the parts, zero for the counts
-    (the logits themselves); the blend's prior is centred on them."""
-    return np.concatenate([np.ones((num_parts, num_actions)), np.zeros((1, num_actions))]).astype(np.float32)
+def blend_features(parts: Sequence[jax.Array], count_logits: jax.Array, count_gate: bool) -> list[jax.Array]:
+    """The logits' K parts (`logit_part_names` order) and the candidates' counted log-odds,
+    `[..., A]` each -> what the count blend weighs, `[..., A]` each: the parts, the counts and,
+    with `model.count_gate`, each part times sigmoid(counts).
+
+    The gated parts let held-out data decide per action how much the user's parts move a post that
+    counting says rarely gets the action: where a post's media decides an action (video_view), a
+    linear blend can only add the user's parts to every post alike, which blurs the media's
+    separation (bench/quality.py's sparse world)."""
+    features = [*parts, count_logits]
+    if count_gate:
+        gate = jax.nn.sigmoid(count_logits)
+        features += [p * gate for p in parts]
+    return features
+
+
+def blend_start(cfg: ModelConfig) -> np.ndarray:
+    """`LogitBlend`'s weights before any fit `[F, A]`: ones for the parts, zero for the counts and
+    the gated parts (the logits themselves); the blend's prior is centred on them."""
+    k = len(logit_part_names(cfg))
+    extra = 1 + (k if cfg.count_gate else 0)
+    return np.concatenate([np.ones((k, cfg.num_actions)), np.zeros((extra, cfg.num_actions))]).astype(np.float32)
 
 
 def logit_part_names(cfg: ModelConfig) -> tuple[str, ...]:
@@ -136,8 +154,8 @@ class PhoenixRanker(nnx.Module):
         self.action_bias = ActionBias(cfg, rngs=rngs) if cfg.action_bias else None
         self.calibration = CalibrationShift(jnp.zeros((cfg.num_actions,), jnp.float32)) if cfg.calibration else None
         self.part_names = logit_part_names(cfg)
-        start = blend_start(len(self.part_names), cfg.num_actions)
-        self.blend = LogitBlend(jnp.asarray(start)) if cfg.count_blend else None
+        self.count_gate = cfg.count_gate
+        self.blend = LogitBlend(jnp.asarray(blend_start(cfg))) if cfg.count_blend else None
 
     def __call__(self, batch: Batch) -> jax.Array:
         """Hashes in, logits `[B, C, A]` (float32) out."""
@@ -151,15 +169,16 @@ class PhoenixRanker(nnx.Module):
     def calibrated_logits(self, parts: dict[str, jax.Array], count_logits: jax.Array | None = None) -> jax.Array:
         """The logits' parts `[..., A]` each (`logit_parts`) and, with `model.count_blend`, the
         candidates' counted log-odds `[..., A]` -> the logits evaluation and serving report: the
-        parts summed (with the blend, weighted per action, plus the weighted counts), plus the
-        calibration shifts."""
+        parts summed (with the blend, `blend_features` weighted per action), plus the calibration
+        shifts."""
         if self.blend is None:
             logits = sum(parts.values())
         else:
             if count_logits is None:
                 raise ValueError("a ranker with model.count_blend scores with the candidates' counts (PostCounts)")
-            w = self.blend[...]  # [K + 1, A]
-            logits = sum(w[k] * parts[name] for k, name in enumerate(self.part_names)) + w[-1] * count_logits
+            features = blend_features([parts[name] for name in self.part_names], count_logits, self.count_gate)
+            w = self.blend[...]  # [F, A]
+            logits = sum(w[f] * feature for f, feature in enumerate(features))
         if self.calibration is not None:
             logits = logits + self.calibration[...]
         return logits

@@ -40,7 +40,7 @@ from phoenix_flax.data.pipeline import (
 )
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.metrics import auc, weighted_auc
-from phoenix_flax.ranker import blend_start
+from phoenix_flax.ranker import blend_features, blend_start
 from phoenix_flax.scoring import action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
 from phoenix_flax.training import averaged_weights, create_train_state, make_eval_step, make_train_step
@@ -205,10 +205,10 @@ def evaluate_during_training(
         labels = got["labels"]
         if ranker.blend is not None:
             parts = [got[k] for k in ranker.part_names]
-            features = np.stack([*parts, got["counts"]])  # [K + 1, N, A]
+            features = np.stack(blend_features(parts, got["counts"], cfg.model.count_gate))  # [F, N, A]
             std = cfg.eval.blend_prior_std
             deviations, _ = fit_logit_blend(sum(parts), labels, features, std, std)
-            weights = blend_start(len(parts), labels.shape[1]) + deviations
+            weights = blend_start(cfg.model) + deviations
             _set(ranker.blend, weights)
             logits = np.einsum("kna,ka->na", features, weights)
             rates = (labels.sum(0) + counts.positives.sum(0)) / (len(labels) + counts.shown.sum())

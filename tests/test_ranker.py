@@ -10,7 +10,7 @@ from flax import nnx
 
 from phoenix_flax.attention import ranker_attention_mask
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.ranker import PhoenixRanker
+from phoenix_flax.ranker import LogitBlend, PhoenixRanker
 from phoenix_flax.retrieval import PhoenixRetrieval
 from phoenix_flax.sharding import DEFAULT_RULES
 from phoenix_flax.testing import model_inputs, random_batch
@@ -195,17 +195,24 @@ def test_the_reported_logits_blend_the_parts_and_the_counts_per_action_and_add_t
     forward = nnx.jit(lambda m, b: (m.logit_parts(b), m(b)))
     parts, logits = forward(model, batch)
     counts = jnp.asarray(np.random.default_rng(7).normal(size=parts["post"].shape), jnp.float32)  # [B, C, A]
-    # Unfitted, the blend (ones for the parts, zero for the counts) reports the logits themselves.
+    # Unfitted, the blend (ones for the parts, zero for the counts and the gated parts) reports the
+    # logits themselves.
     np.testing.assert_allclose(model.calibrated_logits(parts, counts), logits, atol=1e-5)
     rng = np.random.default_rng(8)
-    weights, shifts = rng.normal(size=(5, len(SMALL.actions))), rng.normal(size=len(SMALL.actions))
+    weights, shifts = rng.normal(size=(9, len(SMALL.actions))), rng.normal(size=len(SMALL.actions))
     model.blend[...], model.calibration[...] = jnp.asarray(weights, jnp.float32), jnp.asarray(shifts, jnp.float32)
-    features = [np.asarray(parts[k]) for k in ("transformer", "post", "author", "affinity")] + [np.asarray(counts)]
+    named = [np.asarray(parts[k]) for k in ("transformer", "post", "author", "affinity")]
+    gate = 1 / (1 + np.exp(-np.asarray(counts)))
+    features = [*named, np.asarray(counts), *(p * gate for p in named)]
     want = sum(w * f for w, f in zip(weights, features, strict=True)) + shifts
     np.testing.assert_allclose(model.calibrated_logits(parts, counts), want, atol=1e-4)
     np.testing.assert_allclose(model.probabilities(parts, counts), 1 / (1 + np.exp(-want)), atol=1e-5)
     with pytest.raises(ValueError, match="scores with the candidates' counts"):
         model.probabilities(parts)
+    # As model.count_gate=False builds it: the parts and the counts alone.
+    model.count_gate, model.blend = False, LogitBlend(jnp.asarray(weights[:5], jnp.float32))
+    want = sum(w * f for w, f in zip(weights[:5], features[:5], strict=True)) + shifts
+    np.testing.assert_allclose(model.calibrated_logits(parts, counts), want, atol=1e-4)
     model.blend = None  # as model.count_blend=False builds it: the parts summed, no counts needed
     np.testing.assert_allclose(model.probabilities(parts), jax.nn.sigmoid(logits + shifts), atol=1e-6)
 

@@ -51,9 +51,10 @@ def full_sequence_probs(model, cfg, session, counts):
     )[None]
     batch["candidate_product_surface"] = session.candidate_product_surface[None]
     parts = {k: np.asarray(v)[0] for k, v in model.ranker.logit_parts(batch).items()}  # [m, A] each
-    features = [parts[k] for k in ("transformer", "post", "author", "affinity")]
-    features.append(counts.log_odds(session.candidate_post_id))
-    weights = np.asarray(model.ranker.blend[...])  # [5, A]
+    model_parts = [parts[k] for k in ("transformer", "post", "author", "affinity")]
+    counted = counts.log_odds(session.candidate_post_id)
+    features = [*model_parts, counted, *(p / (1 + np.exp(-counted)) for p in model_parts)]
+    weights = np.asarray(model.ranker.blend[...])  # [9, A]
     logits = sum(w * f for w, f in zip(weights, features, strict=True)) + np.asarray(model.ranker.calibration[...])
     return 1 / (1 + np.exp(-logits))
 
@@ -62,7 +63,8 @@ def test_cached_chunked_scores_equal_the_full_sequence(trained, sessions):
     model, cfg, counts = trained["model"], trained["cfg"].model, trained["counts"]
     _, parsed = sessions
     assert np.abs(np.asarray(model.ranker.calibration[...])).max() > 0.01  # fit at the run's last step
-    assert np.abs(np.asarray(model.ranker.blend[-1])).max() > 0.01  # the counts' weights too
+    weights = np.asarray(model.ranker.blend[...])
+    assert np.abs(weights[4]).max() > 0.01 and np.abs(weights[5:]).max() > 0.01  # the counts' and gated parts' too
     small = CachedRanker(model, cfg, batch_size=3, chunk_size=5, counts=counts).probabilities(parsed)
     large = CachedRanker(model, cfg, batch_size=16, chunk_size=512, counts=counts).probabilities(parsed)
     with pytest.raises(ValueError, match="blends in post counts"):

@@ -209,7 +209,8 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
             del old[section][key]
     restored = saved_config(old)
     model = restored.model
-    assert (model.action_bias, model.affinity_rank, model.calibration, model.count_blend) == (False, 0, False, False)
+    assert (model.action_bias, model.affinity_rank, model.calibration) == (False, 0, False)
+    assert (model.count_blend, model.count_gate) == (False, False)
     optimizer = restored.optimizer
     assert (
         optimizer.table_initial_accumulator,
@@ -222,7 +223,7 @@ def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_traine
     assert restored.loss.exposure_weight == 0.0
     assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
     assert cfg.model.affinity_rank > 0 and cfg.model.action_bias and cfg.model.calibration  # (not vacuous)
-    assert cfg.model.count_blend
+    assert cfg.model.count_blend and cfg.model.count_gate
     assert cfg.optimizer.action_bias_offsets == "newton"
 
     # Rules saved before a logical name existed: it gets its default rule, the others stay.
@@ -259,6 +260,7 @@ def test_config_overrides_are_typed():
         ("--config.optimizer.action_bias_initial_accumulator=0", "must be > 0 with newton offsets"),
         ("--config.optimizer.action_bias_newton_step=1.5", r"action_bias_newton_step=1.5: must be in \(0, 1\]"),
         ("--config.model.calibration=false", r"count_blend=True: needs calibration \(fit with its shifts\)"),
+        ("--config.model.count_blend=false", "count_gate=True: needs count_blend"),
         ("--config.eval.blend_prior_std=0", "blend_prior_std=0.0: must be a positive number"),
     ]:
         with pytest.raises(ConfigError, match=message):
@@ -347,16 +349,20 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     np.testing.assert_array_equal(counted.shown, restored.counts.shown)
     parts = [got[f"logit_{k}"] for k in ("transformer", "post", "author", "affinity")]
     assert np.abs(got["logit_affinity"]).max() > 0 and np.abs(got["logit_post"]).max() > 0
-    features = np.stack([*parts, counted.log_odds(got["post_id"])])  # [5, n, A]
-    weights = np.asarray(restored.model.ranker.blend[...])  # [5, A]
+    counted_log_odds = counted.log_odds(got["post_id"])
+    gate = 1 / (1 + np.exp(-counted_log_odds))
+    features = np.stack([*parts, counted_log_odds, *(p * gate for p in parts)])  # [9, n, A]
+    weights = np.asarray(restored.model.ranker.blend[...])  # [9, A]
     shifts = np.asarray(restored.model.ranker.calibration[...])
     logits = np.einsum("kna,ka->na", features, weights) + shifts
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), got["probs"], atol=1e-5)
-    # The blend was fit on these sessions (about weights 1 for the parts and 0 for the counts), and
-    # the shifts make their mean prediction the rate of these sessions and the training split's.
+    # The blend was fit on these sessions (about weights 1 for the parts and 0 for the counts and
+    # the gated parts), and the shifts make their mean prediction the rate of these sessions and
+    # the training split's.
     std = cfg.eval.blend_prior_std
     deviation, _ = fit_logit_blend(sum(p[rows] for p in parts), labels, features[:, rows], std, std)
-    np.testing.assert_allclose(weights, np.array([1, 1, 1, 1, 0])[:, None] + deviation, atol=1e-4)
+    np.testing.assert_allclose(weights, np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])[:, None] + deviation, atol=1e-4)
+    assert np.abs(deviation[5:]).max() > 0.01  # the gated parts' weights too
     assert np.abs(deviation).max() > 0.01 and np.abs(shifts).max() > 0.01
     pooled = (labels.sum(0) + counted.positives.sum(0)) / (len(labels) + counted.shown.sum())
     np.testing.assert_allclose(probs.mean(0), pooled, rtol=1e-4)
@@ -451,6 +457,20 @@ def test_the_logit_blend_is_the_most_probable_under_its_priors():
     w, b = fit_logit_blend(logits[:, :1], labels[:, :1], features[:, :, :1], 1e3, 1e3)
     np.testing.assert_allclose(w[:, 0], planted_w[:, 0], atol=0.03)
     assert b[0] == pytest.approx(planted_b[0], abs=0.03)
+
+    # Correlated parts of unequal scales, bimodal counts (a post's media) and the parts gated by
+    # them: full Newton steps (each coordinate's clipped to 1) cycle here without converging.
+    rng = np.random.default_rng(4)
+    n = 20_000
+    parts = rng.normal(0, 1, (4, n, 1)) * np.array([3, 2, 1, 1])[:, None, None] + rng.normal(0, 2, (1, n, 1))
+    counts = np.where(rng.random((n, 1)) < 0.3, rng.normal(2, 0.5, (n, 1)), rng.normal(-3, 1, (n, 1)))
+    gate = 1 / (1 + np.exp(-counts))
+    features = np.concatenate([parts, counts[None], parts * gate])  # [9, n, 1]
+    labels = (rng.random((n, 1)) < 1 / (1 + np.exp(-(counts + 0.5 * parts[0] * gate - 1)))).astype(np.float64)
+    w, b = fit_logit_blend(parts.sum(0), labels, features, 1.0, 1.0)
+    p = 1 / (1 + np.exp(-(parts.sum(0) + np.einsum("kna,ka->na", features, w) + b)))
+    np.testing.assert_allclose(np.einsum("kna,na->ka", features, p - labels) + w, 0, atol=0.05)
+    np.testing.assert_allclose((p - labels).sum(0) + b, 0, atol=0.05)
 
 
 def test_shifts_to_rates_give_the_mean_prediction_asked():

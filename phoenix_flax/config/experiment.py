@@ -417,7 +417,13 @@ def from_dict(d: dict, cls=ExperimentConfig):
 # Fields added after runs were first saved, with the values that keep an older run what it was:
 # a saved config without them builds the model, and the optimizer state, it was trained with.
 FIELDS_ADDED = {
-    "model": {"action_bias": False, "affinity_rank": 0, "calibration": False, "count_blend": False},
+    "model": {
+        "action_bias": False,
+        "affinity_rank": 0,
+        "calibration": False,
+        "count_blend": False,
+        "count_gate": False,
+    },
     "optimizer": {
         "table_initial_accumulator": 0.1,
         "table_weight_decay": 0.0,

@@ -90,6 +90,10 @@ class ModelConfig:
     # shifts: with few impressions per post counting knows a post's rates better than hashed rows
     # learn them (README). Needs calibration. Not in the original (its import turns it off).
     count_blend: bool = True
+    # The blend also weighs each part times sigmoid(the counted log-odds), so that held-out data
+    # decides how far the user's parts move a post counting says rarely gets the action
+    # (`ranker.blend_features`). Needs count_blend.
+    count_gate: bool = True
     # Retrieval softmax temperature, and whether it is learned.
     retrieval_temperature: float = 0.05
     learn_temperature: bool = False
@@ -114,6 +118,7 @@ class ModelConfig:
         checks.require(
             self.calibration or not self.count_blend, "count_blend", "needs calibration (fit with its shifts)"
         )
+        checks.require(self.count_blend or not self.count_gate, "count_gate", "needs count_blend")
         checks.at_least(1, "attention_block").literals()  # candidate_positions, dtype, attention, remat
         checks.raise_if_any()
 
