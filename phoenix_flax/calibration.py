@@ -10,7 +10,7 @@ the loss never sees it.
 
 With `model.count_blend` the fit weighs, per action, the logits' parts and the candidate post's
 counted log-odds (phoenix_flax/counting.py), and with `model.count_gate` each part times their
-sigmoid (`ranker.blend_features`, `PhoenixRanker.calibrated_logits`): held-out data
+sigmoid (`PhoenixRanker.blend_features`, `calibrated_logits`): held-out data
 decides how much of the post's knowledge to take from counting and how much of the user's from
 the model, which the training split cannot (its counts hold each label they predict). The shifts
 then set the mean prediction on those batches to the action's rate in the training split and the
@@ -47,9 +47,7 @@ def fit_logit_blend(
     """
     z, y = np.asarray(logits, np.float64).T, np.asarray(labels, np.float64).T  # [A, N]
     k = len(features)
-    x = np.concatenate(
-        [np.moveaxis(np.asarray(features, np.float64), 0, -1).swapaxes(0, 1), np.ones((*z.shape, 1))], -1
-    )  # [A, N, K+1]
+    x = np.concatenate([np.asarray(features, np.float64).transpose(2, 1, 0), np.ones((*z.shape, 1))], -1)  # [A, N, K+1]
     precision = np.array([1.0 / prior_std**2] * k + [1.0 / shift_prior_std**2])
 
     def penalized_loss(scores, theta):  # [A]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -101,25 +101,9 @@ class CalibrationShift(nnx.Variable):
 
 
 class LogitBlend(nnx.Variable):
-    """Per-action weights `[F, A]` of the count blend's F features (`blend_features`), fit on
+    """Per-action weights `[F, A]` of the count blend's F features (`PhoenixRanker.blend_features`), fit on
     validation with the calibration shifts (phoenix_flax/calibration.py): not trained by the
     optimizer, saved with the model. `blend_start`'s weights give the logits themselves."""
-
-
-def blend_features(parts: Sequence[jax.Array], count_logits: jax.Array, count_gate: bool) -> list[jax.Array]:
-    """The logits' K parts (`logit_part_names` order) and the candidates' counted log-odds,
-    `[..., A]` each -> what the count blend weighs, `[..., A]` each: the parts, the counts and,
-    with `model.count_gate`, each part times sigmoid(counts).
-
-    The gated parts let held-out data decide per action how much the user's parts move a post that
-    counting says rarely gets the action: where a post's media decides an action (video_view), a
-    linear blend can only add the user's parts to every post alike, which blurs the media's
-    separation (bench/quality.py's sparse world)."""
-    features = [*parts, count_logits]
-    if count_gate:
-        gate = jax.nn.sigmoid(count_logits)
-        features += [p * gate for p in parts]
-    return features
 
 
 def blend_start(cfg: ModelConfig) -> np.ndarray:
@@ -166,6 +150,22 @@ class PhoenixRanker(nnx.Module):
         unembedding and, with the action bias, its "post", "author" and "affinity" parts."""
         return self.parts_from_embeddings(batch, self.embeddings(batch))
 
+    def blend_features(self, parts: Mapping[str, jax.Array], count_logits: jax.Array) -> list[jax.Array]:
+        """The logits' parts (`logit_parts`) and the candidates' counted log-odds, `[..., A]` each ->
+        what the count blend weighs, `[..., A]` each: the parts (`part_names` order), the counts
+        and, with `model.count_gate`, each part times sigmoid(counts).
+
+        The gated parts let held-out data decide per action how much the user's parts move a post
+        that counting says rarely gets the action: where a post's media decides an action
+        (video_view), a linear blend can only add the user's parts to every post alike, which blurs
+        the media's separation (bench/quality.py's sparse world)."""
+        named = [parts[name] for name in self.part_names]
+        features = [*named, count_logits]
+        if self.count_gate:
+            gate = jax.nn.sigmoid(count_logits)
+            features += [p * gate for p in named]
+        return features
+
     def calibrated_logits(self, parts: dict[str, jax.Array], count_logits: jax.Array | None = None) -> jax.Array:
         """The logits' parts `[..., A]` each (`logit_parts`) and, with `model.count_blend`, the
         candidates' counted log-odds `[..., A]` -> the logits evaluation and serving report: the
@@ -176,7 +176,7 @@ class PhoenixRanker(nnx.Module):
         else:
             if count_logits is None:
                 raise ValueError("a ranker with model.count_blend scores with the candidates' counts (PostCounts)")
-            features = blend_features([parts[name] for name in self.part_names], count_logits, self.count_gate)
+            features = self.blend_features(parts, count_logits)
             w = self.blend[...]  # [F, A]
             logits = sum(w[f] * feature for f, feature in enumerate(features))
         if self.calibration is not None:

@@ -1,4 +1,4 @@
-"""Random batches with every field a training step reads, for tests and benchmarks."""
+"""Random batches with every field a training step reads, and numpy references, for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -65,3 +65,10 @@ def random_batch(
 def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The fields the model itself reads (`INPUT_FIELDS`)."""
     return {k: batch[k] for k in INPUT_FIELDS}
+
+
+def gated_blend_features(parts: list[np.ndarray], counts: np.ndarray) -> list[np.ndarray]:
+    """The count blend's features in numpy, apart from `PhoenixRanker.blend_features` to check it:
+    the parts `[..., A]` each, the counted log-odds, and each part times their sigmoid."""
+    gate = 1 / (1 + np.exp(-np.asarray(counts, np.float64)))
+    return [*parts, counts, *(p * gate for p in parts)]

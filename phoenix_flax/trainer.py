@@ -40,7 +40,7 @@ from phoenix_flax.data.pipeline import (
 )
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.metrics import auc, weighted_auc
-from phoenix_flax.ranker import blend_features, blend_start
+from phoenix_flax.ranker import blend_start
 from phoenix_flax.scoring import action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
 from phoenix_flax.training import averaged_weights, create_train_state, make_eval_step, make_train_step
@@ -204,10 +204,10 @@ def evaluate_during_training(
         got = {k: np.concatenate(v) for k, v in gathered.items()}
         labels = got["labels"]
         if ranker.blend is not None:
-            parts = [got[k] for k in ranker.part_names]
-            features = np.stack(blend_features(parts, got["counts"], cfg.model.count_gate))  # [F, N, A]
+            features = np.stack(ranker.blend_features(got, got["counts"]))  # [F, N, A]
             std = cfg.eval.blend_prior_std
-            deviations, _ = fit_logit_blend(sum(parts), labels, features, std, std)
+            unblended = sum(got[k] for k in ranker.part_names)  # the logits: the blend's start
+            deviations, _ = fit_logit_blend(unblended, labels, features, std, std)
             weights = blend_start(cfg.model) + deviations
             _set(ranker.blend, weights)
             logits = np.einsum("kna,ka->na", features, weights)

@@ -13,7 +13,7 @@ from phoenix_flax.config import ModelConfig
 from phoenix_flax.ranker import LogitBlend, PhoenixRanker
 from phoenix_flax.retrieval import PhoenixRetrieval
 from phoenix_flax.sharding import DEFAULT_RULES
-from phoenix_flax.testing import model_inputs, random_batch
+from phoenix_flax.testing import gated_blend_features, model_inputs, random_batch
 
 TOL = dict(atol=1e-5, rtol=0)
 SMALL = ModelConfig(
@@ -202,8 +202,7 @@ def test_the_reported_logits_blend_the_parts_and_the_counts_per_action_and_add_t
     weights, shifts = rng.normal(size=(9, len(SMALL.actions))), rng.normal(size=len(SMALL.actions))
     model.blend[...], model.calibration[...] = jnp.asarray(weights, jnp.float32), jnp.asarray(shifts, jnp.float32)
     named = [np.asarray(parts[k]) for k in ("transformer", "post", "author", "affinity")]
-    gate = 1 / (1 + np.exp(-np.asarray(counts)))
-    features = [*named, np.asarray(counts), *(p * gate for p in named)]
+    features = gated_blend_features(named, np.asarray(counts))
     want = sum(w * f for w, f in zip(weights, features, strict=True)) + shifts
     np.testing.assert_allclose(model.calibrated_logits(parts, counts), want, atol=1e-4)
     np.testing.assert_allclose(model.probabilities(parts, counts), 1 / (1 + np.exp(-want)), atol=1e-5)

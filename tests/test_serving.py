@@ -16,6 +16,7 @@ from phoenix_flax.data.raw import SessionParser
 from phoenix_flax.hashing import hash_ids
 from phoenix_flax.scoring import FeedScoring, action_weights, feed_scores
 from phoenix_flax.serving import CachedRanker, prefix_batch
+from phoenix_flax.testing import gated_blend_features
 from phoenix_flax.trainer import train
 from serve import rank as rank_cli
 from serve import retrieve as retrieve_cli
@@ -51,9 +52,8 @@ def full_sequence_probs(model, cfg, session, counts):
     )[None]
     batch["candidate_product_surface"] = session.candidate_product_surface[None]
     parts = {k: np.asarray(v)[0] for k, v in model.ranker.logit_parts(batch).items()}  # [m, A] each
-    model_parts = [parts[k] for k in ("transformer", "post", "author", "affinity")]
-    counted = counts.log_odds(session.candidate_post_id)
-    features = [*model_parts, counted, *(p / (1 + np.exp(-counted)) for p in model_parts)]
+    named = [parts[k] for k in ("transformer", "post", "author", "affinity")]
+    features = gated_blend_features(named, counts.log_odds(session.candidate_post_id))
     weights = np.asarray(model.ranker.blend[...])  # [9, A]
     logits = sum(w * f for w, f in zip(weights, features, strict=True)) + np.asarray(model.ranker.calibration[...])
     return 1 / (1 + np.exp(-logits))

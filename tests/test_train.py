@@ -23,6 +23,7 @@ from phoenix_flax.evaluation import evaluate, format_table
 from phoenix_flax.metrics import auc, calibration, normalized_entropy, recall_at_k, weighted_auc
 from phoenix_flax.scoring import action_weights
 from phoenix_flax.sharding import make_mesh
+from phoenix_flax.testing import gated_blend_features
 from phoenix_flax.trainer import NonFiniteLossError, train
 from phoenix_flax.training import abstract_model, create_train_state
 
@@ -349,9 +350,7 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     np.testing.assert_array_equal(counted.shown, restored.counts.shown)
     parts = [got[f"logit_{k}"] for k in ("transformer", "post", "author", "affinity")]
     assert np.abs(got["logit_affinity"]).max() > 0 and np.abs(got["logit_post"]).max() > 0
-    counted_log_odds = counted.log_odds(got["post_id"])
-    gate = 1 / (1 + np.exp(-counted_log_odds))
-    features = np.stack([*parts, counted_log_odds, *(p * gate for p in parts)])  # [9, n, A]
+    features = np.stack(gated_blend_features(parts, counted.log_odds(got["post_id"])))  # [9, n, A]
     weights = np.asarray(restored.model.ranker.blend[...])  # [9, A]
     shifts = np.asarray(restored.model.ranker.calibration[...])
     logits = np.einsum("kna,ka->na", features, weights) + shifts
@@ -464,9 +463,8 @@ def test_the_logit_blend_is_the_most_probable_under_its_priors():
     n = 20_000
     parts = rng.normal(0, 1, (4, n, 1)) * np.array([3, 2, 1, 1])[:, None, None] + rng.normal(0, 2, (1, n, 1))
     counts = np.where(rng.random((n, 1)) < 0.3, rng.normal(2, 0.5, (n, 1)), rng.normal(-3, 1, (n, 1)))
-    gate = 1 / (1 + np.exp(-counts))
-    features = np.concatenate([parts, counts[None], parts * gate])  # [9, n, 1]
-    labels = (rng.random((n, 1)) < 1 / (1 + np.exp(-(counts + 0.5 * parts[0] * gate - 1)))).astype(np.float64)
+    features = np.stack(gated_blend_features(list(parts), counts))  # [9, n, 1]
+    labels = (rng.random((n, 1)) < 1 / (1 + np.exp(-(counts + 0.5 * features[5] - 1)))).astype(np.float64)
     w, b = fit_logit_blend(parts.sum(0), labels, features, 1.0, 1.0)
     p = 1 / (1 + np.exp(-(parts.sum(0) + np.einsum("kna,ka->na", features, w) + b)))
     np.testing.assert_allclose(np.einsum("kna,na->ka", features, p - labels) + w, 0, atol=0.05)

@@ -92,7 +92,7 @@ class ModelConfig:
     count_blend: bool = True
     # The blend also weighs each part times sigmoid(the counted log-odds), so that held-out data
     # decides how far the user's parts move a post counting says rarely gets the action
-    # (`ranker.blend_features`). Needs count_blend.
+    # (`PhoenixRanker.blend_features`). Needs count_blend.
     count_gate: bool = True
     # Retrieval softmax temperature, and whether it is learned.
     retrieval_temperature: float = 0.05
