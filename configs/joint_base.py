@@ -1,4 +1,9 @@
-"""Ranking and retrieval trained together on one set of hash tables, at a single-host GPU scale."""
+"""Ranking and retrieval trained together on one set of hash tables, at a single-host GPU scale.
+
+The original architecture (no extensions: they were measured on the synthetic worlds only).
+`phoenix-train --config configs/joint_base.py --workdir W --config.data.data_dir=D`; plan it first
+with `phoenix-plan --config configs/joint_base.py --devices 8`. Not trained here (no accelerator).
+"""
 
 from phoenix_flax.config import (
     CheckpointConfig,
@@ -39,10 +44,7 @@ def get_config() -> ExperimentConfig:
         # replicated with their gradients all-reduced (phoenix-plan on 8 devices: peak 56 -> 13 GiB).
         mesh=MeshConfig(data=1, fsdp=-1, model=1),
         optimizer=OptimizerConfig(learning_rate=5e-4, table_learning_rate=0.02, warmup_steps=2000),
-        # exposure_weight: measured on the synthetic worlds only (bench/quality.py, README).
-        loss=LossConfig(
-            ranking_weight=1.0, retrieval_weight=0.5, exposure_weight=0.1, logq="estimated", frequency_buckets=1 << 22
-        ),
+        loss=LossConfig(ranking_weight=1.0, retrieval_weight=0.5, logq="estimated", frequency_buckets=1 << 22),
         checkpoint=CheckpointConfig(every_steps=2000, keep=3),
         eval=EvalConfig(every_steps=2000, batches=50),
         train=TrainConfig(steps=200_000, log_every=100),

@@ -41,7 +41,6 @@ def get_config() -> ExperimentConfig:
             author_vocab_rows=64,  # the log has no authors: every movie's author is 0
             history_len=10,
             num_candidates=1,
-            affinity_rank=0,  # the figures were measured without it (see the optimizer's note)
         ),
         data=DataConfig(
             data_dir=f"{RUN}/prepared",

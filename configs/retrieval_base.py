@@ -11,7 +11,7 @@ def get_config():
     cfg = replace_fields(
         joint_base.get_config(),
         data={"batch_size": 4096},
-        loss={"ranking_weight": 0.0, "retrieval_weight": 1.0, "exposure_weight": 0.0},
+        loss={"ranking_weight": 0.0, "retrieval_weight": 1.0},
         checkpoint={"best_metric": "eval_loss"},
     )
     return dataclasses.replace(cfg, name="retrieval_base")

@@ -31,10 +31,6 @@ def get_config():
             "history_len": 256,
             "num_candidates": 64,
             "remat": "full",
-            # Counting reads the whole training split into every host's memory (a row per post):
-            # at this scale the counts belong to a store of their own, not to the trainer.
-            "count_blend": False,
-            "count_gate": False,
         },
         data={"data_dir": "gs://phoenix/prepared", "batch_size": 65536, "worker_count": 16},
         optimizer={"learning_rate": 3e-4, "table_learning_rate": 0.01, "warmup_steps": 5000},

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from phoenix_flax.config import CheckpointConfig, ExperimentConfig, saved_config, to_dict
+from phoenix_flax.config import CheckpointConfig, ExperimentConfig, from_dict, to_dict
 from phoenix_flax.counting import PostCounts
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.model import PhoenixModel
@@ -412,7 +412,7 @@ class Checkpointer:
         self.verify(step, ("config",))
         restored = self._restore_items(step, {"config": ocp.args.JsonRestore()})
         try:
-            return saved_config(restored["config"])
+            return from_dict(restored["config"])
         except PhoenixError as e:
             raise DamagedCheckpointError(step, "config", f"not a config this version reads: {e}") from None
 
@@ -548,7 +548,7 @@ def restore_model(
             for e in damaged:
                 (report or _stderr)(f"{e}; using step {candidate}")
             counts = None
-            if model.ranker is not None and model.ranker.blend is not None:
+            if getattr(model.ranker, "blend", None) is not None:
                 counts = PostCounts.load(PostCounts.file(workdir), cfg.model.actions)
             return Restored(cfg, candidate, model, digest, counts)
     raise CheckpointError(f"no checkpoint of {workdir} restores: " + "; ".join(str(e) for e in damaged))

@@ -41,8 +41,8 @@ ParamMap = dict[str, tuple[nnx.Param, tuple[int, ...], int | None]]
 
 def config_from_reference(reference_config: Mapping, **options) -> ModelConfig:
     """The original's shape dict -> a ModelConfig with its numerics ("sequential" positions,
-    float32) and architecture (no action bias). `options` set the others (attention, scan_layers,
-    remat)."""
+    float32); the architecture is the default's. `options` set the others (attention,
+    scan_layers, remat)."""
     missing = [k for k in REFERENCE_CONFIG_KEYS if k not in reference_config]
     if missing:
         raise ValueError(f"reference_config lacks {missing}")
@@ -64,10 +64,6 @@ def config_from_reference(reference_config: Mapping, **options) -> ModelConfig:
         product_surface_vocab_size=int(rc["product_surface_vocab_size"]),
         candidate_positions="sequential",
         dtype="float32",
-        action_bias=False,  # not in the original
-        calibration=False,  # nor this
-        count_blend=False,  # nor this
-        count_gate=False,
         **options,
     )
 

@@ -1,7 +1,7 @@
 """Counting: each post's impressions and positives per action in the training split.
 
 Their smoothed rates are the popularity baseline evaluation compares the model with, and, with
-`model.count_blend`, an input of the ranker's final logits (`PhoenixRanker.calibrated_logits`):
+`model.count_blend`, an input of the ranker's final logits (`ExtendedRanker.calibrated_logits`):
 with few impressions per post, a hashed table learns a post's rates less well than counting does
 (bench/memorization.py). Training writes the counts beside its checkpoints (`PostCounts.file`),
 so evaluation and serving score with the counts the blend was fit with.

@@ -6,8 +6,8 @@ from flax import nnx
 
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.embeddings import HashEmbeddings
+from phoenix_flax.extensions import build_ranker
 from phoenix_flax.losses import FrequencyEstimator
-from phoenix_flax.ranker import PhoenixRanker
 from phoenix_flax.retrieval import PhoenixRetrieval
 
 
@@ -16,7 +16,8 @@ class PhoenixModel(nnx.Module):
 
     `frequency` (streaming item frequencies for the logQ correction) is present when the
     retrieval model is trained with estimated logQ; `exposure_frequency` (the shown authors'
-    frequencies) when the exposure softmax is.
+    frequencies) when the exposure softmax (an extension) is. The ranker is the original's, or an
+    `ExtendedRanker` where the config turns an extension on (`extensions.build_ranker`).
     """
 
     def __init__(
@@ -33,7 +34,7 @@ class PhoenixModel(nnx.Module):
         if not (ranker or retrieval):
             raise ValueError("a PhoenixModel needs the ranker, the retrieval model or both")
         self.embeddings = HashEmbeddings(cfg, rngs=rngs)
-        self.ranker = PhoenixRanker(cfg, rngs=rngs, embeddings=self.embeddings) if ranker else None
+        self.ranker = build_ranker(cfg, rngs=rngs, embeddings=self.embeddings) if ranker else None
         self.retrieval = PhoenixRetrieval(cfg, rngs=rngs, embeddings=self.embeddings) if retrieval else None
         self.frequency = (
             FrequencyEstimator(frequency_buckets, frequency_alpha) if retrieval and frequency_buckets else None

@@ -56,14 +56,14 @@ class CachedRanker:
         `model.count_blend` scores with."""
         if model.ranker is None:
             raise ValueError("this checkpoint has no ranker (its loss.ranking_weight was 0)")
-        if model.ranker.blend is not None and counts is None:
+        if getattr(model.ranker, "blend", None) is not None and counts is None:
             raise ValueError("this ranker blends in post counts (model.count_blend): pass the run's (Restored.counts)")
         self.model, self.cfg, self.counts = model, cfg, counts
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self._context = nnx.jit(lambda m, b: m.ranker.user_context(b))
-        self._score = nnx.jit(
-            lambda m, ctx, counted, *cands: m.ranker.probabilities(m.ranker.candidate_parts(ctx, *cands), counted)
-        )
+        self._score = nnx.jit(lambda m, ctx, counted, *cands: m.ranker.probabilities(
+            m.ranker.candidate_parts(ctx, *cands), **({} if counted is None else {"count_logits": counted})
+        ))  # fmt: skip
 
     def probabilities(self, sessions: Sequence[Session]) -> list[np.ndarray]:
         """-> one `[m_i, A]` array per session, in input order."""

@@ -80,16 +80,6 @@ def parse_rules(texts: Sequence[str]) -> LogicalRules:
 DEFAULT_RULE_TEXT = rules_to_text(DEFAULT_RULES)
 
 
-def with_default_rules(texts: Sequence[str]) -> list[str]:
-    """`texts` and, after them, the default rule of every default name they do not place (the rules
-    of a run saved before those names existed)."""
-    named = {str(text).partition(":")[0] for text in texts}
-    return [
-        *texts,
-        *(text for (name, _), text in zip(DEFAULT_RULES, DEFAULT_RULE_TEXT, strict=True) if name not in named),
-    ]
-
-
 @contextlib.contextmanager
 def use_mesh(mesh: jax.sharding.Mesh, rules: LogicalRules):
     """Parameters created, and jitted steps traced, in this context are sharded by `rules` over

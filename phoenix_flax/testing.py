@@ -68,7 +68,7 @@ def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def gated_blend_features(parts: list[np.ndarray], counts: np.ndarray) -> list[np.ndarray]:
-    """The count blend's features in numpy, apart from `PhoenixRanker.blend_features` to check it:
+    """The count blend's features in numpy, apart from `ExtendedRanker.blend_features` to check it:
     the parts `[..., A]` each, the counted log-odds, and each part times their sigmoid."""
     gate = 1 / (1 + np.exp(-np.asarray(counts, np.float64)))
     return [*parts, counts, *(p * gate for p in parts)]

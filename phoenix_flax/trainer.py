@@ -24,7 +24,6 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from phoenix_flax.batch import labeled_candidates
-from phoenix_flax.calibration import fit_logit_blend, fit_logit_shifts, shifts_to_rates
 from phoenix_flax.checkpoint import Checkpointer, DamagedCheckpointError, check_compatible, restore_newest
 from phoenix_flax.cli import log
 from phoenix_flax.config import ConfigError, ExperimentConfig, dumps, replace_fields
@@ -39,8 +38,8 @@ from phoenix_flax.data.pipeline import (
     open_source,
 )
 from phoenix_flax.errors import PhoenixError
+from phoenix_flax.extensions import ExtendedRanker
 from phoenix_flax.metrics import auc, weighted_auc
-from phoenix_flax.ranker import blend_start
 from phoenix_flax.scoring import action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
 from phoenix_flax.training import averaged_weights, create_train_state, make_eval_step, make_train_step
@@ -166,20 +165,13 @@ def preflight(cfg: ExperimentConfig) -> set[str]:
     return splits
 
 
-def evaluate_during_training(
-    model, cfg: ExperimentConfig, eval_step, mesh, counts: PostCounts | None
-) -> dict[str, float]:
-    """Over the first `eval.batches` validation batches (the same ones each time): the mean
-    losses and, with a ranker, the actions' mean AUC and the weighted score's AUC (`eval_metric_names`).
-
-    With `model.calibration`, first fits the ranker's calibration shifts (and with
-    `model.count_blend` its blend, scoring with `counts`) on these batches and sets them in `model`
-    (every process fits the same, from the gathered logits), so the checkpoint saved at this step
-    holds them and the weighted score's AUC is of what it serves.
-    """
-    ranker = model.ranker
+def validation_pass(model, cfg: ExperimentConfig, eval_step, mesh, counts: PostCounts | None):
+    """Over the first `eval.batches` validation batches (the same ones each time), reading only:
+    the mean losses `{eval_<name>: float}` and, with a ranker, every process's valid candidates
+    gathered on the host (`"labels"` `[N, A]` and, for `ExtendedRanker.fit_post_hoc`, the logits
+    or, with the count blend, their parts and `"counts"`, the candidates' counted log-odds)."""
+    blend = getattr(model.ranker, "blend", None) is not None
     data = iter(make_dataset(cfg.model, cfg.data, cfg.data.eval_split, shuffle=False))
-    weighted = "eval_weighted_auc" in eval_metric_names(cfg.loss, cfg.eval, cfg.model)
     totals: dict[str, list] = {}
     gathered: dict[str, list] = {}  # per key, the valid candidates' values of each batch
     for _ in range(cfg.eval.batches):
@@ -189,50 +181,51 @@ def evaluate_during_training(
         for k, v in metrics.items():
             totals.setdefault(k, []).append(v)
         if "logits" in outputs:
-            if ranker.blend is None:
-                wanted = {"logits": outputs["logits"]}
-            else:  # what the blend weighs
+            if blend:  # what the blend weighs
                 wanted = {**outputs["logit_parts"], "counts": batch["candidate_count_logits"]}
+            else:
+                wanted = {"logits": outputs["logits"]}
             wanted["labels"] = batch["candidate_actions"]
             got, valid = multihost_utils.process_allgather((wanted, labeled_candidates(batch)), tiled=True)
             for k, v in got.items():
                 gathered.setdefault(k, []).append(v[valid])
-    result = {f"eval_{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()}
-    # An AUC without both classes in these batches is undefined: left out (the step is then no
-    # candidate for the best checkpoint), never written as a number.
-    if gathered:
-        got = {k: np.concatenate(v) for k, v in gathered.items()}
-        labels = got["labels"]
-        if ranker.blend is not None:
-            features = np.stack(ranker.blend_features(got, got["counts"]))  # [F, N, A]
-            std = cfg.eval.blend_prior_std
-            unblended = sum(got[k] for k in ranker.part_names)  # the logits: the blend's start
-            deviations, _ = fit_logit_blend(unblended, labels, features, std, std)
-            weights = blend_start(cfg.model) + deviations
-            _set(ranker.blend, weights)
-            logits = np.einsum("kna,ka->na", features, weights)
-            rates = (labels.sum(0) + counts.positives.sum(0)) / (len(labels) + counts.shown.sum())
-            shifts = shifts_to_rates(logits, rates)
-        else:
-            logits = got["logits"]
-            if ranker.calibration is not None:
-                shifts = fit_logit_shifts(logits, labels, cfg.eval.calibration_prior_std)
-        if ranker.calibration is not None:
-            _set(ranker.calibration, shifts)
-            logits = logits + shifts
-        probs = 1 / (1 + np.exp(-logits))
-        aucs = [a for a in (auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])) if np.isfinite(a)]
-        if aucs:
-            result["eval_mean_auc"] = float(np.mean(aucs))
-        if weighted and np.isfinite(w := weighted_auc(probs, labels, action_weights(cfg.model.actions))):
-            result["eval_weighted_auc"] = w
+    losses = {f"eval_{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()}
+    return losses, {k: np.concatenate(v) for k, v in gathered.items()}
+
+
+def ranking_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None) -> dict[str, float]:
+    """The actions' mean AUC and, with the actions' score `weights [A]`, the weighted score's AUC,
+    of logits `[N, A]`.
+    An AUC without both classes is undefined: left out (the step is then no candidate for the
+    best checkpoint), never written as a number."""
+    result = {}
+    probs = 1 / (1 + np.exp(-logits))
+    aucs = [a for a in (auc(probs[:, i], labels[:, i]) for i in range(labels.shape[1])) if np.isfinite(a)]
+    if aucs:
+        result["eval_mean_auc"] = float(np.mean(aucs))
+    if weights is not None and np.isfinite(w := weighted_auc(probs, labels, weights)):
+        result["eval_weighted_auc"] = w
     return result
 
 
-def _set(variable, value: np.ndarray) -> None:
-    """Sets a ranker variable fit on the host, keeping its sharding (the steps do not recompile)."""
-    current = variable[...]
-    variable[...] = jax.make_array_from_callback(current.shape, current.sharding, value.astype(np.float32).__getitem__)
+def evaluate_during_training(
+    model, cfg: ExperimentConfig, eval_step, mesh, counts: PostCounts | None
+) -> dict[str, float]:
+    """The validation metrics a step logs (`eval_metric_names`): `validation_pass`, then, where the
+    ranker has post-hoc heads (`ExtendedRanker.fit_post_hoc`: calibration shifts, count blend), the
+    named step that fits them on those candidates and sets them in `model` (every process fits the
+    same, from the gathered values), so that the checkpoint saved at this step holds them and the
+    AUCs are of what it serves."""
+    result, got = validation_pass(model, cfg, eval_step, mesh, counts)
+    if got:
+        ranker = model.ranker
+        if isinstance(ranker, ExtendedRanker) and ranker.fits_post_hoc:
+            logits = ranker.fit_post_hoc(got, counts, cfg.eval)
+        else:
+            logits = got["logits"]
+        weighted = "eval_weighted_auc" in eval_metric_names(cfg.loss, cfg.eval, cfg.model)
+        result |= ranking_metrics(logits, got["labels"], action_weights(cfg.model.actions) if weighted else None)
+    return result
 
 
 def _resume(checkpoints: Checkpointer, cfg: ExperimentConfig, model, optimizer, data, report) -> int:
@@ -286,7 +279,7 @@ def train(
         checkpoints = stack.enter_context(Checkpointer(workdir, cfg.checkpoint))
         step = _resume(checkpoints, cfg, model, optimizer, data, report)
         counts = None
-        if model.ranker is not None and model.ranker.blend is not None:
+        if getattr(model.ranker, "blend", None) is not None:
             counts = PostCounts.of_split(cfg, cfg.model.actions)
             report(f"model.count_blend: counted {len(counts.post_ids):,} posts in '{cfg.data.train_split}'")
         if jax.process_index() == 0:
@@ -300,7 +293,7 @@ def train(
         stack.callback(preemption.restore)
         stack.enter_context(use_mesh(mesh, cfg.mesh.logical_rules()))  # the steps trace with the rules
         has_eval = cfg.eval.batches > 0 and cfg.data.eval_split in splits
-        if model.ranker is not None and model.ranker.calibration is not None and not has_eval:
+        if getattr(model.ranker, "fits_post_hoc", False) and not has_eval:
             report(
                 f"note: no validation during training (eval.batches={cfg.eval.batches}, splits {sorted(splits)}): "
                 "the calibration shifts (model.calibration) stay 0, and the blend (model.count_blend) the logits' own sum"

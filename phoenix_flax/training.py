@@ -14,12 +14,14 @@ from jax.sharding import NamedSharding
 
 from phoenix_flax.batch import labeled_candidates
 from phoenix_flax.config import ExperimentConfig, LossConfig, OptimizerConfig
-from phoenix_flax.losses import exposure_columns, exposure_softmax_loss, ranking_bce, sampled_softmax_loss
+from phoenix_flax.extensions.exposure import exposure_loss, record_exposure
+from phoenix_flax.extensions.optimizer import action_bias_newton
+from phoenix_flax.losses import ranking_bce, sampled_softmax_loss
 from phoenix_flax.model import PhoenixModel
 from phoenix_flax.sharding import check_divisible, use_mesh
 
 
-def param_labels(params, bias_tables: bool = True, bias_offsets: bool = False) -> object:
+def param_labels(params, bias_tables: bool = False, bias_offsets: bool = False) -> object:
     """'tables' for the hash tables, 'dense' for everything else; with `bias_tables`, the ranker's
     action-bias tables are 'bias_tables'; with `bias_offsets`, its post and author tables (the ones
     holding the offsets) are 'bias_offsets'."""
@@ -35,75 +37,6 @@ def param_labels(params, bias_tables: bool = True, bias_offsets: bool = False) -
         return "bias_tables" if bias_tables else "tables"
 
     return jax.tree_util.tree_map_with_path(label, params)
-
-
-class ActionBiasNewtonState(NamedTuple):
-    sum_of_squares: optax.Updates  # per table [rows, cols]: the starting value plus every g^2
-    steps: jax.Array  # [] int32
-    prior_variance: tuple  # per table (in leaf order) [offset_columns]: the offsets' prior variance, logit^2
-
-
-# The offsets' prior variance starts at 1 logit^2 and is first fit after an epoch, when every row
-# has been looked up (before, the rows' spread is the optimizer's lag, not the posts'); then it
-# moves PRIOR_VARIANCE_RATE of the way to its fit each step (an EM step a step, averaged over the
-# batches' noise).
-PRIOR_VARIANCE_START, PRIOR_VARIANCE_RATE = 1.0, 0.05
-
-
-def action_bias_newton(
-    learning_rate: float,
-    step_size: float,
-    offset_columns: int,
-    impression: float,
-    initial_accumulator: float,
-    steps_per_epoch: float,
-) -> optax.GradientTransformation:
-    """For the action bias's post and author tables `[rows, cols]`: Newton steps for the first
-    `offset_columns` columns (the per-action offsets), Adagrad's for the rest (affinity factors).
-
-    A row's offset for one action is the bias of a logistic regression on the impressions that look
-    the row up. The curvature an impression adds, p(1 - p) times `impression` (the gradient one
-    impression's full error gives a row: 1 / (batch x candidates x actions)), is on average its
-    squared gradient over `impression`, so F = sum_of_squares / impression^2 is the row's Fisher
-    information in impressions and -impression x g / sum_of_squares a Newton step
-    (`step_size` of it). The objective is the most probable offsets under N(0, v) per table and
-    action: the prior's gradient theta / v and curvature 1 / v count once an epoch, spread over
-    the epoch's steps on every row, so that the prior weighs the same after any number of epochs.
-    v is fit to the rows (EM): the mean, over the rows looked up so far, of theta^2 plus the
-    posterior variance 1 / (F + 1 / v), F per epoch. `sum_of_squares` starts at
-    `initial_accumulator` (> 0)."""
-
-    def init(params):
-        return ActionBiasNewtonState(
-            sum_of_squares=jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator), params),
-            steps=jnp.zeros([], jnp.int32),
-            prior_variance=tuple(
-                jnp.full([offset_columns], PRIOR_VARIANCE_START, p.dtype) for p in jax.tree.leaves(params)
-            ),
-        )
-
-    def update(updates, state, params):
-        steps = state.steps + 1
-        epochs = jnp.maximum(steps / steps_per_epoch, 1.0)
-        sums = jax.tree.map(lambda s, g: s + g * g, state.sum_of_squares, updates)
-        grads, treedef = jax.tree.flatten(updates)
-        new_updates, variances = [], []
-        for g, s, theta, v in zip(
-            grads, treedef.flatten_up_to(sums), treedef.flatten_up_to(params), state.prior_variance, strict=True
-        ):
-            o = offset_columns
-            g_o, s_o, theta_o = g[:, :o], s[:, :o], theta[:, :o]  # the offsets; the rest are factors
-            prior = impression * theta_o / (v * steps_per_epoch)  # a step's share of theta / v, in g's units
-            curvature = s_o + steps * impression**2 / (v * steps_per_epoch)  # the data's and the prior's so far
-            newton = -step_size * impression * (g_o + prior) / curvature
-            new_updates.append(jnp.concatenate([newton, -learning_rate * g[:, o:] / jnp.sqrt(s[:, o:])], axis=1))
-            seen = (s_o > initial_accumulator).any(-1, keepdims=True)  # [rows, 1]
-            information = (s_o - initial_accumulator) / impression**2 / epochs
-            fit = jnp.where(seen, theta_o**2 + 1 / (information + 1 / v), 0).sum(0) / jnp.maximum(seen.sum(), 1)
-            variances.append(jnp.where(steps >= steps_per_epoch, v + PRIOR_VARIANCE_RATE * (fit - v), v))
-        return treedef.unflatten(new_updates), ActionBiasNewtonState(sums, steps, tuple(variances))
-
-    return optax.GradientTransformation(init, update)
 
 
 def decay_touched_rows(rate: float) -> optax.GradientTransformation:
@@ -172,15 +105,17 @@ def make_optimizer(
     total_steps: int,
     impression_gradient: float | None = None,
     *,
+    action_bias: bool = False,
     offset_columns: int | None = None,
     steps_per_epoch: float | None = None,
 ) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with warmup and cosine decay for dense weights and
-    Adagrad (or AdamW) with weight decay for the hash tables, with `action_bias_newton` for the
-    action bias's offsets; with `ema_decay`, the parameters' moving average kept last.
+    Adagrad (or AdamW) with weight decay for the hash tables; with the `action_bias` extension,
+    its tables with their own decay and starting accumulator, and `action_bias_newton` for its
+    offsets; with `ema_decay`, the parameters' moving average kept last.
     `impression_gradient`: the unit of `action_bias_initial_accumulator` (1 / (batch x candidates x
-    actions); needed when that is not 0); `offset_columns` (the number of actions) and
-    `steps_per_epoch`: needed by newton offsets."""
+    actions)); `offset_columns` (the number of actions) and `steps_per_epoch`: needed by newton
+    offsets."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
@@ -193,18 +128,14 @@ def make_optimizer(
         "dense": dense,
         "tables": _table_optimizer(cfg, cfg.table_weight_decay, cfg.table_initial_accumulator),
     }
-    bias_decay = cfg.table_weight_decay if cfg.action_bias_weight_decay is None else cfg.action_bias_weight_decay
-    bias_accumulator = cfg.table_initial_accumulator
-    if cfg.action_bias_initial_accumulator:
-        if impression_gradient is None:
-            raise ValueError("optimizer.action_bias_initial_accumulator needs the impression_gradient unit")
-        bias_accumulator = cfg.action_bias_initial_accumulator * impression_gradient**2
-    # A third group only when it differs: a run saved before the action-bias options (None, 0)
-    # keeps the optimizer state's structure, and so resumes.
-    bias_tables = (bias_decay, bias_accumulator) != (cfg.table_weight_decay, cfg.table_initial_accumulator)
-    if bias_tables:
-        transforms["bias_tables"] = _table_optimizer(cfg, bias_decay, bias_accumulator)
-    newton = cfg.action_bias_offsets == "newton"
+    newton = action_bias and cfg.action_bias_offsets == "newton"
+    if action_bias:
+        bias_accumulator = cfg.table_initial_accumulator
+        if cfg.action_bias_initial_accumulator:
+            if impression_gradient is None:
+                raise ValueError("optimizer.action_bias_initial_accumulator needs the impression_gradient unit")
+            bias_accumulator = cfg.action_bias_initial_accumulator * impression_gradient**2
+        transforms["bias_tables"] = _table_optimizer(cfg, cfg.action_bias_weight_decay, bias_accumulator)
     if newton:
         if None in (impression_gradient, offset_columns, steps_per_epoch):
             raise ValueError("newton action-bias offsets need impression_gradient, offset_columns and steps_per_epoch")
@@ -216,7 +147,7 @@ def make_optimizer(
             bias_accumulator,
             steps_per_epoch,
         )
-    labels = functools.partial(param_labels, bias_tables=bias_tables, bias_offsets=newton)
+    labels = functools.partial(param_labels, bias_tables=action_bias, bias_offsets=newton)
     steps = [optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels)]
     if cfg.ema_decay:
         steps.append(average_params(cfg.ema_decay))
@@ -263,7 +194,14 @@ def new_train_state(cfg: ExperimentConfig, steps_per_epoch: float) -> tuple[Phoe
     model = build_model(cfg)
     a = cfg.model.num_actions
     impression = 1.0 / (cfg.data.batch_size * cfg.model.num_candidates * a)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, impression, offset_columns=a, steps_per_epoch=steps_per_epoch)
+    tx = make_optimizer(
+        cfg.optimizer,
+        cfg.train.steps,
+        impression,
+        action_bias=model.ranker is not None and cfg.model.action_bias,
+        offset_columns=a,
+        steps_per_epoch=steps_per_epoch,
+    )
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -328,16 +266,6 @@ def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[j
     return total, metrics, outputs
 
 
-def exposure_loss(model: PhoenixModel, batch: dict, valid: jax.Array) -> jax.Array:
-    """`exposure_softmax_loss` of the action bias's user affinity factors against the shown
-    candidates' author factors, `valid [B, C]` the shown candidates, authors told apart by
-    fingerprint."""
-    authors, users = model.ranker.action_bias.exposure_factors(batch["candidate_author_hashes"], batch["user_hashes"])
-    ids = batch["candidate_author_fingerprint"]  # [B, C]
-    log_q = None if model.exposure_frequency is None else model.exposure_frequency.log_q(ids)
-    return exposure_softmax_loss(users, authors, ids, valid, log_q)
-
-
 def train_step_fn(cfg: LossConfig):
     """The step's body, not jitted: `step(model, optimizer, batch) -> metrics`, updating both."""
 
@@ -348,10 +276,8 @@ def train_step_fn(cfg: LossConfig):
 
         if model.frequency is not None:  # before the loss: every positive of the batch has a rate
             model.frequency.update(batch["positive_id"], batch["positive_valid"])
-        if model.exposure_frequency is not None:  # the authors the exposure softmax samples as negatives
-            valid = labeled_candidates(batch)
-            columns = exposure_columns(batch["candidate_author_fingerprint"], valid)
-            model.exposure_frequency.update(columns, exposure_columns(valid, valid))
+        if model.exposure_frequency is not None:
+            record_exposure(model, batch)
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         metrics["grad_norm"] = optax.tree.norm(grads)
         optimizer.update(model, grads)
@@ -367,13 +293,14 @@ def make_train_step(cfg: LossConfig):
 
 def make_eval_step(cfg: LossConfig):
     """`step(model, batch) -> (metrics, outputs)` without updates; with a ranker, outputs add the
-    reported `probs [B, C, A]` (`PhoenixRanker.probabilities`, with the batch's
-    `candidate_count_logits` where it has them) to `compute_losses`' logits."""
+    reported `probs [B, C, A]` (`ranker.probabilities`, with the batch's `candidate_count_logits`
+    where it has them: the count blend's input) to `compute_losses`' logits."""
 
     def eval_step(model: PhoenixModel, batch: dict):
         _, metrics, outputs = compute_losses(model, batch, cfg)
         if "logits" in outputs:
-            outputs["probs"] = model.ranker.probabilities(outputs["logit_parts"], batch.get("candidate_count_logits"))
+            counted = {"count_logits": batch["candidate_count_logits"]} if "candidate_count_logits" in batch else {}
+            outputs["probs"] = model.ranker.probabilities(outputs["logit_parts"], **counted)
         return metrics, outputs
 
     return nnx.jit(eval_step)

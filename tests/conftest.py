@@ -61,8 +61,13 @@ def tiny_world(tmp_path_factory):
     }
 
 
+# The model extensions configs/demo.py turns on (phoenix_flax/extensions).
+EXTENSIONS = {"action_bias": True, "calibration": True, "count_blend": True, "count_gate": True}
+
+
 def tiny_experiment(data_dir: str, **sections):
-    """A small joint experiment on `data_dir`; `sections` replace fields: tiny_experiment(d, train={"steps": 3})."""
+    """A small joint experiment on `data_dir`, with the demo's extensions; `sections` replace
+    fields: tiny_experiment(d, train={"steps": 3})."""
     from phoenix_flax.config import (
         CheckpointConfig,
         DataConfig,
@@ -88,6 +93,7 @@ def tiny_experiment(data_dir: str, **sections):
             user_vocab_rows=256,
             post_vocab_rows=1024,
             author_vocab_rows=64,
+            **EXTENSIONS,
         ),
         data=DataConfig(data_dir=data_dir, batch_size=16),
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2),

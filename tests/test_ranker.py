@@ -10,7 +10,9 @@ from flax import nnx
 
 from phoenix_flax.attention import ranker_attention_mask
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.ranker import LogitBlend, PhoenixRanker
+from phoenix_flax.extensions import ExtendedRanker
+from phoenix_flax.extensions.ranker import LogitBlend
+from phoenix_flax.ranker import PhoenixRanker
 from phoenix_flax.retrieval import PhoenixRetrieval
 from phoenix_flax.sharding import DEFAULT_RULES
 from phoenix_flax.testing import gated_blend_features, model_inputs, random_batch
@@ -28,6 +30,11 @@ SMALL = ModelConfig(
     author_vocab_rows=64,
     history_len=6,
     num_candidates=5,
+    # Every extension on, so that the properties below cover their paths too.
+    action_bias=True,
+    calibration=True,
+    count_blend=True,
+    count_gate=True,
 )
 CANDIDATE_FIELDS = ("candidate_post_hashes", "candidate_author_hashes", "candidate_product_surface")
 
@@ -48,7 +55,7 @@ def summed_rows(table, hashes):
 
 @pytest.fixture(scope="module", params=["shared", "sequential"])
 def ranker(request):
-    model = PhoenixRanker(dataclasses.replace(SMALL, candidate_positions=request.param), rngs=nnx.Rngs(0))
+    model = ExtendedRanker(dataclasses.replace(SMALL, candidate_positions=request.param), rngs=nnx.Rngs(0))
     with_random_action_bias(model)
     forward = nnx.jit(lambda m, batch: m(batch))
     return request.param, lambda batch: np.asarray(forward(model, model_inputs(batch)))
@@ -161,7 +168,7 @@ def test_padded_history_and_candidates_have_no_effect(ranker):
 
 def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_affinity():
     """And `logit_parts` gives each of them, and the transformer's part, apart."""
-    model = with_random_action_bias(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)))
+    model = with_random_action_bias(ExtendedRanker(SMALL, rngs=nnx.Rngs(0)))
     batch = random_batch(SMALL, 3, np.random.default_rng(5))  # with padded candidates and hashes
     batch["user_hashes"][0, 1] = 0  # a padded user hash adds nothing either
     with_bias = np.asarray(model(model_inputs(batch)))
@@ -173,6 +180,9 @@ def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_
     post, post_f, author, author_f = post_rows[:, :a], post_rows[:, a:], author_rows[:, :a], author_rows[:, a:]
     model.action_bias = None
     without = np.asarray(model(model_inputs(batch)))
+    core = PhoenixRanker(SMALL, rngs=nnx.Rngs(0))  # the same parameters, no extension
+    nnx.update(core, nnx.state(model, nnx.Param))
+    np.testing.assert_allclose(np.asarray(core(model_inputs(batch))), without, atol=1e-5)
 
     ph, ah, uh = batch["candidate_post_hashes"], batch["candidate_author_hashes"], batch["user_hashes"]
     user, candidate = summed_rows(user_f, uh)[:, None], summed_rows(post_f, ph) + summed_rows(author_f, ah)
@@ -190,7 +200,7 @@ def test_the_action_bias_adds_the_candidates_post_and_author_rows_and_the_users_
 
 
 def test_the_reported_logits_blend_the_parts_and_the_counts_per_action_and_add_the_shifts():
-    model = with_random_action_bias(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)))
+    model = with_random_action_bias(ExtendedRanker(SMALL, rngs=nnx.Rngs(0)))
     batch = model_inputs(random_batch(SMALL, 3, np.random.default_rng(6)))
     forward = nnx.jit(lambda m, b: (m.logit_parts(b), m(b)))
     parts, logits = forward(model, batch)
@@ -222,8 +232,9 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
     training step recorded; checked against numpy after one step."""
     from phoenix_flax.batch import labeled_candidates
     from phoenix_flax.config import LossConfig, OptimizerConfig
+    from phoenix_flax.extensions.exposure import exposure_loss
     from phoenix_flax.model import PhoenixModel
-    from phoenix_flax.training import exposure_loss, make_optimizer, train_step_fn
+    from phoenix_flax.training import make_optimizer, train_step_fn
 
     model = PhoenixModel(SMALL, rngs=nnx.Rngs(0), retrieval=False, exposure_frequency_buckets=1 << 12)
     with_random_action_bias(model.ranker)
@@ -235,11 +246,10 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
     slot = np.arange(6) % np.maximum(v.sum(1), 1)
     ah[1, slot[1]], fp[1, slot[1]] = ah[0, 0], fp[0, 0]  # session 0's author is session 1's column: a hit
     impression = 1 / (6 * SMALL.num_candidates * SMALL.num_actions)
-    optimizer = nnx.Optimizer(
-        model,
-        make_optimizer(OptimizerConfig(), 10, impression, offset_columns=SMALL.num_actions, steps_per_epoch=1.0),
-        wrt=nnx.Param,
+    tx = make_optimizer(
+        OptimizerConfig(), 10, impression, action_bias=True, offset_columns=SMALL.num_actions, steps_per_epoch=1.0
     )
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     nnx.jit(train_step_fn(LossConfig(exposure_weight=0.5)))(model, optimizer, batch)
     got = float(exposure_loss(model, batch, labeled_candidates(batch)))
 
@@ -267,15 +277,15 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
 def test_the_action_bias_trains_with_the_tables_optimizer():
     from phoenix_flax.training import param_labels
 
-    params = nnx.state(PhoenixRanker(SMALL, rngs=nnx.Rngs(0)), nnx.Param)
-    labels = param_labels(params)
+    params = nnx.state(ExtendedRanker(SMALL, rngs=nnx.Rngs(0)), nnx.Param)
+    labels = param_labels(params, bias_tables=True)
     assert labels["action_bias"]["post"]["table"].get_value() == "bias_tables"
     assert labels["action_bias"]["user"]["table"].get_value() == "bias_tables"
     assert labels["action_bias"]["mix"].get_value() == "dense"
     assert labels["embeddings"]["post"]["table"].get_value() == "tables"
     assert labels["unembed"].get_value() == "dense"
-    assert param_labels(params, bias_tables=False)["action_bias"]["post"]["table"].get_value() == "tables"
-    newton = param_labels(params, bias_offsets=True)["action_bias"]
+    assert param_labels(params)["action_bias"]["post"]["table"].get_value() == "tables"
+    newton = param_labels(params, bias_tables=True, bias_offsets=True)["action_bias"]
     assert [newton[t]["table"].get_value() for t in ("post", "author", "user")] == ["bias_offsets"] * 2 + [
         "bias_tables"
     ]
@@ -283,8 +293,8 @@ def test_the_action_bias_trains_with_the_tables_optimizer():
 
 def test_bfloat16_compute_keeps_float32_parameters():
     batch = model_inputs(full_batch(6))
-    f32 = PhoenixRanker(SMALL, rngs=nnx.Rngs(0))
-    bf16 = PhoenixRanker(dataclasses.replace(SMALL, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    f32 = ExtendedRanker(SMALL, rngs=nnx.Rngs(0))
+    bf16 = ExtendedRanker(dataclasses.replace(SMALL, dtype="bfloat16"), rngs=nnx.Rngs(0))
     params = nnx.state(bf16, nnx.Param)
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
     out32, out16 = np.asarray(f32(batch)), np.asarray(bf16(batch))
@@ -295,7 +305,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
 def test_every_parameter_has_logical_axis_names_with_rules():
     ruled = {name for name, _ in DEFAULT_RULES}
-    model = nnx.List([PhoenixRanker(SMALL, rngs=nnx.Rngs(0)), PhoenixRetrieval(SMALL, rngs=nnx.Rngs(0))])
+    model = nnx.List([ExtendedRanker(SMALL, rngs=nnx.Rngs(0)), PhoenixRetrieval(SMALL, rngs=nnx.Rngs(0))])
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
             names = var.get_metadata()["out_sharding"]
@@ -309,8 +319,27 @@ def test_parameters_are_created_sharded_under_a_mesh():
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"))
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        model = PhoenixRanker(SMALL, rngs=nnx.Rngs(0))
+        model = ExtendedRanker(SMALL, rngs=nnx.Rngs(0))
     table = model.embeddings.post.table[...]
     assert table.sharding.spec == P(("model", "fsdp"), None)
     assert len(table.addressable_shards) == 8 and table.addressable_shards[0].data.shape == (256 // 4, 32)
     assert model.transformer.layers[0].ffn.gate[...].sharding.spec == P("fsdp", "model")
+
+
+def test_the_default_config_builds_the_original_ranker_whose_probabilities_are_the_logits_sigmoid():
+    """`ModelConfig()` is X's release: one logit path, no post-hoc heads, no extension's tables."""
+    from phoenix_flax.extensions import build_ranker
+
+    cfg = dataclasses.replace(ModelConfig(), **{k: getattr(SMALL, k) for k in ("emb_size", "key_size", "actions")})
+    cfg = dataclasses.replace(cfg, user_vocab_rows=64, post_vocab_rows=256, author_vocab_rows=64)
+    model = build_ranker(cfg, rngs=nnx.Rngs(0))
+    assert type(model) is PhoenixRanker
+    assert not {"action_bias", "calibration", "blend"} & set(vars(model))
+    assert not any("action_bias" in str(path) for path, _ in nnx.to_flat_state(nnx.state(model)))
+    batch = model_inputs(random_batch(cfg, 3, np.random.default_rng(9)))
+    parts, logits = nnx.jit(lambda m, b: (m.logit_parts(b), m(b)))(model, batch)
+    assert list(parts) == ["transformer"]
+    np.testing.assert_allclose(model.probabilities(parts), 1 / (1 + np.exp(-np.asarray(logits))), atol=1e-6)
+    with pytest.raises(TypeError, match="reads no"):
+        model.probabilities(parts, count_logits=logits)
+    assert type(build_ranker(dataclasses.replace(cfg, action_bias=True), rngs=nnx.Rngs(0))) is ExtendedRanker

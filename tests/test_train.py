@@ -199,43 +199,6 @@ def test_every_config_loads_and_round_trips(name):
     assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
 
 
-def test_a_saved_config_without_the_fields_added_since_builds_what_it_was_trained_as():
-    from phoenix_flax.config import saved_config
-    from phoenix_flax.config.experiment import FIELDS_ADDED
-
-    cfg = load(str(REPO / "configs" / "demo.py"))
-    old = to_dict(cfg)
-    for section, added in FIELDS_ADDED.items():
-        for key in added:
-            del old[section][key]
-    restored = saved_config(old)
-    model = restored.model
-    assert (model.action_bias, model.affinity_rank, model.calibration) == (False, 0, False)
-    assert (model.count_blend, model.count_gate) == (False, False)
-    optimizer = restored.optimizer
-    assert (
-        optimizer.table_initial_accumulator,
-        optimizer.table_weight_decay,
-        optimizer.action_bias_weight_decay,
-        optimizer.ema_decay,
-        optimizer.action_bias_initial_accumulator,
-        optimizer.action_bias_offsets,
-    ) == (0.1, 0.0, None, 0.0, 0.0, "adagrad")
-    assert restored.loss.exposure_weight == 0.0
-    assert saved_config(to_dict(cfg)) == cfg  # a config that has them keeps its values
-    assert cfg.model.affinity_rank > 0 and cfg.model.action_bias and cfg.model.calibration  # (not vacuous)
-    assert cfg.model.count_blend and cfg.model.count_gate
-    assert cfg.optimizer.action_bias_offsets == "newton"
-
-    # Rules saved before a logical name existed: it gets its default rule, the others stay.
-    old["mesh"]["rules"] = [r for r in old["mesh"]["rules"] if not r.startswith(("layers:", "act_mlp:"))]
-    old["mesh"]["rules"][0] = "batch:data"  # a run's own choice
-    with pytest.raises(ConfigError, match="layers"):
-        from_dict(old)
-    rules = dict(r.split(":") for r in saved_config(old).mesh.rules)
-    assert (rules["batch"], rules["layers"], rules["act_mlp"]) == ("data", "", "model")
-
-
 def test_config_overrides_are_typed():
     cfg = load(str(REPO / "configs" / "demo.py"))
     out = apply_overrides(
@@ -320,9 +283,9 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     and that value equals the actions' mean AUC computed by phoenix-eval's own pass over the
     same validation sessions with the restored model. With optimizer.ema_decay, both are the
     parameters' moving average."""
-    from phoenix_flax.calibration import fit_logit_blend
     from phoenix_flax.data.pipeline import open_source
     from phoenix_flax.evaluation import collect
+    from phoenix_flax.extensions.calibration import fit_logit_blend
 
     cfg = tiny_experiment(
         tiny_world["data_dir"],
@@ -410,7 +373,7 @@ def test_calibration_ratio_and_ece_by_hand():
 
 
 def test_calibration_shifts_minimize_the_log_loss_with_their_prior():
-    from phoenix_flax.calibration import fit_logit_shifts
+    from phoenix_flax.extensions.calibration import fit_logit_shifts
 
     rng = np.random.default_rng(0)
     logits = rng.normal(-1.0, 1.5, (400, 3))
@@ -437,7 +400,7 @@ def test_calibration_shifts_minimize_the_log_loss_with_their_prior():
 def test_the_logit_blend_is_the_most_probable_under_its_priors():
     """Weights and shifts where the penalized log loss has zero gradient (it is convex, so its
     minimum), and a planted blend recovered from many samples."""
-    from phoenix_flax.calibration import fit_logit_blend
+    from phoenix_flax.extensions.calibration import fit_logit_blend
 
     rng = np.random.default_rng(1)
     n, k, a = 100_000, 3, 2
@@ -472,7 +435,7 @@ def test_the_logit_blend_is_the_most_probable_under_its_priors():
 
 
 def test_shifts_to_rates_give_the_mean_prediction_asked():
-    from phoenix_flax.calibration import shifts_to_rates
+    from phoenix_flax.extensions.calibration import shifts_to_rates
 
     rng = np.random.default_rng(2)
     logits = rng.normal(-2.0, 1.5, (5000, 3))
@@ -594,11 +557,10 @@ def test_the_moving_average_resumes_and_is_what_evaluation_restores(tiny_world, 
     assert sum(differ) > len(differ) // 2  # the average is not the parameters
 
 
-@pytest.mark.parametrize("bias_decay", [None, 0.0, 0.25])
+@pytest.mark.parametrize("bias_decay", [0.0, 0.25])
 def test_the_action_bias_tables_decay_by_their_own_rate(bias_decay):
     """optimizer.action_bias_weight_decay: the action-bias rows a step touches decay at their own
-    rate (None: table_weight_decay), the embeddings' at table_weight_decay; with None the
-    optimizer state has the groups of a run saved before the option, so such a run resumes."""
+    rate, the embeddings' at table_weight_decay; without the action bias, no group of its own."""
     from phoenix_flax.config import OptimizerConfig
     from phoenix_flax.training import make_optimizer
 
@@ -613,18 +575,18 @@ def test_the_action_bias_tables_decay_by_their_own_rate(bias_decay):
     grad = np.zeros((4, 3), np.float32)
     grad[[0, 2]] = rng.normal(size=(2, 3))
     grads = {"emb": {"table": grad}, "action_bias": {"post": {"table": grad}}, "w": np.ones(3, np.float32)}
-    tx = make_optimizer(cfg, total_steps=10)
+    tx = make_optimizer(cfg, total_steps=10, action_bias=True)
     updates, _ = tx.update(grads, tx.init(params), params)
     touched = (grad != 0).any(-1, keepdims=True)
-    bias_rate = decay if bias_decay is None else bias_decay
     for name, got, rate in (
         ("embedding", updates["emb"]["table"], decay),
-        ("action bias", updates["action_bias"]["post"]["table"], bias_rate),
+        ("action bias", updates["action_bias"]["post"]["table"], bias_decay),
     ):
         want = np.where(touched, -lr * np.sign(grad) - lr * rate * table, 0)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7, err_msg=name)
-    groups = set(tx.init(params)[1].inner_states)  # (clipping, multi_transform)
-    assert groups == ({"dense", "tables"} if bias_decay is None else {"dense", "tables", "bias_tables"})
+    assert set(tx.init(params)[1].inner_states) == {"dense", "tables", "bias_tables"}  # (clipping, multi_transform)
+    without = {k: v for k, v in params.items() if k != "action_bias"}
+    assert set(make_optimizer(cfg, total_steps=10).init(without)[1].inner_states) == {"dense", "tables"}
 
 
 def test_the_action_bias_tables_start_adagrad_from_their_own_accumulator_counted_in_impressions():
@@ -643,14 +605,14 @@ def test_the_action_bias_tables_start_adagrad_from_their_own_accumulator_counted
     params = {"emb": {"table": table}, "action_bias": {"post": {"table": table}}, "w": np.ones(2, np.float32)}
     grad = np.array([[0.9, -0.05], [0, 0], [-3.0, 0.5]], np.float32) * unit
     grads = {"emb": {"table": grad}, "action_bias": {"post": {"table": grad}}, "w": np.ones(2, np.float32)}
-    tx = make_optimizer(cfg, total_steps=10, impression_gradient=unit)
+    tx = make_optimizer(cfg, total_steps=10, impression_gradient=unit, action_bias=True)
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(
         np.asarray(updates["action_bias"]["post"]["table"]), -lr * grad / np.sqrt(k * unit**2 + grad**2), rtol=1e-4
     )
     np.testing.assert_allclose(np.asarray(updates["emb"]["table"]), -lr * np.sign(grad), rtol=1e-5)
     with pytest.raises(ValueError, match="impression_gradient"):
-        make_optimizer(cfg, total_steps=10)
+        make_optimizer(cfg, total_steps=10, action_bias=True)
 
 
 def test_newton_offsets_take_a_newton_step_and_their_factors_adagrads():
@@ -670,7 +632,9 @@ def test_newton_offsets_take_a_newton_step_and_their_factors_adagrads():
     params = {"emb": {"table": table}, "action_bias": bias, "w": np.ones(3, np.float32)}
     grad = np.array([[0.9, -0.05, 0.3], [0, 0, 0], [-3.0, 0.5, -0.2]], np.float32) * unit
     grads = jax.tree.map(lambda _: grad, params)
-    tx = make_optimizer(cfg, total_steps=10, impression_gradient=unit, offset_columns=2, steps_per_epoch=epoch)
+    tx = make_optimizer(
+        cfg, total_steps=10, impression_gradient=unit, action_bias=True, offset_columns=2, steps_per_epoch=epoch
+    )
     updates, _ = tx.update(grads, tx.init(params), params)
     sums = k * unit**2 + grad.astype(np.float64) ** 2
     adagrad = -lr * grad / np.sqrt(sums)
@@ -682,7 +646,7 @@ def test_newton_offsets_take_a_newton_step_and_their_factors_adagrads():
     np.testing.assert_allclose(np.asarray(updates["emb"]["table"]), -lr * np.sign(grad), rtol=1e-5)
     assert set(tx.init(params)[1].inner_states) == {"dense", "tables", "bias_tables", "bias_offsets"}
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        make_optimizer(cfg, total_steps=10, impression_gradient=unit, offset_columns=2)
+        make_optimizer(cfg, total_steps=10, impression_gradient=unit, action_bias=True, offset_columns=2)
 
 
 def test_newton_offsets_learn_what_smoothed_counting_learns():
@@ -691,7 +655,7 @@ def test_newton_offsets_learn_what_smoothed_counting_learns():
     row: sum_i (sigmoid(theta) - y_i) + theta / v = 0 over its impressions of an epoch); the prior
     is wide for the action the rows decide (rates 0.05 or 0.9) and narrow for the one they do not
     (every row 0.3), so that one's offsets stay near 0 while its counts scatter."""
-    from phoenix_flax.training import action_bias_newton
+    from phoenix_flax.extensions.optimizer import action_bias_newton
 
     rows, per_epoch, epochs, unit = 400, 8, 60, 1e-4
     rng = np.random.default_rng(0)

@@ -14,7 +14,6 @@ from phoenix_flax.config.experiment import (
     from_dict,
     load,
     replace_fields,
-    saved_config,
     to_dict,
 )
 from phoenix_flax.config.model import DEFAULT_ACTIONS, ModelConfig
@@ -37,6 +36,5 @@ __all__ = [
     "from_dict",
     "load",
     "replace_fields",
-    "saved_config",
     "to_dict",
 ]

@@ -29,7 +29,6 @@ from phoenix_flax.sharding import (
     MESH_AXES,
     LogicalRules,
     parse_rules,
-    with_default_rules,
 )
 from phoenix_flax.validation import Checks, ConfigError
 
@@ -78,17 +77,17 @@ class OptimizerConfig:
     # Decoupled weight decay of the table rows a step looks up (the others stay as they are; with
     # AdamW, of every row): a row seen a few times does not memorize its few labels.
     table_weight_decay: float = 0.2
-    # The same for the ranker's action-bias tables (None: table_weight_decay, as runs saved before
-    # it trained). Not decayed by default: Adagrad's steps shrink as 1/sqrt(lookups) while the
-    # decay does not, so a decayed row settles smaller the more often it is looked up.
-    action_bias_weight_decay: float | None = 0.0
+    # The same for the action-bias tables (model.action_bias, an extension). Not decayed by
+    # default: Adagrad's steps shrink as 1/sqrt(lookups) while the decay does not, so a decayed row
+    # settles smaller the more often it is looked up.
+    action_bias_weight_decay: float = 0.0
     # Adagrad's starting sum of squares for the action-bias tables, in impressions: units of the
     # squared gradient one impression's full error on one action gives a row (1 / (batch_size x
     # num_candidates x num_actions), squared). From 0 a row's first step is lr x sign(g): a post's
     # one view and one non-view (gradients 0.9 and 0.05 of the unit) move its offsets as far, and
     # a post seen a few times learns nothing of what it was seen doing. From k, steps follow the
-    # gradients' size until about k impressions' worth have accumulated (README: 66.0% -> 70.5% of
-    # the oracle's lift on the sparse world at 750 steps).
+    # gradients' size until about k impressions' worth have accumulated (docs/extensions.md: 66.0%
+    # -> 70.5% of the oracle's lift on the sparse world at 750 steps).
     action_bias_initial_accumulator: float = 1.0
     # How the action bias's offsets (the first num_actions columns of its post and author tables)
     # learn. "adagrad": as its other columns. "newton": counting, learned: Newton steps toward each
@@ -96,12 +95,12 @@ class OptimizerConfig:
     # (the sum starts from action_bias_initial_accumulator), under a Gaussian prior per table and
     # action that weighs the same after any number of epochs and whose variance is fit to the rows
     # (EM): an action the post decides (video_view) gets a wide prior and is memorized, one the
-    # user decides (favorite) a narrow one and is not (`training.action_bias_newton`; README).
+    # user decides (favorite) a narrow one and is not (`extensions.optimizer.action_bias_newton`).
     action_bias_offsets: Literal["adagrad", "newton"] = "newton"
     action_bias_newton_step: float = 1.0  # the fraction of the Newton step taken
     # Evaluation, the best checkpoint and serving use an exponential moving average of the
     # parameters, this decay per step (0: the parameters as trained). Off by default: on the
-    # demo's worlds it changed neither ranking nor calibration beyond run-to-run noise (README).
+    # demo's worlds it changed neither ranking nor calibration beyond run-to-run noise (docs/).
     ema_decay: float = 0.0
     warmup_steps: int = 100
     end_learning_rate_fraction: float = 0.1  # cosine decay to this fraction of the peak
@@ -113,9 +112,7 @@ class OptimizerConfig:
     def __post_init__(self):
         checks = Checks(self).positive("learning_rate", "table_learning_rate", "grad_clip_norm")
         checks.at_least(0, "warmup_steps", "table_initial_accumulator", "table_weight_decay")
-        checks.at_least(0, "action_bias_initial_accumulator")
-        if self.action_bias_weight_decay is not None:
-            checks.at_least(0, "action_bias_weight_decay")
+        checks.at_least(0, "action_bias_initial_accumulator", "action_bias_weight_decay")
         step = self.action_bias_newton_step
         checks.require(0 < step <= 1, "action_bias_newton_step", "must be in (0, 1]")
         if self.action_bias_offsets == "newton":  # the prior is the only regularizer; no step divides by 0
@@ -141,7 +138,7 @@ class LossConfig:
     frequency_buckets: int = 1 << 20
     frequency_alpha: float = 0.01
     action_weights: tuple[float, ...] | None = None  # per-action BCE weights; None: all 1
-    # Weight of the exposure softmax beside the ranking loss (`losses.exposure_softmax_loss`):
+    # Weight of the exposure softmax beside the ranking loss (an extension: `extensions/exposure.py`):
     # the action bias's user affinity factors against the factors of the authors the user was
     # shown, every shown candidate a positive (engaged or not), against one shown author of every
     # other session (logQ, with logq="estimated", from their streamed frequency). What a user is
@@ -412,41 +409,6 @@ def from_dict(d: dict, cls=ExperimentConfig):
             problems.extend(agreement_problems(kwargs))
         raise ConfigError(problems)
     return cls(**kwargs)
-
-
-# Fields added after runs were first saved, with the values that keep an older run what it was:
-# a saved config without them builds the model, and the optimizer state, it was trained with.
-FIELDS_ADDED = {
-    "model": {
-        "action_bias": False,
-        "affinity_rank": 0,
-        "calibration": False,
-        "count_blend": False,
-        "count_gate": False,
-    },
-    "optimizer": {
-        "table_initial_accumulator": 0.1,
-        "table_weight_decay": 0.0,
-        "action_bias_weight_decay": None,
-        "action_bias_initial_accumulator": 0.0,
-        "action_bias_offsets": "adagrad",
-        "ema_decay": 0.0,
-    },
-    "loss": {"exposure_weight": 0.0},
-}
-
-
-def saved_config(d: dict) -> ExperimentConfig:
-    """`from_dict` for a config a run saved, filling the fields it predates with FIELDS_ADDED and
-    its mesh rules with the default rule of each logical name added to the model since."""
-    d = dict(d)
-    for section, added in FIELDS_ADDED.items():
-        if isinstance(d.get(section), dict):
-            d[section] = added | d[section]
-    mesh = d.get("mesh")
-    if isinstance(mesh, dict) and isinstance(mesh.get("rules"), (list, tuple)):
-        d["mesh"] = mesh | {"rules": with_default_rules(mesh["rules"])}
-    return from_dict(d)
 
 
 def dumps(cfg: ExperimentConfig) -> str:

@@ -36,7 +36,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class ModelConfig:
     """Shapes and options shared by the ranker and the retrieval model.
 
-    The defaults are a small model that trains on a CPU in minutes.
+    The defaults are the original architecture, small enough to train on a CPU in minutes.
     """
 
     # Transformer.
@@ -74,26 +74,26 @@ class ModelConfig:
     # What each layer keeps for the backward pass: "none" (everything), "full" (its input only;
     # the rest is recomputed) or "dots" (the outputs of its weight matmuls).
     remat: Literal["none", "full", "dots"] = "none"
-    # The ranker's memorization path beside the deep one: per-action logit offsets looked up
-    # from the candidate's post and author hashes (zero at the start). Not in the original
-    # architecture (its import turns it off).
-    action_bias: bool = True
-    # Its user x candidate affinity, matrix factorization of this rank (0: none); see ActionBias.
+    # Additions beyond the original architecture (phoenix_flax/extensions), all off by default.
+    # The ranker's memorization path beside the deep one: per-action logit offsets looked up from
+    # the candidate's post and author hashes (zero at the start); see ActionBias.
+    action_bias: bool = False
+    # Its user x candidate affinity, matrix factorization of this rank (0: none).
     affinity_rank: int = 16
     # Per-action logit shifts fit on validation each time training evaluates, added by evaluation
     # and serving (not by the loss), so that mean predictions match observed rates; see
-    # phoenix_flax/calibration.py. Not in the original (its import turns it off).
-    calibration: bool = True
+    # extensions/calibration.py.
+    calibration: bool = False
     # The reported logits weigh, per action, the logits' parts (transformer, post, author,
     # affinity) and the candidate post's counted log-odds in the training split (its smoothed
     # action rates; phoenix_flax/counting.py), the weights fit on validation with the calibration
     # shifts: with few impressions per post counting knows a post's rates better than hashed rows
-    # learn them (README). Needs calibration. Not in the original (its import turns it off).
-    count_blend: bool = True
+    # learn them (docs/extensions.md). Needs calibration.
+    count_blend: bool = False
     # The blend also weighs each part times sigmoid(the counted log-odds), so that held-out data
     # decides how far the user's parts move a post counting says rarely gets the action
-    # (`PhoenixRanker.blend_features`). Needs count_blend.
-    count_gate: bool = True
+    # (`ExtendedRanker.blend_features`). Needs count_blend.
+    count_gate: bool = False
     # Retrieval softmax temperature, and whether it is learned.
     retrieval_temperature: float = 0.05
     learn_temperature: bool = False

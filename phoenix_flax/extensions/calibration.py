@@ -4,13 +4,13 @@ A ranker that memorizes its training positives (through post and user rows) meet
 rate partly with them, and gives sessions it has not memorized less: on held-out sessions it
 under-predicts (bench/quality.py's sparse world: favorite 0.89 of the observed rate, dwell 0.91).
 The final score multiplies probabilities by weights, so this skews it. One shift per action, fit on
-the validation batches each time training evaluates (`trainer.evaluate_during_training`) and saved
-with the checkpoint, is added to the logits by evaluation and serving (`PhoenixRanker.probabilities`);
+the validation batches each time training evaluates (`ExtendedRanker.fit_post_hoc`) and saved
+with the checkpoint, is added to the logits by evaluation and serving (`ExtendedRanker.probabilities`);
 the loss never sees it.
 
 With `model.count_blend` the fit weighs, per action, the logits' parts and the candidate post's
 counted log-odds (phoenix_flax/counting.py), and with `model.count_gate` each part times their
-sigmoid (`PhoenixRanker.blend_features`, `calibrated_logits`): held-out data
+sigmoid (`ExtendedRanker.blend_features`, `calibrated_logits`): held-out data
 decides how much of the post's knowledge to take from counting and how much of the user's from
 the model, which the training split cannot (its counts hold each label they predict). The shifts
 then set the mean prediction on those batches to the action's rate in the training split and the
