@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # older than 2.35; a GLIBC_TUNABLES of your own is kept.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: demo demo-movielens test lint format bench lock clean
+.PHONY: demo demo-movielens test test-all lint format bench lock clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,13 @@ demo-movielens: $(VENV)/.installed
 	$(VENV)/bin/phoenix-eval --workdir $(ML_RUN)/train --step best --protocol next-item \
 	  --corpus $(ML_RUN)/import/corpus.jsonl --output $(ML_RUN)/metrics.json
 
+# The fast tier: unit tests and small in-process integration tests (under 5 minutes on 2 cores).
 test: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Every test: the fast tier and the tests marked slow (subprocesses, two processes, signals and
+# kill -9, the planner, the programs end to end). What CI runs after `make lint`.
+test-all: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # ruff, configured in pyproject.toml: the tree is lint-clean and formatted.

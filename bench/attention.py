@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phoenix_flax.attention import sequence_attention
+from phoenix_flax.model.attention import sequence_attention
 
 CANDIDATES = 64
 

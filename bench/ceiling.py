@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from quality import WORLDS
 
 from phoenix_flax.data import synth
-from phoenix_flax.evaluation import MIN_POSITIVES
-from phoenix_flax.metrics import auc
+from phoenix_flax.evaluation.evaluate import MIN_POSITIVES
+from phoenix_flax.evaluation.metrics import auc
 
 KNOWLEDGE = ("posts", "authors+media", "authors")
 

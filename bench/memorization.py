@@ -8,7 +8,7 @@ into table rows leaves of it: per action with at least 50 test positives, the te
               to the offsets (EM): what the action bias's Newton steps converge to, with no row
               shared;
   ROWSxH:     the same with each post's offset the sum of H rows of a ROWS-row table, the rows
-              chosen by the model's hash functions (phoenix_flax.hashing): the action bias's post
+              chosen by the model's hash functions (phoenix_flax.data.hashing): the action bias's post
               table. The demo config's table first, then any --tables.
 
 A model whose post knowledge flows through ROWSxH rows is bounded by that column on an action the
@@ -41,10 +41,10 @@ import numpy as np
 from quality import WORLDS
 
 from phoenix_flax.config import load, replace_fields
-from phoenix_flax.counting import PostCounts, split_labels
-from phoenix_flax.evaluation import MIN_POSITIVES
-from phoenix_flax.hashing import hash_ids
-from phoenix_flax.metrics import auc
+from phoenix_flax.data.counting import PostCounts, split_labels
+from phoenix_flax.data.hashing import hash_ids
+from phoenix_flax.evaluation.evaluate import MIN_POSITIVES
+from phoenix_flax.evaluation.metrics import auc
 from train.demo import DEMO_CONFIG, make_world
 
 USER_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the best mix's grid, for the affinity and the transformer each
@@ -138,8 +138,8 @@ def main() -> None:
 def perfect_memorization(train_dir: str, by_post) -> None:
     """The second table (see the module's docstring), from the run's best checkpoint; `by_post`:
     the test posts' sorted IDs and their post rates and exact offsets `[N, A]`."""
-    from phoenix_flax.checkpoint import restore_model  # JAX starts here, not before
-    from phoenix_flax.evaluation import collect
+    from phoenix_flax.checkpoint.restore import restore_model  # JAX starts here, not before
+    from phoenix_flax.evaluation.evaluate import collect
     from phoenix_flax.sharding import make_mesh, use_mesh
 
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})

@@ -30,7 +30,7 @@ import os
 
 from phoenix_flax.config import apply_overrides, load, replace_fields
 from phoenix_flax.data.synth import WorldConfig
-from phoenix_flax.evaluation import judged_actions, oracle_gap_closed, quality_summary, truth_calibration_ratio
+from phoenix_flax.evaluation.evaluate import judged_actions, oracle_gap_closed, quality_summary, truth_calibration_ratio
 from train.demo import DEMO_CONFIG, WORLD, make_world, train_and_evaluate
 
 # Training on 60% of 32,000 sessions is training on 80% of 24,000, as the sparse world did before its

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from phoenix_flax.config import load
-from phoenix_flax.ranker import PhoenixRanker
+from phoenix_flax.model.ranker import PhoenixRanker
 from phoenix_flax.testing import model_inputs, random_batch
 
 

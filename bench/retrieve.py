@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phoenix_flax.retrieval import l2_normalize, top_k
+from phoenix_flax.model.retrieval import l2_normalize, top_k
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from flax import nnx
 from phoenix_flax.config import apply_overrides, load
 from phoenix_flax.data.pipeline import global_batch
 from phoenix_flax.sharding import make_mesh
+from phoenix_flax.step.step import create_train_state, make_train_step, train_step_fn
 from phoenix_flax.testing import random_batch
-from phoenix_flax.training import create_train_state, make_train_step, train_step_fn
 
 STEPS_PER_EPOCH = 190.0  # the demo's world (its prior's weight per step; the step's cost does not depend on it)
 

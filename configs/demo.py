@@ -51,13 +51,9 @@ def get_config() -> ExperimentConfig:
             truth_file="runs/demo/world/test_truth.npz",
             corpus_file="runs/demo/world/corpus.jsonl",
         ),
-        # 3e-3 for the dense weights: the demo's world still improves at the last step (measured
-        # with bench/quality.py, before exposure_weight: 81.4% of the oracle's lift against 79.8%
-        # at 2e-3; the sparse and cold worlds, which overfit early, 58.2% against 58.4% and 56.2%
-        # against 58.7%).
+        # 3e-3 for the dense weights: the demo's world still improves at the last step (bench/quality.py).
         optimizer=OptimizerConfig(learning_rate=3e-3, table_learning_rate=0.05, warmup_steps=100),
-        # exposure_weight 0.1 (an extension): the mean share of the oracle's lift 81.4% -> 87.1% on
-        # the demo's world, 58.2% -> 65.4% on the sparse one (bench/quality.py; docs/extensions.md).
+        # exposure_weight 0.1: an extension (docs/extensions.md has what it adds).
         loss=LossConfig(
             ranking_weight=1.0, retrieval_weight=0.2, exposure_weight=0.1, logq="estimated", frequency_buckets=1 << 16
         ),

@@ -2,7 +2,8 @@
 
 The shape production rankers train at. Blockwise attention keeps memory linear in the history;
 scanned layers with full rematerialization keep one layer's activations at a time. Planned with
-`phoenix-plan --config configs/long_history.py --devices 8`: see the README.
+`phoenix-plan --config configs/long_history.py --devices 8` (docs/scale.md; about a minute to
+compile on 2 CPU cores). Not trained here (no accelerator).
 """
 
 import dataclasses

@@ -1,4 +1,8 @@
-"""The ranker alone (multi-action BCE), at a single-host GPU scale."""
+"""The ranker alone (multi-action BCE), at a single-host GPU scale: `joint_base` without retrieval.
+
+`phoenix-train --config configs/ranker_base.py --workdir W --config.data.data_dir=D`. Not trained
+here (no accelerator); plan it with `phoenix-plan --config configs/ranker_base.py --devices 8`.
+"""
 
 import dataclasses
 

@@ -1,4 +1,8 @@
-"""The two-tower retrieval model alone (in-batch sampled softmax, estimated logQ), single-host GPU scale."""
+"""The two-tower retrieval model alone (in-batch sampled softmax, estimated logQ), single-host GPU scale.
+
+`phoenix-train --config configs/retrieval_base.py --workdir W --config.data.data_dir=D`. Not trained
+here (no accelerator); plan it with `phoenix-plan --config configs/retrieval_base.py --devices 8`.
+"""
 
 import dataclasses
 

@@ -1,7 +1,9 @@
 """A multi-host deployment: 256 chips as data 8 x fsdp 16 x model 2, production batch and tables.
 
 Launch one process per host (e.g. 64 hosts of 4 chips), each with --num-processes,
---process-id and --coordinator-address (or the JAX_* environment variables).
+--process-id and --coordinator-address (or the JAX_* environment variables). Its consistency is
+tested and its step planned (`phoenix-plan --config configs/tpu_pod.py --devices 256`, docs/scale.md);
+it has not been run.
 """
 
 import dataclasses

@@ -14,7 +14,7 @@ import jax
 from phoenix_flax.config import ConfigError, ExperimentConfig, apply_overrides, load
 from phoenix_flax.data.raw import Session, SkipReport, expand_paths, read_sessions
 from phoenix_flax.errors import PhoenixError
-from phoenix_flax.scoring import FeedScoring, parse_weights
+from phoenix_flax.model.scoring import FeedScoring, parse_weights
 
 DEBUG_ENV = "PHOENIX_DEBUG"
 

@@ -12,3 +12,17 @@ class PhoenixError(Exception):
 
 class DatasetError(PhoenixError):
     """A prepared dataset is missing, or does not fit the model (e.g. another action vocabulary)."""
+
+
+class CheckpointError(PhoenixError):
+    """A run's checkpoints cannot be used as asked."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    def __init__(self, step: int, item: str, reason: str):
+        self.step, self.item, self.reason = step, item, reason
+        super().__init__(f"checkpoint step {step} is damaged: {item}: {reason}")
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint was written by a model or optimizer of other shapes than the config's."""

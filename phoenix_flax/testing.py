@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from phoenix_flax.batch import INPUT_FIELDS
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.hashing import fingerprint
+from phoenix_flax.data.batch import INPUT_FIELDS
+from phoenix_flax.data.hashing import fingerprint
 
 
 def random_batch(
@@ -20,7 +20,7 @@ def random_batch(
 ) -> dict[str, np.ndarray]:
     """A batch of hashed rows in range, with padding at the end of histories and candidate lists.
 
-    Holds every field of `phoenix_flax.batch.STEP_FIELDS`. Every row has at least one history
+    Holds every field of `phoenix_flax.data.batch.STEP_FIELDS`. Every row has at least one history
     item and one candidate, is labeled, and takes its first candidate as the retrieval positive.
     """
     s = cfg.history_len if history_len is None else history_len

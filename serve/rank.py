@@ -7,7 +7,7 @@ Writes one line per input session, in input order:
 {"user_id": ..., "candidates": [{"post_id": ..., "probs": {"favorite": p, ...}, "score": s}, ...]}
 with the candidates sorted by score. Any number of candidates per session: they are scored in
 chunks against the session's user context, computed once. The score is the weighted sum of the
-probabilities; the options add the steps of X's feed scorer (`phoenix_flax/scoring.py`), and then
+probabilities; the options add the steps of X's feed scorer (`phoenix_flax/model/scoring.py`), and then
 each candidate also has "weighted_score", the plain sum.
 """
 
@@ -28,7 +28,7 @@ from phoenix_flax.cli import (
     run,
     scoring_from_args,
 )
-from phoenix_flax.scoring import action_weights
+from phoenix_flax.model.scoring import action_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,8 +44,8 @@ def rank(args: argparse.Namespace) -> int:
     overrides, feed = scoring_from_args(args)
     check_writable(args.output)
 
-    from phoenix_flax.checkpoint import restore_model  # JAX starts here
-    from phoenix_flax.serving import CachedRanker, ranked_candidates
+    from phoenix_flax.checkpoint.restore import restore_model  # JAX starts here
+    from phoenix_flax.serving.ranking import CachedRanker, ranked_candidates
 
     restored = restore_model(args.workdir, args.step)
     cfg = restored.cfg.model

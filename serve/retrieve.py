@@ -29,7 +29,7 @@ from phoenix_flax.cli import (
     run,
     scoring_from_args,
 )
-from phoenix_flax.scoring import action_weights
+from phoenix_flax.model.scoring import action_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,8 +50,10 @@ def retrieve_top_k(args: argparse.Namespace) -> int:
     overrides, feed = scoring_from_args(args)
     check_writable(args.output)
 
-    from phoenix_flax.checkpoint import CheckpointError, restore_model  # JAX starts here
-    from phoenix_flax.serving import CachedRanker, CorpusIndex, ranked_candidates, retrieve
+    from phoenix_flax.checkpoint.restore import restore_model  # JAX starts here
+    from phoenix_flax.errors import CheckpointError
+    from phoenix_flax.serving.index import CorpusIndex, retrieve
+    from phoenix_flax.serving.ranking import CachedRanker, ranked_candidates
 
     restored = restore_model(args.workdir, args.step)
     model, cfg = restored.model, restored.cfg.model

@@ -14,10 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from phoenix_flax.batch import STEP_FIELDS
 from phoenix_flax.config import DEFAULT_ACTIONS, ModelConfig
+from phoenix_flax.config.data import DataConfig
 from phoenix_flax.data import prepare as prep
-from phoenix_flax.data.config import DataConfig
+from phoenix_flax.data.batch import STEP_FIELDS
+from phoenix_flax.data.hashing import FINGERPRINT_ROWS, hash_ids
 from phoenix_flax.data.pipeline import ExamplesToBatch, SessionToExamples, global_batch, make_dataset
 from phoenix_flax.data.raw import SessionFormatError, SessionParser, SkipReport, read_sessions
 from phoenix_flax.data.synth import (
@@ -31,7 +32,6 @@ from phoenix_flax.data.synth import (
     write_world,
 )
 from phoenix_flax.errors import DatasetError
-from phoenix_flax.hashing import FINGERPRINT_ROWS, hash_ids
 from phoenix_flax.validation import ConfigError
 from train import demo
 from train import prepare as prepare_cli

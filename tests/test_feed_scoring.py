@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from phoenix_flax.scoring import (
+from phoenix_flax.model.scoring import (
     FeedScoring,
     WeightsError,
     author_diversity,

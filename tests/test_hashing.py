@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from phoenix_flax.hashing import hash_ids
+from phoenix_flax.data.hashing import hash_ids
 
 IDS = np.array([0, 1, -1, 2**63 - 1, -(2**63), 123456789012345, 42], dtype=np.int64)
 
@@ -19,9 +19,10 @@ def test_range_shape_and_dtype():
     assert (hash_ids(np.arange(1000), 1, 2) == 1).all()  # a table of one usable row
 
 
+@pytest.mark.slow
 def test_deterministic_across_processes():
     code = (
-        "import numpy as np; from phoenix_flax.hashing import hash_ids;"
+        "import numpy as np; from phoenix_flax.data.hashing import hash_ids;"
         f"print(hash_ids(np.array({IDS.tolist()}, dtype=np.int64), 4, 1000003).tolist())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

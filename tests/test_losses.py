@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 from phoenix_flax.config import DEFAULT_ACTIONS, ModelConfig
-from phoenix_flax.losses import FrequencyEstimator, ranking_bce, sampled_softmax_loss
-from phoenix_flax.ranker import PhoenixRanker
-from phoenix_flax.scoring import DEFAULT_ACTION_WEIGHTS, action_weights, weighted_score
+from phoenix_flax.model.ranker import PhoenixRanker
+from phoenix_flax.model.scoring import DEFAULT_ACTION_WEIGHTS, action_weights, weighted_score
+from phoenix_flax.step.losses import FrequencyEstimator, ranking_bce, sampled_softmax_loss
 from phoenix_flax.testing import model_inputs, random_batch
 
 
@@ -87,6 +87,7 @@ def test_sampled_softmax_without_extras_matches_numpy():
     np.testing.assert_allclose(got, numpy_sampled_softmax(users, pos, ids, valid, valid, np.zeros(5), 0.5), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_on_fully_padded_rows():
     cfg = ModelConfig(
         emb_size=16,

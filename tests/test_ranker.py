@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phoenix_flax.attention import ranker_attention_mask
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.extensions import ExtendedRanker
 from phoenix_flax.extensions.ranker import LogitBlend
-from phoenix_flax.ranker import PhoenixRanker
-from phoenix_flax.retrieval import PhoenixRetrieval
+from phoenix_flax.model.attention import ranker_attention_mask
+from phoenix_flax.model.ranker import PhoenixRanker
+from phoenix_flax.model.retrieval import PhoenixRetrieval
 from phoenix_flax.sharding import DEFAULT_RULES
 from phoenix_flax.testing import gated_blend_features, model_inputs, random_batch
 
@@ -230,11 +230,12 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
     """Every shown candidate's author against one shown author of every other session (session
     j's slot j mod its count), same authors as the row's removed, logQ from the columns the
     training step recorded; checked against numpy after one step."""
-    from phoenix_flax.batch import labeled_candidates
     from phoenix_flax.config import LossConfig, OptimizerConfig
+    from phoenix_flax.data.batch import labeled_candidates
     from phoenix_flax.extensions.exposure import exposure_loss
-    from phoenix_flax.model import PhoenixModel
-    from phoenix_flax.training import make_optimizer, train_step_fn
+    from phoenix_flax.step.model import PhoenixModel
+    from phoenix_flax.step.optimizer import make_optimizer
+    from phoenix_flax.step.step import train_step_fn
 
     model = PhoenixModel(SMALL, rngs=nnx.Rngs(0), retrieval=False, exposure_frequency_buckets=1 << 12)
     with_random_action_bias(model.ranker)
@@ -275,7 +276,7 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
 
 
 def test_the_action_bias_trains_with_the_tables_optimizer():
-    from phoenix_flax.training import param_labels
+    from phoenix_flax.step.optimizer import param_labels
 
     params = nnx.state(ExtendedRanker(SMALL, rngs=nnx.Rngs(0)), nnx.Param)
     labels = param_labels(params, bias_tables=True)
@@ -291,6 +292,7 @@ def test_the_action_bias_trains_with_the_tables_optimizer():
     ]
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters():
     batch = model_inputs(full_batch(6))
     f32 = ExtendedRanker(SMALL, rngs=nnx.Rngs(0))
@@ -313,6 +315,7 @@ def test_every_parameter_has_logical_axis_names_with_rules():
             assert set(names) <= ruled, (path, names)
 
 
+@pytest.mark.slow
 def test_parameters_are_created_sharded_under_a_mesh():
     import flax.linen as nn
     from jax.sharding import PartitionSpec as P

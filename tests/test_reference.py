@@ -4,24 +4,28 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-from phoenix_flax.compat import config_from_reference, ranker_from_reference, retrieval_from_reference
+from phoenix_flax.model.compat import config_from_reference, ranker_from_reference, retrieval_from_reference
 
 ATOL = 1e-4
 
 
 # The import works for every layout and attention form, and each reproduces the original.
-OPTIONS = [{}, {"attention": "dense"}, {"scan_layers": True, "remat": "full"}]
-OPTION_IDS = ["blockwise", "dense", "scanned"]
+# (The scanned layout compiles slowest: `make test-all` only.)
+OPTIONS = [
+    pytest.param({}, id="blockwise"),
+    pytest.param({"attention": "dense"}, id="dense"),
+    pytest.param({"scan_layers": True, "remat": "full"}, id="scanned", marks=pytest.mark.slow),
+]
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("options", OPTIONS)
 def test_ranker_matches_golden(golden, options):
     model = ranker_from_reference(golden["ranker_params"], golden["config"], **options)
     logits = model.logits_from_embeddings(golden["batch"], golden["embeddings"])
     np.testing.assert_allclose(np.asarray(logits), golden["expected"]["ranker_logits"], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("options", OPTIONS)
 def test_retrieval_matches_golden(golden, options):
     model = retrieval_from_reference(golden["retrieval_params"], golden["config"], **options)
     user = model.user_from_embeddings(golden["batch"], golden["embeddings"])
@@ -61,6 +65,7 @@ OTHER_SHAPES = {
 }
 
 
+@pytest.mark.slow
 def test_conversion_at_other_shapes():
     rng = np.random.default_rng(0)
     cfg = OTHER_SHAPES

@@ -10,8 +10,8 @@ import tomllib
 import numpy as np
 from conftest import REPO
 
-from phoenix_flax.batch import INPUT_FIELDS, STEP_FIELDS
 from phoenix_flax.config import ModelConfig
+from phoenix_flax.data.batch import INPUT_FIELDS, STEP_FIELDS
 from phoenix_flax.testing import model_inputs, random_batch
 
 SOURCES = [p for d in ("phoenix_flax", "train", "serve", "bench", "configs", "tests") for p in (REPO / d).rglob("*.py")]
@@ -75,19 +75,20 @@ def test_random_batches_hold_every_field_a_step_reads():
 
 
 def test_read_only_checkpoint_notices_are_silenced_and_other_warnings_are_not(tmp_path, caplog):
-    from phoenix_flax.checkpoint import Checkpointer, _without_read_only_notices
+    from phoenix_flax.checkpoint.manager import Checkpointer
+    from phoenix_flax.checkpoint.orbax_workarounds import without_read_only_notices
 
     caplog.set_level(logging.WARNING)
     Checkpointer(str(tmp_path))  # creates the directory
     Checkpointer(str(tmp_path), read_only=True)
     assert not [r for r in caplog.records if "read only" in r.getMessage() or "read_only" in r.getMessage()]
-    with _without_read_only_notices():
+    with without_read_only_notices():
         logging.getLogger("absl").warning("a real problem")
     assert [r.getMessage() for r in caplog.records] == ["a real problem"]
 
 
 def test_the_schema_gives_the_shapes_random_batches_have():
-    from phoenix_flax.batch import batch_shapes
+    from phoenix_flax.data.batch import batch_shapes
 
     cfg = ModelConfig(history_len=5, num_candidates=3)
     batch = random_batch(cfg, 4, np.random.default_rng(0))

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import HashEmbeddings
-from phoenix_flax.losses import sampled_softmax_loss
-from phoenix_flax.ranker import PhoenixRanker
-from phoenix_flax.retrieval import PhoenixRetrieval, top_k
+from phoenix_flax.model.embeddings import HashEmbeddings
+from phoenix_flax.model.ranker import PhoenixRanker
+from phoenix_flax.model.retrieval import PhoenixRetrieval, top_k
+from phoenix_flax.step.losses import sampled_softmax_loss
 from phoenix_flax.testing import model_inputs, random_batch
 
 SMALL = ModelConfig(

@@ -18,17 +18,13 @@ import numpy as np
 import pytest
 from conftest import REPO, cli_overrides, tiny_experiment
 
-from phoenix_flax.checkpoint import (
-    INTEGRITY_FILE,
-    Checkpointer,
-    CheckpointError,
-    DamagedCheckpointError,
-    IncompatibleCheckpointError,
-    restore_model,
-)
+from phoenix_flax.checkpoint.integrity import INTEGRITY_FILE
+from phoenix_flax.checkpoint.manager import Checkpointer
+from phoenix_flax.checkpoint.restore import restore_model
 from phoenix_flax.config import ConfigError, apply_overrides, load
-from phoenix_flax.trainer import train
-from phoenix_flax.workdir import WorkdirLock, WorkdirLockedError
+from phoenix_flax.errors import CheckpointError, DamagedCheckpointError, IncompatibleCheckpointError
+from phoenix_flax.training.loop import train
+from phoenix_flax.training.workdir import WorkdirLock, WorkdirLockedError
 from train import evaluate as evaluate_cli
 from train import train as train_cli
 
@@ -97,6 +93,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 def test_retention_keeps_the_newest_good_step_beside_the_latest(runs):
     """keep=1, yet step 3 stays: it was the newest step known good when step 6 was saved."""
     with Checkpointer(str(runs["stopped"])) as checkpoints:
@@ -105,6 +102,7 @@ def test_retention_keeps_the_newest_good_step_beside_the_latest(runs):
             assert checkpoints.verify(step) is not None  # both have their integrity record
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_latest_step_is_set_aside_and_training_resumes_from_the_one_before(runs, tmp_path, damage):
     workdir = copy_of(runs, tmp_path)
@@ -120,6 +118,7 @@ def test_a_damaged_latest_step_is_set_aside_and_training_resumes_from_the_one_be
     assert logged_steps(workdir) == list(range(1, STEPS + 1))  # the log continues without repeating 4-6
 
 
+@pytest.mark.slow
 def test_serving_skips_a_damaged_latest_step_and_refuses_a_damaged_explicit_one(runs, tmp_path):
     workdir = copy_of(runs, tmp_path)
     overwrite_16_bytes(largest_file(workdir / "checkpoints" / "6", "model"))
@@ -131,6 +130,7 @@ def test_serving_skips_a_damaged_latest_step_and_refuses_a_damaged_explicit_one(
     assert not (workdir / "damaged").exists()  # evaluation and serving change nothing
 
 
+@pytest.mark.slow
 def test_when_no_step_restores_nothing_is_moved_and_every_problem_is_named(runs, tmp_path):
     workdir = copy_of(runs, tmp_path)
     truncate(largest_file(workdir / "checkpoints" / "6", "model"))
@@ -140,6 +140,7 @@ def test_when_no_step_restores_nothing_is_moved_and_every_problem_is_named(runs,
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"] and not (workdir / "damaged").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_other_model_shapes_names_the_fields_and_touches_nothing(runs, tmp_path):
     workdir = copy_of(runs, tmp_path)
     wider = apply_overrides(runs["cfg"], ["--config.model.emb_size=32", "--config.model.key_size=8"])
@@ -150,6 +151,7 @@ def test_resuming_with_other_model_shapes_names_the_fields_and_touches_nothing(r
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
 
 
+@pytest.mark.slow
 def test_resuming_with_a_harmless_change_says_what_changed(runs, tmp_path):
     workdir = copy_of(runs, tmp_path)
     reports = []
@@ -194,12 +196,13 @@ def test_eval_of_a_damaged_explicit_step_exits_with_one_line(runs, tmp_path, rec
     assert_one_line_error(result, "phoenix-eval: error: checkpoint step 6 is damaged: model: ", *expected)
 
 
+@pytest.mark.slow
 def test_only_what_reads_abandoned_by_a_failed_restore_report_is_dropped():
     """What Orbax's reads abandoned by a failed restore report (they made the damaged-step error
     above more than one line, now and then) is dropped; the same from elsewhere still shows."""
     program = (
-        "from phoenix_flax.checkpoint import _AbandonedReads\n"
-        "_AbandonedReads.watch('/run/checkpoints')\n"
+        "from phoenix_flax.checkpoint.orbax_workarounds import AbandonedReads\n"
+        "AbandonedReads.watch('/run/checkpoints')\n"
         "async def _read_array_index_and_device_put(): pass\n"
         "async def ours(): pass\n"
         "abandoned, forgotten = _read_array_index_and_device_put(), ours()\n"
@@ -392,6 +395,7 @@ def test_kill_9_at_random_moments_then_resume_repeats_the_uninterrupted_losses(t
     np.testing.assert_allclose([x for _, x in got], [x for _, x in want], rtol=1e-6, err_msg=f"seed {seed}")
 
 
+@pytest.mark.slow
 def test_a_step_without_integrity_record_still_restores(runs, tmp_path):
     """A run killed after Orbax finished a save but before the record was written."""
     workdir = copy_of(runs, tmp_path)
@@ -406,6 +410,7 @@ def test_evaluation_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "phoenix-eval: error: no checkpoints in" in err[0]
 
 
+@pytest.mark.slow
 def test_training_without_evaluation_saves_when_no_best_checkpoint_is_asked_for(tiny_world, tmp_path):
     cfg = tiny_experiment(tiny_world["data_dir"], eval={"batches": 0}, checkpoint={"best_metric": ""})
     logged = train(cfg, str(tmp_path))
@@ -414,6 +419,7 @@ def test_training_without_evaluation_saves_when_no_best_checkpoint_is_asked_for(
         assert checkpoints.all_steps() == [3, 6]
 
 
+@pytest.mark.slow
 def test_evaluating_on_data_of_another_action_vocabulary_is_one_line(runs, tmp_path, capsys):
     from phoenix_flax.data.prepare import SplitSource, prepare
 

@@ -13,11 +13,11 @@ import pytest
 from conftest import REPO
 from flax import nnx
 
-from phoenix_flax.attention import causal_mask, dense_attention, flash_attention, ranker_attention_mask
 from phoenix_flax.config import ModelConfig, load
-from phoenix_flax.embeddings import sharded_lookup
-from phoenix_flax.ranker import PhoenixRanker
-from phoenix_flax.retrieval import PhoenixRetrieval
+from phoenix_flax.model.attention import causal_mask, dense_attention, flash_attention, ranker_attention_mask
+from phoenix_flax.model.embeddings import sharded_lookup
+from phoenix_flax.model.ranker import PhoenixRanker
+from phoenix_flax.model.retrieval import PhoenixRetrieval
 from phoenix_flax.sharding import DEFAULT_RULES, make_mesh, parse_rules, rules_to_text, use_mesh
 from phoenix_flax.testing import model_inputs, random_batch
 
@@ -54,6 +54,7 @@ def loss_and_grads(model, batch, tower="ranker"):
 # --- the kernel ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("blocks", [(8, 8), (16, 5), (7, 13), (64, 64)])
 def test_blockwise_kernel_equals_dense_with_its_log_sum_exp(causal, blocks):
@@ -97,6 +98,7 @@ def test_the_ranker_mask_is_what_the_blockwise_form_computes():
 # --- the models ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positions", ["shared", "sequential"])
 def test_blockwise_ranker_equals_dense_forward_and_gradients(positions):
     cfg = dataclasses.replace(SMALL, candidate_positions=positions)
@@ -109,6 +111,7 @@ def test_blockwise_ranker_equals_dense_forward_and_gradients(positions):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_blockwise_user_tower_equals_dense_forward_and_gradients():
     batch = padded_batch(SMALL)
     dense = loss_and_grads(
@@ -143,6 +146,7 @@ def assert_same_gradients(loop_grads, scanned_grads):
         np.testing.assert_allclose(y, x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_scanned_layers_equal_the_loop_under_every_remat_policy(remat):
     batch = padded_batch(SMALL, seed=1)
@@ -161,6 +165,7 @@ def test_scanned_layers_equal_the_loop_under_every_remat_policy(remat):
             np.testing.assert_allclose(y, x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_cached_user_context_works_with_scanned_layers():
     cfg = dataclasses.replace(SMALL, scan_layers=True, num_candidates=4)
     model = PhoenixRanker(cfg, rngs=nnx.Rngs(0))
@@ -230,8 +235,9 @@ def joint():
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_plan_of_the_default_rules_on_2x2x2_has_no_involuntary_rematerialization(joint):
-    from phoenix_flax.plan import plan_train_step
+    from phoenix_flax.step.plan import plan_train_step
 
     plan = plan_train_step(joint)
     assert plan.devices == 8 and plan.mesh == {"data": 2, "fsdp": 2, "model": 2}
@@ -239,6 +245,20 @@ def test_the_plan_of_the_default_rules_on_2x2x2_has_no_involuntary_rematerializa
     assert plan.temp_bytes > 0 and plan.flops > 0 and plan.argument_bytes >= plan.parameter_bytes > plan.table_bytes > 0
     assert plan.collectives["all-reduce"]["count"] > 0  # data-parallel gradients
     assert "collective-permute" in plan.collectives  # the ring of the table lookups
+
+
+def test_the_plan_of_a_small_data_parallel_step_reads_its_memory_and_collectives(tiny_world):
+    """The fast tier's plan: the tiny experiment's real step on 2 devices, compiled, not run."""
+    from conftest import tiny_experiment
+
+    from phoenix_flax.step.plan import plan_train_step
+
+    cfg = tiny_experiment(tiny_world["data_dir"], mesh={"data": 2})
+    plan = plan_train_step(cfg, devices=jax.devices()[:2])
+    assert plan.devices == 2 and plan.mesh == {"data": 2, "fsdp": 1, "model": 1}
+    assert plan.involuntary_rematerializations == 0
+    assert plan.temp_bytes > 0 and plan.flops > 0 and plan.argument_bytes >= plan.parameter_bytes > plan.table_bytes > 0
+    assert plan.collectives["all-reduce"]["count"] > 0  # data-parallel gradients
 
 
 @pytest.mark.slow

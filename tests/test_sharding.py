@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from phoenix_flax.data.pipeline import global_batch, make_dataset
 from phoenix_flax.sharding import make_mesh, mesh_shape
-from phoenix_flax.training import create_train_state, make_train_step
+from phoenix_flax.step.step import create_train_state, make_train_step
 
 
 def test_mesh_shape_fills_and_checks():
@@ -37,6 +37,7 @@ def parity(tiny_world):
     return one, eight
 
 
+@pytest.mark.slow
 def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(parity):
     _, (model, optimizer, _) = parity
     table = model.embeddings.post.table[...]
@@ -50,6 +51,7 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(parity):
     assert mu["ranker"]["transformer"]["layers"][0]["ffn"]["gate"][...].sharding.spec == P("fsdp", "model")
 
 
+@pytest.mark.slow
 def test_three_steps_on_a_2x2x2_mesh_match_one_device(parity):
     (_, _, one), (_, _, eight) = parity
     for a, b in zip(one, eight, strict=True):
@@ -58,6 +60,7 @@ def test_three_steps_on_a_2x2x2_mesh_match_one_device(parity):
     assert one[0]["loss"] != one[2]["loss"]  # the steps really trained
 
 
+@pytest.mark.slow
 def test_indivisible_parameters_are_named(tiny_world):
     cfg = tiny_experiment(tiny_world["data_dir"], model={"post_vocab_rows": 1022})
     with pytest.raises(ValueError, match=r"embeddings.*post.*1022"):

@@ -16,22 +16,25 @@ import pytest
 from conftest import REPO, cli_overrides, tiny_experiment
 from flax import nnx
 
-from phoenix_flax.checkpoint import Checkpointer, CheckpointError, restore_model
+from phoenix_flax.checkpoint.manager import Checkpointer
+from phoenix_flax.checkpoint.restore import restore_model
 from phoenix_flax.config import ConfigError, apply_overrides, from_dict, load, to_dict
-from phoenix_flax.counting import PostCounts
-from phoenix_flax.evaluation import evaluate, format_table
-from phoenix_flax.metrics import auc, calibration, normalized_entropy, recall_at_k, weighted_auc
-from phoenix_flax.scoring import action_weights
+from phoenix_flax.data.counting import PostCounts
+from phoenix_flax.errors import CheckpointError
+from phoenix_flax.evaluation.evaluate import evaluate, format_table
+from phoenix_flax.evaluation.metrics import auc, calibration, normalized_entropy, recall_at_k, weighted_auc
+from phoenix_flax.model.scoring import action_weights
 from phoenix_flax.sharding import make_mesh
+from phoenix_flax.step.step import abstract_model, create_train_state
 from phoenix_flax.testing import gated_blend_features
-from phoenix_flax.trainer import NonFiniteLossError, train
-from phoenix_flax.training import abstract_model, create_train_state
+from phoenix_flax.training.loop import NonFiniteLossError, train
 
 
 def losses(logged):
     return [(m["step"], m["loss"]) for m in logged if "loss" in m]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [{}, {"scan_layers": True, "remat": "full"}], ids=["looped", "scanned"])
 def test_a_resumed_run_repeats_the_uninterrupted_losses(tiny_world, tmp_path, layers):
     cfg = tiny_experiment(tiny_world["data_dir"], model=layers)
@@ -44,6 +47,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses(tiny_world, tmp_path, la
         assert checkpoints.all_steps() == [4, 6]  # keep=2
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_saves_nothing_after_it(tiny_world, tmp_path):
     cfg = tiny_experiment(
         tiny_world["data_dir"],
@@ -60,6 +64,7 @@ def test_a_non_finite_loss_stops_the_run_and_saves_nothing_after_it(tiny_world, 
     assert saved and max(saved) < bad
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh_and_evaluates(tiny_world, tmp_path):
     cfg = tiny_experiment(
         tiny_world["data_dir"],
@@ -237,7 +242,7 @@ def test_tpu_pod_config_is_consistent_for_256_chips():
     from jax.sharding import AbstractMesh
 
     from phoenix_flax.sharding import MESH_AXES, check_divisible, mesh_shape
-    from phoenix_flax.training import build_model
+    from phoenix_flax.step.step import build_model
 
     sys.path.insert(0, str(REPO / "configs"))
     import tpu_pod
@@ -277,6 +282,7 @@ def test_normalized_entropy_and_recall():
     assert recall_at_k(np.array([0, 5, 50, np.inf])) == {"recall@1": 0.25, "recall@10": 0.5, "recall@100": 0.75}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema_decay", [0.0, 0.5], ids=["parameters", "moving-average"])
 def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     """best_metric eval_mean_auc: the kept best step is the one with the highest logged value,
@@ -284,7 +290,7 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     same validation sessions with the restored model. With optimizer.ema_decay, both are the
     parameters' moving average."""
     from phoenix_flax.data.pipeline import open_source
-    from phoenix_flax.evaluation import collect
+    from phoenix_flax.evaluation.evaluate import collect
     from phoenix_flax.extensions.calibration import fit_logit_blend
 
     cfg = tiny_experiment(
@@ -332,6 +338,7 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
     assert evals[best]["eval_weighted_auc"] == pytest.approx(weighted_auc(probs, labels, weights), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_training_length_in_epochs(tiny_world, tmp_path):
     sessions = pq.read_metadata(tiny_world["raw"]["train"]).num_rows
     cfg = tiny_experiment(
@@ -445,6 +452,7 @@ def test_shifts_to_rates_give_the_mean_prediction_asked():
     assert np.isfinite(shifts[2]) and means[2] < 1e-5  # no positive at all: a finite shift all the same
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_is_kept_and_found_after_reopening(tiny_world, tmp_path):
     cfg = tiny_experiment(
         tiny_world["data_dir"],
@@ -471,7 +479,7 @@ def test_a_table_row_moves_by_the_learning_rate_whatever_its_gradients_scale(sca
     the gradient (a row's share of a mean loss is tiny); rows the batch did not touch stay still,
     and the touched ones decay by lr x table_weight_decay."""
     from phoenix_flax.config import OptimizerConfig
-    from phoenix_flax.training import make_optimizer
+    from phoenix_flax.step.optimizer import make_optimizer
 
     lr, decay = 0.1, 0.5
     cfg = OptimizerConfig(
@@ -498,7 +506,7 @@ def test_the_moving_average_of_the_parameters_by_hand():
     r * average + (1 - r) * parameters, r = min(decay, (1 + t) / (10 + t)), starting from the
     initial parameters; the updates themselves are those of the optimizer without it."""
     from phoenix_flax.config import OptimizerConfig
-    from phoenix_flax.training import ParamAverageState, make_optimizer
+    from phoenix_flax.step.optimizer import ParamAverageState, make_optimizer
 
     decay = 0.5
     rng = np.random.default_rng(0)
@@ -527,10 +535,11 @@ def test_the_moving_average_of_the_parameters_by_hand():
     )
 
 
+@pytest.mark.slow
 def test_the_moving_average_resumes_and_is_what_evaluation_restores(tiny_world, tmp_path):
     """A run stopped and resumed keeps the same average as one that was not (it is optimizer
     state); restore_model gives the average (saved beside the parameters), not the parameters."""
-    from phoenix_flax.training import averaged_params
+    from phoenix_flax.step.optimizer import averaged_params
 
     cfg = tiny_experiment(tiny_world["data_dir"], optimizer={"ema_decay": 0.5})
     train(cfg, str(tmp_path / "full"))
@@ -562,7 +571,7 @@ def test_the_action_bias_tables_decay_by_their_own_rate(bias_decay):
     """optimizer.action_bias_weight_decay: the action-bias rows a step touches decay at their own
     rate, the embeddings' at table_weight_decay; without the action bias, no group of its own."""
     from phoenix_flax.config import OptimizerConfig
-    from phoenix_flax.training import make_optimizer
+    from phoenix_flax.step.optimizer import make_optimizer
 
     lr, decay = 0.1, 0.5
     base = dict(table_learning_rate=lr, table_initial_accumulator=0.0, table_weight_decay=decay, grad_clip_norm=1e9)
@@ -594,7 +603,7 @@ def test_the_action_bias_tables_start_adagrad_from_their_own_accumulator_counted
     -lr g / sqrt(k u^2 + g^2), u the gradient unit of one impression, so a view's gradient
     (0.9 u) moves a row further than a non-view's (0.05 u); the embeddings' stays -lr sign(g)."""
     from phoenix_flax.config import OptimizerConfig
-    from phoenix_flax.training import make_optimizer
+    from phoenix_flax.step.optimizer import make_optimizer
 
     lr, k, unit = 0.1, 2.0, 1e-5
     cfg = OptimizerConfig(table_learning_rate=lr, table_weight_decay=0.0, grad_clip_norm=1e9)
@@ -621,7 +630,7 @@ def test_newton_offsets_take_a_newton_step_and_their_factors_adagrads():
     start; S steps per epoch; t steps so far), its factor columns and the user table's rows -lr g / sqrt(k u^2 + g^2), the embeddings
     as before; one optimizer group more."""
     from phoenix_flax.config import OptimizerConfig
-    from phoenix_flax.training import make_optimizer
+    from phoenix_flax.step.optimizer import make_optimizer
 
     lr, k, unit, step, epoch = 0.1, 2.0, 1e-5, 0.5, 4.0
     cfg = OptimizerConfig(table_learning_rate=lr, table_weight_decay=0.0, grad_clip_norm=1e9)
@@ -689,7 +698,7 @@ def test_newton_offsets_learn_what_smoothed_counting_learns():
 
 
 def test_quality_summary_counts_judged_actions_by_hand():
-    from phoenix_flax.evaluation import quality_summary
+    from phoenix_flax.evaluation.evaluate import quality_summary
 
     row = {"positives": 60, "auc": 0.7, "popularity_auc": 0.6, "oracle_auc": 0.9}
     row |= {"calibration_ratio": 1.05, "oracle_calibration_ratio": 1.0}
@@ -709,14 +718,15 @@ def test_quality_summary_counts_judged_actions_by_hand():
     assert quality_summary(result)["calibrated_vs_truth"] is None
 
 
+@pytest.mark.slow
 def test_the_demo_reuses_a_finished_run_and_waits_for_a_preempted_one(tiny_world, tmp_path, monkeypatch, capsys):
-    import phoenix_flax.trainer
+    import phoenix_flax.training.loop
     from train.demo import train_and_evaluate
 
     cfg = tiny_experiment(
         tiny_world["data_dir"], data={"truth_file": tiny_world["truth"], "corpus_file": tiny_world["corpus"]}
     )
-    monkeypatch.setattr(phoenix_flax.trainer, "train", lambda c, w: train(c, w, stop_after=4))
+    monkeypatch.setattr(phoenix_flax.training.loop, "train", lambda c, w: train(c, w, stop_after=4))
     assert train_and_evaluate(cfg, str(tmp_path), {}) is None
     assert "preempted" in capsys.readouterr().out
     monkeypatch.undo()

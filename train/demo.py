@@ -80,9 +80,9 @@ def make_world(world_cfg: synth.WorldConfig, root: str, timings: dict) -> dict[s
 def train_and_evaluate(cfg, root: str, timings: dict) -> dict | None:
     """Trains `cfg` in `root/train` (resuming) and evaluates its best checkpoint on the test split,
     plots in `root/plots` -> the evaluation, or None when training was preempted."""
-    from phoenix_flax.checkpoint import Checkpointer  # JAX starts here, not before
-    from phoenix_flax.evaluation import evaluate
-    from phoenix_flax.trainer import train
+    from phoenix_flax.checkpoint.manager import Checkpointer  # JAX starts here, not before
+    from phoenix_flax.evaluation.evaluate import evaluate
+    from phoenix_flax.training.loop import train
 
     train_dir = os.path.join(root, "train")
     start = stage(f"train for {cfg.train.steps} steps of {cfg.data.batch_size} sessions")
@@ -115,7 +115,7 @@ def demo(args: argparse.Namespace) -> int:
     with open(os.path.join(root, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
 
-    from phoenix_flax.evaluation import CALIBRATION_BAND, MIN_POSITIVES, format_table, quality_summary
+    from phoenix_flax.evaluation.evaluate import CALIBRATION_BAND, MIN_POSITIVES, format_table, quality_summary
 
     print(format_table(result))
     q = quality_summary(result)

@@ -4,9 +4,9 @@
                  [--protocol next-item --corpus corpus.jsonl]
 
 Prints a table per action (AUC, normalized entropy, calibration, the popularity baseline's and,
-with true probabilities, the oracle's AUC) and retrieval recall, writes every figure as JSON and,
-per action, a reliability diagram and ROC curves as PNG files (`--plots`, default: a `plots`
-folder beside --output).
+with true probabilities, the oracle's AUC) and retrieval recall, writes every figure as JSON and
+draws the reliability diagrams and ROC curves (two figures, a panel per action) as PNG files
+(`--plots`, default: a `plots` folder beside --output).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
     if plots:
         check_writable_dir(plots, "--plots")
 
-    from phoenix_flax.evaluation import evaluate, format_table  # JAX starts here
+    from phoenix_flax.evaluation.evaluate import evaluate, format_table  # JAX starts here
 
     result = evaluate(
         args.workdir,

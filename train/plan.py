@@ -72,7 +72,7 @@ def plan_from_args(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.devices:  # before the backend starts
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.devices)
-    from phoenix_flax.plan import plan_train_step  # JAX starts here
+    from phoenix_flax.step.plan import plan_train_step  # JAX starts here
 
     plan = plan_train_step(cfg)
     fits = args.hbm is None or plan.peak_bytes <= args.hbm

@@ -32,7 +32,7 @@ def train_from_args(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = experiment_from_args(args.config, overrides, args.data_dir)  # all config problems, before JAX starts
     initialize_distributed(args)
 
-    from phoenix_flax.trainer import train  # JAX starts here
+    from phoenix_flax.training.loop import train  # JAX starts here
 
     train(cfg, args.workdir, stop_after=args.stop_after)
     return 0

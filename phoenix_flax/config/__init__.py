@@ -1,5 +1,6 @@
 """Configs as frozen data: the model's (`ModelConfig`) and an experiment's (`ExperimentConfig`)."""
 
+from phoenix_flax.config.data import DataConfig
 from phoenix_flax.config.experiment import (
     CheckpointConfig,
     ConfigError,
@@ -16,11 +17,11 @@ from phoenix_flax.config.experiment import (
     replace_fields,
     to_dict,
 )
-from phoenix_flax.config.model import DEFAULT_ACTIONS, ModelConfig
-from phoenix_flax.data.config import DataConfig
+from phoenix_flax.config.model import DEFAULT_ACTION_WEIGHTS, DEFAULT_ACTIONS, ModelConfig
 
 __all__ = [
     "DEFAULT_ACTIONS",
+    "DEFAULT_ACTION_WEIGHTS",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",

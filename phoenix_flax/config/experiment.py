@@ -20,9 +20,8 @@ import typing
 from collections.abc import Sequence
 from typing import Literal
 
-from phoenix_flax.config.model import ModelConfig
-from phoenix_flax.data.config import DataConfig
-from phoenix_flax.scoring import DEFAULT_ACTION_WEIGHTS
+from phoenix_flax.config.data import DataConfig
+from phoenix_flax.config.model import DEFAULT_ACTION_WEIGHTS, ModelConfig
 from phoenix_flax.sharding import (
     DEFAULT_RULE_TEXT,
     DEFAULT_RULES,
@@ -86,8 +85,7 @@ class OptimizerConfig:
     # num_candidates x num_actions), squared). From 0 a row's first step is lr x sign(g): a post's
     # one view and one non-view (gradients 0.9 and 0.05 of the unit) move its offsets as far, and
     # a post seen a few times learns nothing of what it was seen doing. From k, steps follow the
-    # gradients' size until about k impressions' worth have accumulated (docs/extensions.md: 66.0%
-    # -> 70.5% of the oracle's lift on the sparse world at 750 steps).
+    # gradients' size until about k impressions' worth have accumulated (docs/extensions.md).
     action_bias_initial_accumulator: float = 1.0
     # How the action bias's offsets (the first num_actions columns of its post and author tables)
     # learn. "adagrad": as its other columns. "newton": counting, learned: Newton steps toward each
@@ -252,7 +250,7 @@ def agreement_problems(sections: dict) -> list[str]:
 def eval_metric_names(loss: LossConfig, evaluation: EvalConfig, model: ModelConfig | None = None) -> set[str]:
     """The metrics evaluation during training reports (what `checkpoint.best_metric` may name):
     losses; with a ranker, the mean of the actions' AUC and, where every action has a default
-    score weight (`scoring.DEFAULT_ACTION_WEIGHTS`), the weighted score's AUC."""
+    score weight (`DEFAULT_ACTION_WEIGHTS`), the weighted score's AUC."""
     if evaluation.batches == 0:
         return set()
     names = {"loss"}

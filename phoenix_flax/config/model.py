@@ -28,6 +28,27 @@ DEFAULT_ACTIONS: tuple[str, ...] = (
     "report",
 )
 
+# Weights of the final score (phoenix_flax/model/scoring.py), by action name.
+# Positive actions count fully, passive ones a little, negative ones against.
+DEFAULT_ACTION_WEIGHTS: dict[str, float] = {
+    "favorite": 1.0,
+    "reply": 2.0,
+    "repost": 1.0,
+    "quote": 1.5,
+    "share": 1.0,
+    "follow_author": 2.0,
+    "click": 0.1,
+    "profile_click": 0.1,
+    "video_view": 0.1,
+    "photo_expand": 0.1,
+    "dwell": 0.2,
+    "not_interested": -2.0,
+    "block_author": -10.0,
+    "mute_author": -5.0,
+    "report": -20.0,
+}
+
+
 CandidatePositions = Literal["shared", "sequential"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -86,7 +107,7 @@ class ModelConfig:
     calibration: bool = False
     # The reported logits weigh, per action, the logits' parts (transformer, post, author,
     # affinity) and the candidate post's counted log-odds in the training split (its smoothed
-    # action rates; phoenix_flax/counting.py), the weights fit on validation with the calibration
+    # action rates; phoenix_flax/data/counting.py), the weights fit on validation with the calibration
     # shifts: with few impressions per post counting knows a post's rates better than hashed rows
     # learn them (docs/extensions.md). Needs calibration.
     count_blend: bool = False

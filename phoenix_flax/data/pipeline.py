@@ -24,12 +24,12 @@ from array_record.python import array_record_module
 from etils import epath
 from tensorflow_datasets.core.example_parser import tf_example_pb2
 
-from phoenix_flax.batch import DEVICE_FIELDS, pad_batch
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.data.config import DataConfig
+from phoenix_flax.config.data import DataConfig
+from phoenix_flax.data.batch import DEVICE_FIELDS, pad_batch
+from phoenix_flax.data.hashing import fingerprint, hash_ids
 from phoenix_flax.data.prepare import DATASET_NAME, FEATURES, STATISTICS_FILE, PhoenixSessions, dataset_dir  # noqa: F401
 from phoenix_flax.errors import DatasetError
-from phoenix_flax.hashing import fingerprint, hash_ids
 from phoenix_flax.sharding import DEFAULT_RULES, LogicalRules, logical_sharding
 
 

@@ -1,6 +1,6 @@
 """Additions beyond X's Phoenix release, each opt-in (off in `ModelConfig()`'s defaults).
 
-The core modules (phoenix_flax/ranker.py, retrieval.py, embeddings.py, layers.py, attention.py)
+The core modules (phoenix_flax/model/ranker.py, retrieval.py, embeddings.py, layers.py, attention.py)
 are the original architecture alone; what this package adds reaches them through one seam,
 `PhoenixRanker.extra_parts` and `probabilities`, overridden by `ExtendedRanker`:
 
@@ -11,7 +11,7 @@ are the original architecture alone; what this package adds reaches them through
   affinity factors, beside the ranking loss.
 - `model.calibration`, `model.count_blend`, `model.count_gate` (`ranker.py`, `calibration.py`):
   post-hoc heads fit on validation while training (the shifts that calibrate the logits, and the
-  weights that blend the logits' parts with counted post rates, phoenix_flax/counting.py).
+  weights that blend the logits' parts with counted post rates, phoenix_flax/data/counting.py).
 
 `configs/demo.py` turns them on; docs/extensions.md has what each was measured to add.
 """

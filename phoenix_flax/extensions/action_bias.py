@@ -7,8 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import HashTable
-from phoenix_flax.layers import param
+from phoenix_flax.model.embeddings import HashTable
+from phoenix_flax.model.layers import param
 
 # The affinity factors start small: a row's random start is noise the few updates of a rare
 # user or post must overcome (measured: 0.1 beside the embeddings' 1.0).

@@ -9,7 +9,7 @@ with the checkpoint, is added to the logits by evaluation and serving (`Extended
 the loss never sees it.
 
 With `model.count_blend` the fit weighs, per action, the logits' parts and the candidate post's
-counted log-odds (phoenix_flax/counting.py), and with `model.count_gate` each part times their
+counted log-odds (phoenix_flax/data/counting.py), and with `model.count_gate` each part times their
 sigmoid (`ExtendedRanker.blend_features`, `calibrated_logits`): held-out data
 decides how much of the post's knowledge to take from counting and how much of the user's from
 the model, which the training split cannot (its counts hold each label they predict). The shifts

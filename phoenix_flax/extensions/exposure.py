@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from phoenix_flax.attention import MASKED_LOGIT
-from phoenix_flax.batch import labeled_candidates
+from phoenix_flax.data.batch import labeled_candidates
+from phoenix_flax.model.attention import MASKED_LOGIT
 
 
 def exposure_columns(x: jax.Array, valid: jax.Array) -> jax.Array:

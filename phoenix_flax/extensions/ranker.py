@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import HashEmbeddings
+from phoenix_flax.config import EvalConfig, ModelConfig
+from phoenix_flax.data.counting import PostCounts
 from phoenix_flax.extensions.action_bias import ActionBias
 from phoenix_flax.extensions.calibration import fit_logit_blend, fit_logit_shifts, shifts_to_rates
-from phoenix_flax.ranker import PhoenixRanker
+from phoenix_flax.model.embeddings import HashEmbeddings
+from phoenix_flax.model.ranker import PhoenixRanker
 
 
 class CalibrationShift(nnx.Variable):
@@ -121,7 +122,9 @@ class ExtendedRanker(PhoenixRanker):
         """Whether training fits heads of this ranker on validation (`fit_post_hoc`)."""
         return self.calibration is not None
 
-    def fit_post_hoc(self, gathered: Mapping[str, np.ndarray], counts, eval_cfg) -> np.ndarray:
+    def fit_post_hoc(
+        self, gathered: Mapping[str, np.ndarray], counts: PostCounts | None, eval_cfg: EvalConfig
+    ) -> np.ndarray:
         """Fits the blend's weights (with `model.count_blend`) and the calibration shifts on
         validation candidates, sets them, and returns the logits `[N, A]` they report.
 

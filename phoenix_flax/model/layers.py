@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phoenix_flax.attention import isolated_attention, sequence_attention
 from phoenix_flax.config import ModelConfig
+from phoenix_flax.model.attention import isolated_attention, sequence_attention
 from phoenix_flax.sharding import constrain
 
 RMS_EPS = 1e-5

@@ -1,6 +1,6 @@
 """Hash-embedding tables and the original's input blocks.
 
-The hash tables turn a batch (`phoenix_flax.batch`) into an embeddings dict (`EMBEDDING_KEYS`).
+The hash tables turn a batch (`phoenix_flax.data.batch`) into an embeddings dict (`EMBEDDING_KEYS`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from phoenix_flax.batch import Batch
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.layers import dense_init, param
+from phoenix_flax.data.batch import Batch
+from phoenix_flax.model.layers import dense_init, param
 from phoenix_flax.sharding import constrain_rows
 
 # Embeddings dict key -> (batch field, table).

@@ -10,12 +10,13 @@ while a run trains in it. Everything that can be checked before device work is c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -23,12 +24,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from phoenix_flax.batch import labeled_candidates
-from phoenix_flax.checkpoint import Checkpointer, DamagedCheckpointError, check_compatible, restore_newest
+from phoenix_flax.checkpoint.manager import Checkpointer
+from phoenix_flax.checkpoint.restore import check_compatible, restore_newest
 from phoenix_flax.cli import log
 from phoenix_flax.config import ConfigError, ExperimentConfig, dumps, replace_fields
 from phoenix_flax.config.experiment import eval_metric_names
-from phoenix_flax.counting import PostCounts
+from phoenix_flax.data.batch import labeled_candidates
+from phoenix_flax.data.counting import PostCounts
 from phoenix_flax.data.pipeline import (
     dataset_actions,
     dataset_splits,
@@ -37,13 +39,15 @@ from phoenix_flax.data.pipeline import (
     make_dataset,
     open_source,
 )
-from phoenix_flax.errors import PhoenixError
+from phoenix_flax.errors import DamagedCheckpointError, PhoenixError
+from phoenix_flax.evaluation.metrics import auc, weighted_auc
 from phoenix_flax.extensions import ExtendedRanker
-from phoenix_flax.metrics import auc, weighted_auc
-from phoenix_flax.scoring import action_weights
+from phoenix_flax.model.scoring import action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
-from phoenix_flax.training import averaged_weights, create_train_state, make_eval_step, make_train_step
-from phoenix_flax.workdir import WorkdirLock
+from phoenix_flax.step.model import PhoenixModel
+from phoenix_flax.step.optimizer import averaged_weights
+from phoenix_flax.step.step import create_train_state, make_eval_step, make_train_step
+from phoenix_flax.training.workdir import WorkdirLock
 
 
 class NonFiniteLossError(PhoenixError):
@@ -285,8 +289,6 @@ def train(
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(dumps(cfg))
-            if counts is not None:
-                counts.save(PostCounts.file(workdir))
         writer = MetricWriter(workdir, resume_step=step)
         stack.callback(writer.close)
         preemption = Preemption()
@@ -298,30 +300,42 @@ def train(
                 f"note: no validation during training (eval.batches={cfg.eval.batches}, splits {sorted(splits)}): "
                 "the calibration shifts (model.calibration) stay 0, and the blend (model.count_blend) the logits' own sum"
             )
-        return _loop(
-            cfg,
-            mesh,
-            model,
-            optimizer,
-            data,
-            checkpoints,
-            writer,
-            preemption,
-            step,
-            stop_after,
-            counts,
-            has_eval=has_eval,
-            report=report,
-        )
+        run = TrainRun(cfg, mesh, model, optimizer, data, checkpoints, writer, preemption, counts, has_eval, report)
+        last = cfg.train.steps if stop_after is None else min(cfg.train.steps, step + stop_after)
+        return _loop(run, step, last)
 
 
-def _loop(
-    cfg, mesh, model, optimizer, data, checkpoints, writer, preemption, step, stop_after, counts, *, has_eval, report
-):
+@dataclasses.dataclass
+class TrainRun:
+    """What the loop works with: the config, the mesh, the train state and everything it reads
+    from or writes to."""
+
+    cfg: ExperimentConfig
+    mesh: jax.sharding.Mesh
+    model: PhoenixModel
+    optimizer: nnx.Optimizer
+    data: Iterator  # the training split's pipeline, resumable (`get_state`)
+    checkpoints: Checkpointer
+    writer: MetricWriter
+    preemption: Preemption
+    counts: PostCounts | None  # the training split's post counts, with model.count_blend
+    has_eval: bool  # whether to evaluate (and fit post-hoc heads) during training
+    report: Callable[[str], None]
+
+
+def _loop(run: TrainRun, step: int, last: int) -> list[dict]:
+    """Steps from `step` to `last`, logging, evaluating and saving as the config says."""
+    cfg, mesh, model, optimizer, data, checkpoints = (
+        run.cfg,
+        run.mesh,
+        run.model,
+        run.optimizer,
+        run.data,
+        run.checkpoints,
+    )
     train_step = nnx.cached_partial(make_train_step(cfg.loss), model, optimizer)
     rules = cfg.mesh.logical_rules()
     eval_step = make_eval_step(cfg.loss)
-    last = cfg.train.steps if stop_after is None else min(cfg.train.steps, step + stop_after)
     logged: list[dict] = []
     window: list[tuple[int, object, dict]] = []  # device metrics since the last host sync
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", disable=jax.process_index() != 0)
@@ -340,7 +354,7 @@ def _loop(
         means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         means["steps_per_second"] = len(window) / elapsed
         means["sessions_per_second"] = len(window) * cfg.data.batch_size / elapsed
-        writer.write(window[-1][0], means)
+        run.writer.write(window[-1][0], means)
         logged.append({"step": window[-1][0], **means})
         bar.set_postfix(
             loss=f"{means['loss']:.4f}",
@@ -360,19 +374,19 @@ def _loop(
             boundary = step % cfg.train.log_every == 0 or step == last
             if boundary:
                 flush()
-            stop = boundary and preemption.any_process()
+            stop = boundary and run.preemption.any_process()
             eval_metrics = None
-            if has_eval and (step % cfg.eval.every_steps == 0 or step == last or stop):
+            if run.has_eval and (step % cfg.eval.every_steps == 0 or step == last or stop):
                 flush()
                 with averaged_weights(model, optimizer):  # what evaluation and serving will restore
-                    eval_metrics = evaluate_during_training(model, cfg, eval_step, mesh, counts)
-                writer.write(step, eval_metrics)
+                    eval_metrics = evaluate_during_training(model, cfg, eval_step, mesh, run.counts)
+                run.writer.write(step, eval_metrics)
                 logged.append({"step": step, **eval_metrics})
             if step % cfg.checkpoint.every_steps == 0 or step == last or stop:
                 flush()  # never save parameters a non-finite step may have touched
-                checkpoints.save(step, model, optimizer, data, cfg, metrics=eval_metrics)
+                checkpoints.save(step, model, optimizer, data, cfg, metrics=eval_metrics, counts=run.counts)
             if stop:
-                report(f"preempted: saved step {step}, exiting")
+                run.report(f"preempted: saved step {step}, exiting")
                 break
     finally:
         bar.close()

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The model's inputs (hash rows already computed by `phoenix_flax.hashing.hash_ids`).
+# The model's inputs (hash rows already computed by `phoenix_flax.data.hashing.hash_ids`).
 INPUT_FIELDS = {
     "user_hashes": "[B, Hu]",
     "history_post_hashes": "[B, S, Hp]",

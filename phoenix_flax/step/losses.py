@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phoenix_flax.attention import MASKED_LOGIT
+from phoenix_flax.model.attention import MASKED_LOGIT
 
 
 def ranking_bce(

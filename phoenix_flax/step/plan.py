@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phoenix_flax.batch import DEVICE_FIELDS, batch_shapes
 from phoenix_flax.config import ExperimentConfig
+from phoenix_flax.data.batch import DEVICE_FIELDS, batch_shapes
 from phoenix_flax.sharding import abstract_sharded, logical_sharding, make_mesh, use_mesh
-from phoenix_flax.training import new_train_state, train_step_fn
+from phoenix_flax.step.step import new_train_state, train_step_fn
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 REMAT_MESSAGE = "Involuntary full rematerialization"

@@ -22,26 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phoenix_flax.config import DEFAULT_ACTION_WEIGHTS
 from phoenix_flax.errors import PhoenixError
-
-# Positive actions count fully, passive ones a little, negative ones against.
-DEFAULT_ACTION_WEIGHTS: dict[str, float] = {
-    "favorite": 1.0,
-    "reply": 2.0,
-    "repost": 1.0,
-    "quote": 1.5,
-    "share": 1.0,
-    "follow_author": 2.0,
-    "click": 0.1,
-    "profile_click": 0.1,
-    "video_view": 0.1,
-    "photo_expand": 0.1,
-    "dwell": 0.2,
-    "not_interested": -2.0,
-    "block_author": -10.0,
-    "mute_author": -5.0,
-    "report": -20.0,
-}
 
 
 class WeightsError(PhoenixError, ValueError):

@@ -3,20 +3,18 @@
 Their smoothed rates are the popularity baseline evaluation compares the model with, and, with
 `model.count_blend`, an input of the ranker's final logits (`ExtendedRanker.calibrated_logits`):
 with few impressions per post, a hashed table learns a post's rates less well than counting does
-(bench/memorization.py). Training writes the counts beside its checkpoints (`PostCounts.file`),
+(bench/memorization.py). Training saves the counts in every checkpoint step (the `counts` item),
 so evaluation and serving score with the counts the blend was fit with.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from phoenix_flax.config import ExperimentConfig
 from phoenix_flax.data.pipeline import bit_positions, dataset_actions, open_source
-from phoenix_flax.errors import PhoenixError
 
 SMOOTHING = 10.0  # impressions of smoothing toward the split's rate
 
@@ -81,38 +79,12 @@ class PostCounts:
         """A pipeline batch with `candidate_count_logits [B, C, A]` (`log_odds` of its candidates)."""
         return batch | {"candidate_count_logits": self.log_odds(batch["candidate_post_id"])}
 
-    @staticmethod
-    def file(workdir: str) -> str:
-        return os.path.join(workdir, "post_counts.npz")
-
-    def save(self, path: str) -> None:
-        """Written whole or not at all (a temporary file renamed into place)."""
-        tmp = f"{path}.tmp.{os.getpid()}.npz"
-        np.savez(
-            tmp, post_ids=self.post_ids, shown=self.shown, positives=self.positives, actions=np.array(self.actions)
-        )
-        os.replace(tmp, path)
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a checkpoint saves of the counts (`from_arrays` reads it back)."""
+        return {"post_ids": self.post_ids, "shown": self.shown, "positives": self.positives}
 
     @classmethod
-    def load(cls, path: str, actions: Sequence[str]) -> PostCounts:
-        """The counts `save` wrote, for `actions` (the model's, in its order)."""
-        try:
-            with np.load(path) as z:
-                saved, post_ids, shown, positives = (
-                    [str(a) for a in z["actions"]],
-                    z["post_ids"],
-                    z["shown"],
-                    z["positives"],
-                )
-        except FileNotFoundError as e:
-            raise CountsError(f"{path} is missing: the run's post counts, which model.count_blend scores with") from e
-        except (OSError, KeyError, ValueError) as e:
-            raise CountsError(f"{path}: not the post counts training writes ({e})") from e
-        missing = [a for a in actions if a not in saved]
-        if missing:
-            raise CountsError(f"{path}: has no counts of the model's actions {missing} (it has {saved})")
-        return cls(post_ids, shown, positives[:, [saved.index(a) for a in actions]], actions)
-
-
-class CountsError(PhoenixError):
-    """The post counts a run wrote are missing or unreadable."""
+    def from_arrays(cls, arrays: dict[str, np.ndarray], actions: Sequence[str]) -> PostCounts:
+        """`arrays()` of counts of `actions` (positives' columns in their order)."""
+        positives = arrays["positives"].reshape(len(arrays["post_ids"]), len(actions))
+        return cls(arrays["post_ids"], arrays["shown"], positives, actions)

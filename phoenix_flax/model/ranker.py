@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phoenix_flax.batch import Batch, is_valid, prefix_valid
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, concat_dense, flatten_hashes
-from phoenix_flax.layers import RMSNorm, Transformer, dense_init, param
+from phoenix_flax.data.batch import Batch, is_valid, prefix_valid
+from phoenix_flax.model.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, concat_dense, flatten_hashes
+from phoenix_flax.model.layers import RMSNorm, Transformer, dense_init, param
 from phoenix_flax.sharding import constrain_rows
 
 

@@ -22,14 +22,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from phoenix_flax.batch import labeled_candidates
-from phoenix_flax.checkpoint import CheckpointError, restore_model
+from phoenix_flax.checkpoint.restore import restore_model
 from phoenix_flax.config import ExperimentConfig, replace_fields
-from phoenix_flax.counting import PostCounts, split_labels
+from phoenix_flax.data.batch import labeled_candidates
+from phoenix_flax.data.counting import PostCounts, split_labels
 from phoenix_flax.data.pipeline import bit_positions, dataset_actions, global_batch, make_dataset, open_source
 from phoenix_flax.data.prepare import FEATURES
 from phoenix_flax.data.raw import Session, read_corpus
-from phoenix_flax.metrics import (
+from phoenix_flax.errors import CheckpointError
+from phoenix_flax.evaluation.metrics import (
     auc,
     calibration,
     calibration_ratio,
@@ -38,10 +39,11 @@ from phoenix_flax.metrics import (
     recall_at_k,
     weighted_auc,
 )
-from phoenix_flax.scoring import action_weights
-from phoenix_flax.serving import CorpusIndex, prefix_batch
+from phoenix_flax.model.scoring import action_weights
+from phoenix_flax.serving.index import CorpusIndex
+from phoenix_flax.serving.ranking import prefix_batch
 from phoenix_flax.sharding import make_mesh, use_mesh
-from phoenix_flax.training import make_eval_step
+from phoenix_flax.step.step import make_eval_step
 
 
 def collect(
@@ -265,7 +267,7 @@ def evaluate(
         if oracle is not None:
             result["oracle_weighted_score_auc"] = weighted_auc(oracle, labels, w)
         if plots_dir:
-            from phoenix_flax.plots import write_plots
+            from phoenix_flax.evaluation.plots import write_plots
 
             curves = {"model": probs, "popularity": popular} | ({"oracle": oracle} if oracle is not None else {})
             result["plots"] = write_plots(plots_dir, actions, labels, curves)

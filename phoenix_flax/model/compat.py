@@ -13,9 +13,9 @@ import numpy as np
 from flax import nnx
 
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.layers import Transformer
-from phoenix_flax.ranker import PhoenixRanker
-from phoenix_flax.retrieval import PhoenixRetrieval
+from phoenix_flax.model.layers import Transformer
+from phoenix_flax.model.ranker import PhoenixRanker
+from phoenix_flax.model.retrieval import PhoenixRetrieval
 
 REFERENCE_CONFIG_KEYS = (
     "emb_size",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from flax import nnx
 
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.embeddings import HashEmbeddings
 from phoenix_flax.extensions import build_ranker
-from phoenix_flax.losses import FrequencyEstimator
-from phoenix_flax.retrieval import PhoenixRetrieval
+from phoenix_flax.model.embeddings import HashEmbeddings
+from phoenix_flax.model.retrieval import PhoenixRetrieval
+from phoenix_flax.step.losses import FrequencyEstimator
 
 
 class PhoenixModel(nnx.Module):

@@ -1,0 +1,122 @@
+"""Retrieval for serving: the corpus's candidate-tower vectors built once (cached per checkpoint and
+corpus content), and exact top-K over them in chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection, Sequence
+
+import numpy as np
+from flax import nnx
+
+from phoenix_flax.checkpoint.integrity import file_sha256
+from phoenix_flax.config import ModelConfig
+from phoenix_flax.data.batch import pad_rows
+from phoenix_flax.data.hashing import hash_ids
+from phoenix_flax.data.raw import Session, read_corpus
+from phoenix_flax.model.retrieval import top_k
+from phoenix_flax.serving.ranking import batches_of, prefix_batch
+from phoenix_flax.step.model import PhoenixModel
+
+
+class CorpusIndex:
+    """Candidate-tower vectors of a corpus, saved beside the checkpoint as `index/step_<N>.npz`.
+
+    Keyed by what the vectors depend on: the checkpoint's content (its integrity record's
+    digest, not only its step number, which a retrained run reuses) and the corpus file's
+    content. Reused while both are unchanged; rebuilt otherwise.
+    """
+
+    def __init__(self, post_ids: np.ndarray, author_ids: np.ndarray, vectors: np.ndarray):
+        self.post_ids, self.author_ids, self.vectors = post_ids, author_ids, vectors
+
+    @classmethod
+    def build(cls, model: PhoenixModel, cfg: ModelConfig, post_ids, author_ids, chunk: int = 8192) -> CorpusIndex:
+        if model.retrieval is None:
+            raise ValueError("this checkpoint has no retrieval model (its loss.retrieval_weight was 0)")
+        encode = nnx.jit(lambda m, p, a: m.retrieval.candidates(p, a))
+        vectors = []
+        for start in range(0, len(post_ids), chunk):
+            p, a = post_ids[start : start + chunk], author_ids[start : start + chunk]
+            ph = pad_rows(hash_ids(p, cfg.num_post_hashes, cfg.post_vocab_rows), chunk)
+            ah = pad_rows(hash_ids(a, cfg.num_author_hashes, cfg.author_vocab_rows), chunk)
+            vectors.append(np.asarray(encode(model, ph, ah))[: len(p)])
+        return cls(post_ids, author_ids, np.concatenate(vectors))
+
+    def search(
+        self,
+        users: np.ndarray,
+        k: int,
+        exclude: Sequence[Collection[int]] | None = None,
+        chunk_size: int = 65536,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of the corpus by dot product with `users [B, D]`.
+
+        Posts whose ID is in `exclude[i]` are skipped for user i. Returns corpus positions
+        `[B, k]` (-1 where fewer than k remain) and their scores `[B, k]`.
+        """
+        n = len(self.post_ids)
+        extra = max((len(x) for x in exclude), default=0) if exclude is not None else 0
+        kk = min(n, k + extra)  # room for excluded posts to be dropped
+        scores, idx = top_k(users, self.vectors, kk, chunk_size=min(chunk_size, n))
+        scores, idx = np.asarray(scores), np.asarray(idx)
+        out_idx, out_scores = np.full((len(users), k), -1), np.full((len(users), k), -np.inf, np.float32)
+        for i in range(len(users)):
+            keep = idx[i] >= 0
+            if exclude is not None and exclude[i]:
+                keep &= ~np.isin(self.post_ids[idx[i]], list(exclude[i]))
+            kept = np.nonzero(keep)[0][:k]
+            out_idx[i, : len(kept)], out_scores[i, : len(kept)] = idx[i, kept], scores[i, kept]
+        return out_idx, out_scores
+
+    @staticmethod
+    def path(workdir: str, step: int) -> str:
+        return os.path.join(workdir, "index", f"step_{step}.npz")
+
+    @classmethod
+    def load_or_build(cls, workdir: str, restored, corpus_path: str) -> tuple[CorpusIndex, bool]:
+        """The index of `corpus_path` for a restored checkpoint (`checkpoint.Restored`) ->
+        (index, whether it was built now)."""
+        path = cls.path(workdir, restored.step)
+        meta = {"step": restored.step, "checkpoint": restored.digest, "corpus_sha256": file_sha256(corpus_path)}
+        if restored.digest is not None and os.path.exists(path):
+            with np.load(path) as z:
+                if json.loads(str(z["meta"])) == meta:
+                    return cls(z["post_ids"], z["author_ids"], z["vectors"]), False
+        index = cls.build(restored.model, restored.cfg.model, *read_corpus(corpus_path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(
+            tmp, post_ids=index.post_ids, author_ids=index.author_ids, vectors=index.vectors, meta=json.dumps(meta)
+        )
+        os.replace(tmp, path)  # never a half-written index
+        return index, True
+
+
+def retrieve(
+    model: PhoenixModel,
+    cfg: ModelConfig,
+    index: CorpusIndex,
+    sessions: Sequence[Session],
+    k: int,
+    *,
+    include_seen: bool = False,
+    batch_size: int = 64,
+    chunk_size: int = 65536,
+) -> list[list[tuple[int, float]]]:
+    """Exact top-k corpus positions and scores per session; posts in the session's history are
+    excluded unless `include_seen`."""
+    if model.retrieval is None:
+        raise ValueError("this checkpoint has no retrieval model (its loss.retrieval_weight was 0)")
+    users_fn = nnx.jit(lambda m, b: m.retrieval.user(b))
+    results = []
+    for group in batches_of(sessions, batch_size):
+        users = np.asarray(users_fn(model, prefix_batch(group, cfg, batch_size)))[: len(group)]
+        seen = None if include_seen else [set(s.history_post_id.tolist()) for s in group]
+        idx, scores = index.search(users, k, seen, chunk_size)
+        results.extend(
+            [(int(j), float(s)) for j, s in zip(row_idx, row_scores, strict=True) if j >= 0]
+            for row_idx, row_scores in zip(idx, scores, strict=True)
+        )
+    return results

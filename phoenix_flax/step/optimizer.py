@@ -1,0 +1,162 @@
+"""The optimizer: AdamW for dense weights, Adagrad for hash tables (and the action-bias extension's
+groups), global-norm clipping, and an optional moving average of the parameters."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from phoenix_flax.config import OptimizerConfig
+from phoenix_flax.extensions.optimizer import action_bias_newton
+
+
+def param_labels(params, bias_tables: bool = False, bias_offsets: bool = False) -> object:
+    """'tables' for the hash tables, 'dense' for everything else; with `bias_tables`, the ranker's
+    action-bias tables are 'bias_tables'; with `bias_offsets`, its post and author tables (the ones
+    holding the offsets) are 'bias_offsets'."""
+
+    def label(path, _):  # every HashTable's parameter is named `table`
+        keys = [getattr(k, "key", None) for k in path]
+        if "table" not in keys:
+            return "dense"
+        if "action_bias" not in keys:
+            return "tables"
+        if bias_offsets and ("post" in keys or "author" in keys):
+            return "bias_offsets"
+        return "bias_tables" if bias_tables else "tables"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def decay_touched_rows(rate: float) -> optax.GradientTransformation:
+    """Decoupled weight decay of the rows `[..., rows, cols]` whose update is nonzero: the rows
+    the batch looked up (Adagrad leaves the others exactly still). `rate` is the learning rate
+    times the decay."""
+
+    def update(updates, state, params):
+        def decay(u, p):
+            touched = jnp.any(u != 0, axis=-1, keepdims=True)
+            return u - rate * jnp.where(touched, p, 0).astype(u.dtype)
+
+        return jax.tree.map(decay, updates, params), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+class ParamAverageState(NamedTuple):
+    count: jax.Array  # updates averaged so far
+    average: optax.Params  # the parameters' moving average, shaped as the parameters
+
+
+def average_params(decay: float) -> optax.GradientTransformation:
+    """Keeps an exponential moving average of the parameters as updated (what evaluation and
+    serving use); the updates pass through unchanged. The decay of update t is
+    `min(decay, (1 + t) / (10 + t))`, so the starting parameters are averaged out within the
+    first steps rather than after 1 / (1 - decay) of them."""
+
+    def init(params):
+        return ParamAverageState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params):
+        rate = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))
+        updated = optax.apply_updates(params, updates)
+        average = jax.tree.map(lambda a, p: (rate * a + (1 - rate) * p).astype(a.dtype), state.average, updated)
+        return updates, ParamAverageState(state.count + 1, average)
+
+    return optax.GradientTransformation(init, update)
+
+
+def averaged_params(optimizer: nnx.Optimizer) -> nnx.State | None:
+    """The optimizer's moving average of the parameters, a State of arrays shaped as the model's
+    `nnx.Param` state (None when it keeps none: `optimizer.ema_decay` 0)."""
+    last = optimizer.opt_state[-1]
+    return nnx.as_pure(last.average) if isinstance(last, ParamAverageState) else None
+
+
+@contextlib.contextmanager
+def averaged_weights(model: nnx.Module, optimizer: nnx.Optimizer):
+    """Within the block, `model` holds the parameters' moving average (when the optimizer keeps
+    one); its own parameters come back after. No step may run within: the two share buffers."""
+    average = averaged_params(optimizer)
+    if average is None:
+        yield
+        return
+    trained = nnx.as_pure(nnx.state(model, nnx.Param))
+    nnx.update(model, average)
+    try:
+        yield
+    finally:
+        nnx.update(model, trained)
+
+
+def make_optimizer(
+    cfg: OptimizerConfig,
+    total_steps: int,
+    impression_gradient: float | None = None,
+    *,
+    action_bias: bool = False,
+    offset_columns: int | None = None,
+    steps_per_epoch: float | None = None,
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with warmup and cosine decay for dense weights and
+    Adagrad (or AdamW) with weight decay for the hash tables; with the `action_bias` extension,
+    its tables with their own decay and starting accumulator, and `action_bias_newton` for its
+    offsets; with `ema_decay`, the parameters' moving average kept last.
+    `impression_gradient`: the unit of `action_bias_initial_accumulator` (1 / (batch x candidates x
+    actions)); `offset_columns` (the number of actions) and `steps_per_epoch`: needed by newton
+    offsets."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.end_learning_rate_fraction,
+    )
+    dense = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    transforms = {
+        "dense": dense,
+        "tables": _table_optimizer(cfg, cfg.table_weight_decay, cfg.table_initial_accumulator),
+    }
+    newton = action_bias and cfg.action_bias_offsets == "newton"
+    if action_bias:
+        bias_accumulator = cfg.table_initial_accumulator
+        if cfg.action_bias_initial_accumulator:
+            if impression_gradient is None:
+                raise ValueError("optimizer.action_bias_initial_accumulator needs the impression_gradient unit")
+            bias_accumulator = cfg.action_bias_initial_accumulator * impression_gradient**2
+        transforms["bias_tables"] = _table_optimizer(cfg, cfg.action_bias_weight_decay, bias_accumulator)
+    if newton:
+        if None in (impression_gradient, offset_columns, steps_per_epoch):
+            raise ValueError("newton action-bias offsets need impression_gradient, offset_columns and steps_per_epoch")
+        transforms["bias_offsets"] = action_bias_newton(
+            cfg.table_learning_rate,
+            cfg.action_bias_newton_step,
+            offset_columns,
+            impression_gradient,
+            bias_accumulator,
+            steps_per_epoch,
+        )
+    labels = functools.partial(param_labels, bias_tables=action_bias, bias_offsets=newton)
+    steps = [optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels)]
+    if cfg.ema_decay:
+        steps.append(average_params(cfg.ema_decay))
+    return optax.chain(*steps)
+
+
+def _table_optimizer(
+    cfg: OptimizerConfig, weight_decay: float, initial_accumulator: float
+) -> optax.GradientTransformation:
+    """Adagrad from `initial_accumulator` with decay of the rows a step touches (or AdamW) for hash tables."""
+    lr = cfg.table_learning_rate
+    if cfg.table_optimizer == "adagrad":
+        # eps far below a squared row gradient (~1e-10), so it does not take the accumulator's place
+        tables = optax.adagrad(lr, initial_accumulator, eps=1e-20)
+        return optax.chain(tables, decay_touched_rows(lr * weight_decay)) if weight_decay else tables
+    # AdamW moves untouched rows too (momentum), so its own decay covers every row
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=weight_decay)
