@@ -226,6 +226,7 @@ def test_the_reported_logits_blend_the_parts_and_the_counts_per_action_and_add_t
     np.testing.assert_allclose(model.probabilities(parts), jax.nn.sigmoid(logits + shifts), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_authors():
     """Every shown candidate's author against one shown author of every other session (session
     j's slot j mod its count), same authors as the row's removed, logQ from the columns the

@@ -25,8 +25,9 @@ from train import evaluate as evaluate_cli
 
 @pytest.fixture(scope="module")
 def trained(tiny_world, tmp_path_factory):
+    """The tiny experiment with every extension the demo trains with, the exposure softmax too."""
     workdir = str(tmp_path_factory.mktemp("serving_run"))
-    train(tiny_experiment(tiny_world["data_dir"]), workdir)
+    train(tiny_experiment(tiny_world["data_dir"], loss={"exposure_weight": 0.1}), workdir)
     cfg, step, model, _, counts = restore_model(workdir)
     return {"workdir": workdir, "cfg": cfg, "model": model, "step": step, "counts": counts}
 
@@ -201,6 +202,7 @@ def retrieve(trained, tmp_path, corpus, records, *extra):
     return [json.loads(x) for x in out.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_retrieval_equals_brute_force_and_excludes_seen_posts(trained, sessions, tiny_world, tmp_path, capsys):
     records, parsed = sessions
     model, cfg = trained["model"], trained["cfg"].model
