@@ -14,6 +14,7 @@ from phoenix_flax.checkpoint.manager import Checkpointer, damaged_dir
 from phoenix_flax.config import ExperimentConfig, to_dict
 from phoenix_flax.data.counting import PostCounts
 from phoenix_flax.errors import CheckpointError, DamagedCheckpointError, IncompatibleCheckpointError
+from phoenix_flax.extensions import scores_with_counts
 from phoenix_flax.sharding import make_mesh
 from phoenix_flax.step.model import PhoenixModel
 from phoenix_flax.step.step import abstract_model, abstract_train_state
@@ -129,7 +130,7 @@ def restore_model(
                 model = abstract_model(cfg, mesh)
                 digest = checkpoints.restore(candidate, model, average=cfg.optimizer.ema_decay > 0)
                 counts = None
-                if getattr(model.ranker, "blend", None) is not None:
+                if scores_with_counts(model.ranker):
                     counts = checkpoints.counts(candidate, cfg.model.actions)
             except DamagedCheckpointError as e:
                 if len(candidates) == 1:

@@ -16,6 +16,6 @@ are the original architecture alone; what this package adds reaches them through
 `configs/demo.py` turns them on; docs/extensions.md has what each was measured to add.
 """
 
-from phoenix_flax.extensions.ranker import ExtendedRanker, build_ranker, uses_extensions
+from phoenix_flax.extensions.ranker import ExtendedRanker, build_ranker, fits_post_hoc, scores_with_counts
 
-__all__ = ["ExtendedRanker", "build_ranker", "uses_extensions"]
+__all__ = ["ExtendedRanker", "build_ranker", "fits_post_hoc", "scores_with_counts"]

@@ -46,6 +46,16 @@ def build_ranker(cfg: ModelConfig, *, rngs: nnx.Rngs, embeddings: HashEmbeddings
     return cls(cfg, rngs=rngs, embeddings=embeddings)
 
 
+def scores_with_counts(ranker: PhoenixRanker | None) -> bool:
+    """Whether `ranker` (any, or None) reads its candidates' post counts: the count blend's."""
+    return isinstance(ranker, ExtendedRanker) and ranker.blend is not None
+
+
+def fits_post_hoc(ranker: PhoenixRanker | None) -> bool:
+    """Whether training fits heads of `ranker` (any, or None) on validation (`fit_post_hoc`)."""
+    return isinstance(ranker, ExtendedRanker) and ranker.calibration is not None
+
+
 def logit_part_names(cfg: ModelConfig) -> tuple[str, ...]:
     """The keys of `logit_parts`, in order."""
     if not cfg.action_bias:
@@ -116,11 +126,6 @@ class ExtendedRanker(PhoenixRanker):
     def probabilities(self, parts: Mapping[str, jax.Array], count_logits: jax.Array | None = None) -> jax.Array:
         """sigmoid(`calibrated_logits`): what evaluation and serving report."""
         return jax.nn.sigmoid(self.calibrated_logits(parts, count_logits))
-
-    @property
-    def fits_post_hoc(self) -> bool:
-        """Whether training fits heads of this ranker on validation (`fit_post_hoc`)."""
-        return self.calibration is not None
 
     def fit_post_hoc(
         self, gathered: Mapping[str, np.ndarray], counts: PostCounts | None, eval_cfg: EvalConfig

@@ -14,6 +14,7 @@ from phoenix_flax.data.counting import PostCounts
 from phoenix_flax.data.hashing import hash_ids
 from phoenix_flax.data.pipeline import hash_prefix, recent_histories
 from phoenix_flax.data.raw import Session
+from phoenix_flax.extensions import scores_with_counts
 from phoenix_flax.model.scoring import FeedScoring, feed_scores
 from phoenix_flax.step.model import PhoenixModel
 
@@ -53,7 +54,7 @@ class CachedRanker:
         `model.count_blend` scores with."""
         if model.ranker is None:
             raise ValueError("this checkpoint has no ranker (its loss.ranking_weight was 0)")
-        if getattr(model.ranker, "blend", None) is not None and counts is None:
+        if scores_with_counts(model.ranker) and counts is None:
             raise ValueError("this ranker blends in post counts (model.count_blend): pass the run's (Restored.counts)")
         self.model, self.cfg, self.counts = model, cfg, counts
         self.batch_size, self.chunk_size = batch_size, chunk_size

@@ -41,7 +41,7 @@ from phoenix_flax.data.pipeline import (
 )
 from phoenix_flax.errors import DamagedCheckpointError, PhoenixError
 from phoenix_flax.evaluation.metrics import auc, weighted_auc
-from phoenix_flax.extensions import ExtendedRanker
+from phoenix_flax.extensions import fits_post_hoc, scores_with_counts
 from phoenix_flax.model.scoring import action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
 from phoenix_flax.step.model import PhoenixModel
@@ -174,7 +174,7 @@ def validation_pass(model, cfg: ExperimentConfig, eval_step, mesh, counts: PostC
     the mean losses `{eval_<name>: float}` and, with a ranker, every process's valid candidates
     gathered on the host (`"labels"` `[N, A]` and, for `ExtendedRanker.fit_post_hoc`, the logits
     or, with the count blend, their parts and `"counts"`, the candidates' counted log-odds)."""
-    blend = getattr(model.ranker, "blend", None) is not None
+    blend = scores_with_counts(model.ranker)
     data = iter(make_dataset(cfg.model, cfg.data, cfg.data.eval_split, shuffle=False))
     totals: dict[str, list] = {}
     gathered: dict[str, list] = {}  # per key, the valid candidates' values of each batch
@@ -222,9 +222,8 @@ def evaluate_during_training(
     AUCs are of what it serves."""
     result, got = validation_pass(model, cfg, eval_step, mesh, counts)
     if got:
-        ranker = model.ranker
-        if isinstance(ranker, ExtendedRanker) and ranker.fits_post_hoc:
-            logits = ranker.fit_post_hoc(got, counts, cfg.eval)
+        if fits_post_hoc(model.ranker):
+            logits = model.ranker.fit_post_hoc(got, counts, cfg.eval)
         else:
             logits = got["logits"]
         weighted = "eval_weighted_auc" in eval_metric_names(cfg.loss, cfg.eval, cfg.model)
@@ -283,7 +282,7 @@ def train(
         checkpoints = stack.enter_context(Checkpointer(workdir, cfg.checkpoint))
         step = _resume(checkpoints, cfg, model, optimizer, data, report)
         counts = None
-        if getattr(model.ranker, "blend", None) is not None:
+        if scores_with_counts(model.ranker):
             counts = PostCounts.of_split(cfg, cfg.model.actions)
             report(f"model.count_blend: counted {len(counts.post_ids):,} posts in '{cfg.data.train_split}'")
         if jax.process_index() == 0:
@@ -295,7 +294,7 @@ def train(
         stack.callback(preemption.restore)
         stack.enter_context(use_mesh(mesh, cfg.mesh.logical_rules()))  # the steps trace with the rules
         has_eval = cfg.eval.batches > 0 and cfg.data.eval_split in splits
-        if getattr(model.ranker, "fits_post_hoc", False) and not has_eval:
+        if fits_post_hoc(model.ranker) and not has_eval:
             report(
                 f"note: no validation during training (eval.batches={cfg.eval.batches}, splits {sorted(splits)}): "
                 "the calibration shifts (model.calibration) stay 0, and the blend (model.count_blend) the logits' own sum"
