@@ -14,6 +14,7 @@ import jax
 from phoenix_flax.config import ConfigError, ExperimentConfig, apply_overrides, load
 from phoenix_flax.data.raw import Session, SkipReport, expand_paths, read_sessions
 from phoenix_flax.errors import PhoenixError
+from phoenix_flax.files import OutputError
 from phoenix_flax.model.scoring import FeedScoring, parse_weights
 
 DEBUG_ENV = "PHOENIX_DEBUG"
@@ -21,6 +22,34 @@ DEBUG_ENV = "PHOENIX_DEBUG"
 
 def add_debug_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help=f"tracebacks for every error (or set {DEBUG_ENV}=1)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, with a bad argument reported in one line like every other failure (exit 2);
+    `--help` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argument that must be a whole number >= 1 (sizes, counts)."""
+    return _int_at_least(text, 1)
+
+
+def count(text: str) -> int:
+    """An argument that must be a whole number >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
 
 
 def run(prog: str, body: Callable[[], int], debug: bool = False) -> int:
@@ -40,10 +69,6 @@ def run(prog: str, body: Callable[[], int], debug: bool = False) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
-
-
-class OutputError(PhoenixError):
-    """An output path that cannot be written."""
 
 
 def check_writable(path: str, what: str = "--output") -> None:
@@ -161,7 +186,7 @@ def add_session_input_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, nargs="+", help="sessions (.jsonl or .parquet; globs allowed)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--skip-invalid", action="store_true", help="skip invalid sessions and report them")
-    parser.add_argument("--batch-size", type=int, default=64, help="sessions per user-context batch")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="sessions per user-context batch")
     add_debug_arg(parser)
 
 

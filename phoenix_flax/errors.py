@@ -26,3 +26,16 @@ class DamagedCheckpointError(CheckpointError):
 
 class IncompatibleCheckpointError(CheckpointError):
     """The checkpoint was written by a model or optimizer of other shapes than the config's."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that could not write: a full disk, a file-size limit, a read-only folder."""
+
+    def __init__(self, steps, directory: str, reason: str, last_saved: int | None):
+        kept = f"step {last_saved} is the last saved" if last_saved is not None else "no step was saved"
+        hint = (
+            " (a full disk or a file-size limit?)" if any(w in reason for w in ("space", "too large", "quota")) else ""
+        )
+        super().__init__(
+            f"cannot save checkpoint step {', '.join(map(str, steps))} in {directory}: {reason}{hint}; {kept}"
+        )

@@ -21,21 +21,24 @@ from collections.abc import Sequence
 import numpy as np
 
 from phoenix_flax.cli import (
+    ArgumentParser,
     add_scoring_args,
     add_session_input_args,
     check_writable,
+    positive_int,
     read_session_input,
     run,
     scoring_from_args,
 )
+from phoenix_flax.files import replaced
 from phoenix_flax.model.scoring import action_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-rank", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="phoenix-rank", description=__doc__.split("\n\n")[0])
     add_session_input_args(p)
     add_scoring_args(p)
-    p.add_argument("--chunk-size", type=int, default=512, help="candidates scored at once")
+    p.add_argument("--chunk-size", type=positive_int, default=512, help="candidates scored at once")
     args = p.parse_args(argv)
     return run(p.prog, lambda: rank(args), args.debug)
 
@@ -48,11 +51,12 @@ def rank(args: argparse.Namespace) -> int:
     from phoenix_flax.serving.ranking import CachedRanker, ranked_candidates
 
     restored = restore_model(args.workdir, args.step)
+    restored.require("ranker")
     cfg = restored.cfg.model
     weights = action_weights(cfg.actions, overrides).astype(np.float64)
     sessions, report = read_session_input(args, cfg)
     probs = CachedRanker(restored.model, cfg, args.batch_size, args.chunk_size, restored.counts).probabilities(sessions)
-    with open(args.output, "w") as f:
+    with replaced(args.output) as f:
         for session, p_session in zip(sessions, probs, strict=True):
             line = {
                 "user_id": session.user_id,

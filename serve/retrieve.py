@@ -22,27 +22,29 @@ from collections.abc import Sequence
 import numpy as np
 
 from phoenix_flax.cli import (
+    ArgumentParser,
     add_scoring_args,
     add_session_input_args,
     check_writable,
+    log,
+    positive_int,
     read_session_input,
     run,
     scoring_from_args,
 )
+from phoenix_flax.files import replaced
 from phoenix_flax.model.scoring import action_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-retrieve", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="phoenix-retrieve", description=__doc__.split("\n\n")[0])
     add_session_input_args(p)
     p.add_argument("--corpus", required=True, help="JSON Lines of {post_id, author_id}")
-    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("--top-k", type=positive_int, required=True)
     p.add_argument("--include-seen", action="store_true", help="keep posts already in the history")
     p.add_argument("--then-rank", action="store_true", help="rank the retrieved posts with the ranker")
     add_scoring_args(p)  # for --then-rank
     args = p.parse_args(argv)
-    if args.top_k < 1:
-        p.error("--top-k must be positive")
     return run(p.prog, lambda: retrieve_top_k(args), args.debug)
 
 
@@ -51,21 +53,17 @@ def retrieve_top_k(args: argparse.Namespace) -> int:
     check_writable(args.output)
 
     from phoenix_flax.checkpoint.restore import restore_model  # JAX starts here
-    from phoenix_flax.errors import CheckpointError
     from phoenix_flax.serving.index import CorpusIndex, retrieve
     from phoenix_flax.serving.ranking import CachedRanker, ranked_candidates
 
     restored = restore_model(args.workdir, args.step)
     model, cfg = restored.model, restored.cfg.model
-    if model.retrieval is None:
-        raise CheckpointError(f"the checkpoint in {args.workdir} has no retrieval model (loss.retrieval_weight was 0)")
-    if args.then_rank and model.ranker is None:
-        raise CheckpointError(
-            f"--then-rank: the checkpoint in {args.workdir} has no ranker (loss.ranking_weight was 0)"
-        )
+    restored.require("retrieval")
+    if args.then_rank:
+        restored.require("ranker", "--then-rank: ")
     weights = action_weights(cfg.actions, overrides).astype(np.float64)
     sessions, report = read_session_input(args, cfg, require_candidates=False)
-    index, rebuilt = CorpusIndex.load_or_build(args.workdir, restored, args.corpus)
+    index, rebuilt = CorpusIndex.load_or_build(args.workdir, restored, args.corpus, report=log)
     print(f"{'built' if rebuilt else 'reused'} the index of {len(index.post_ids):,} posts", file=sys.stderr)
     hits = retrieve(model, cfg, index, sessions, args.top_k, include_seen=args.include_seen, batch_size=args.batch_size)
     if args.then_rank:
@@ -82,7 +80,7 @@ def retrieve_top_k(args: argparse.Namespace) -> int:
             for s, h in zip(sessions, hits, strict=True)
         ]
         probs = CachedRanker(model, cfg, args.batch_size, counts=restored.counts).probabilities(retrieved)
-    with open(args.output, "w") as f:
+    with replaced(args.output) as f:
         for i, (session, h) in enumerate(zip(sessions, hits, strict=True)):
             cands = [
                 {

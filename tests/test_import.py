@@ -100,7 +100,7 @@ def item_ids(out):
     from phoenix_flax.data.importer import _hashed_ids
 
     names = [f"item-{i}" for i in range(100)]
-    return dict(zip(names, _hashed_ids(np.array(names)).tolist(), strict=True))
+    return dict(zip(names, _hashed_ids(np.array(names))[0].tolist(), strict=True))
 
 
 def test_import_builds_the_sessions_of_a_direct_construction(tmp_path):

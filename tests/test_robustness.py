@@ -201,8 +201,8 @@ def test_only_what_reads_abandoned_by_a_failed_restore_report_is_dropped():
     """What Orbax's reads abandoned by a failed restore report (they made the damaged-step error
     above more than one line, now and then) is dropped; the same from elsewhere still shows."""
     program = (
-        "from phoenix_flax.checkpoint.orbax_workarounds import AbandonedReads\n"
-        "AbandonedReads.watch('/run/checkpoints')\n"
+        "from phoenix_flax.checkpoint.orbax_workarounds import AbandonedIO\n"
+        "AbandonedIO.watch('/run/checkpoints')\n"
         "async def _read_array_index_and_device_put(): pass\n"
         "async def ours(): pass\n"
         "abandoned, forgotten = _read_array_index_and_device_put(), ours()\n"

@@ -28,7 +28,8 @@ def trained(tiny_world, tmp_path_factory):
     """The tiny experiment with every extension the demo trains with, the exposure softmax too."""
     workdir = str(tmp_path_factory.mktemp("serving_run"))
     train(tiny_experiment(tiny_world["data_dir"], loss={"exposure_weight": 0.1}), workdir)
-    cfg, step, model, _, counts = restore_model(workdir)
+    restored = restore_model(workdir)
+    cfg, step, model, counts = restored.cfg, restored.step, restored.model, restored.counts
     return {"workdir": workdir, "cfg": cfg, "model": model, "step": step, "counts": counts}
 
 
@@ -367,7 +368,7 @@ def test_retrieval_from_a_ranking_only_checkpoint_is_a_named_error(tiny_world, s
     rc = retrieve_cli.main([*args, "--corpus", tiny_world["corpus"], "--top-k", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [
-        f"phoenix-retrieve: error: the checkpoint in {workdir} has no retrieval model (loss.retrieval_weight was 0)"
+        f"phoenix-retrieve: error: step 1 of {workdir} has no retrieval model (it trained with loss.retrieval_weight=0)"
     ]
 
 

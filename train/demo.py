@@ -16,10 +16,11 @@ import shutil
 import sys
 import time
 
-from phoenix_flax.cli import add_debug_arg, run
+from phoenix_flax.cli import ArgumentParser, add_debug_arg, run
 from phoenix_flax.config import load, replace_fields
 from phoenix_flax.data import prepare, synth
 from phoenix_flax.data.prepare import dataset_dir
+from phoenix_flax.files import replaced
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 WORLD = synth.WorldConfig(
@@ -33,7 +34,7 @@ def stage(title: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="phoenix-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
     add_debug_arg(p)
@@ -112,7 +113,7 @@ def demo(args: argparse.Namespace) -> int:
     result = train_and_evaluate(cfg, root, timings)
     if result is None:
         return 1
-    with open(os.path.join(root, "metrics.json"), "w") as f:
+    with replaced(os.path.join(root, "metrics.json")) as f:
         json.dump(result, f, indent=2)
 
     from phoenix_flax.evaluation.evaluate import CALIBRATION_BAND, MIN_POSITIVES, format_table, quality_summary

@@ -17,18 +17,27 @@ import os
 import sys
 from collections.abc import Sequence
 
-from phoenix_flax.cli import add_checkpoint_args, add_debug_arg, check_writable, check_writable_dir, run
+from phoenix_flax.cli import (
+    ArgumentParser,
+    add_checkpoint_args,
+    add_debug_arg,
+    check_writable,
+    check_writable_dir,
+    positive_int,
+    run,
+)
+from phoenix_flax.files import replaced
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="phoenix-eval", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(p)
     p.add_argument("--split", default="test")
     p.add_argument("--output", required=True, help="metrics JSON file")
     p.add_argument("--data-dir", help="default: the checkpoint's config")
     p.add_argument("--truth", help="true probabilities (phoenix-synth's test_truth.npz); default: the config's")
     p.add_argument("--corpus", help="posts for corpus retrieval (JSON Lines of post_id, author_id)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--plots", help="folder for the PNG files (default: plots/ beside --output; '' for none)")
     p.add_argument(
         "--protocol",
@@ -60,7 +69,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         plots_dir=plots or None,
     )
-    with open(args.output, "w") as f:
+    with replaced(args.output) as f:
         json.dump(result, f, indent=2, allow_nan=False)
     print(format_table(result))
     return 0

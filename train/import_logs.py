@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from phoenix_flax.cli import add_debug_arg, run
+from phoenix_flax.cli import ArgumentParser, add_debug_arg, count, positive_int, run
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.importer import (
     ActionRule,
@@ -35,15 +35,16 @@ from phoenix_flax.data.importer import (
     write_sessions,
 )
 from phoenix_flax.data.raw import SkipReport, expand_paths
+from phoenix_flax.files import replaced
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-import", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="phoenix-import", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, nargs="+", help="event files (.csv, .tsv, .parquet; globs allowed)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=("csv", "tsv", "parquet"), help="the inputs' format (default: by extension)")
     p.add_argument("--columns", help="CSV/TSV without a header: the column names, comma-separated")
-    p.add_argument("--skip-rows", type=int, default=0, help="CSV/TSV: lines to skip first (e.g. a header to rename)")
+    p.add_argument("--skip-rows", type=count, default=0, help="CSV/TSV: lines to skip first (e.g. a header to rename)")
     p.add_argument("--user", required=True, help="the user ID column")
     p.add_argument("--item", required=True, help="the item (post) ID column")
     p.add_argument("--timestamp", required=True, help="the time column: numbers or ISO 8601 date-times")
@@ -60,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", choices=("leave-last-out", "time"), default="leave-last-out")
     p.add_argument("--validation-from", type=float, help="time split: events at or after this go to validation")
     p.add_argument("--test-from", type=float, help="time split: events at or after this go to test")
-    p.add_argument("--max-history", type=int, default=50, help="history items per session (the most recent)")
-    p.add_argument("--candidates-per-session", type=int, default=1, help="consecutive events per session")
+    p.add_argument("--max-history", type=count, default=50, help="history items per session (the most recent)")
+    p.add_argument("--candidates-per-session", type=positive_int, default=1, help="consecutive events per session")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report them")
     add_debug_arg(p)
     args = p.parse_args(argv)
@@ -120,7 +121,7 @@ def import_logs(args: argparse.Namespace) -> int:
         },
         "args": {k: v for k, v in vars(args).items() if k not in ("debug",)},
     }
-    with open(os.path.join(args.out, "import.json"), "w") as f:
+    with replaced(os.path.join(args.out, "import.json")) as f:
         json.dump(summary, f, indent=2)
     counts = ", ".join(f"{k} {v:,}" for k, v in sessions.items())
     print(

@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from phoenix_flax.cli import add_debug_arg, experiment_from_args, run
+from phoenix_flax.cli import ArgumentParser, add_debug_arg, experiment_from_args, positive_int, run
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -55,9 +55,9 @@ def format_plan(plan, hbm: int | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-plan", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="phoenix-plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a file in configs/ defining get_config()")
-    p.add_argument("--devices", type=int, help="plan for this many simulated CPU devices")
+    p.add_argument("--devices", type=positive_int, help="plan for this many simulated CPU devices")
     p.add_argument("--hbm", type=parse_bytes, help="memory per device, e.g. 16GiB: exit 1 if the step does not fit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_debug_arg(p)

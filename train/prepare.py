@@ -14,7 +14,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from phoenix_flax.cli import add_debug_arg, run
+from phoenix_flax.cli import ArgumentParser, add_debug_arg, run
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.prepare import SplitSource, dataset_dir, prepare, print_statistics
 from phoenix_flax.data.raw import expand_paths
@@ -34,7 +34,7 @@ def _parse_fractions(text: str) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-prepare", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="phoenix-prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="output directory (the dataset goes in a subfolder)")
     p.add_argument("--train", nargs="+", metavar="FILE", help="raw files or globs (.jsonl, .parquet)")
     p.add_argument("--validation", nargs="+", metavar="FILE")

@@ -9,19 +9,18 @@ probability of every action for every test candidate) and `world.json`. See
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 
-from phoenix_flax.cli import add_debug_arg, run
+from phoenix_flax.cli import ArgumentParser, add_debug_arg, run
 from phoenix_flax.data.synth import World, WorldConfig, simulate, write_world
 from phoenix_flax.validation import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix-synth", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="phoenix-synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     for f in dataclasses.fields(WorldConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)

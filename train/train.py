@@ -13,15 +13,23 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from phoenix_flax.cli import add_debug_arg, add_distributed_args, experiment_from_args, initialize_distributed, run
+from phoenix_flax.cli import (
+    ArgumentParser,
+    add_debug_arg,
+    add_distributed_args,
+    experiment_from_args,
+    initialize_distributed,
+    positive_int,
+    run,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="phoenix-train", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="phoenix-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a file in configs/ defining get_config()")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--data-dir", help="a directory written by phoenix-prepare (default: the config's)")
-    parser.add_argument("--stop-after", type=int, help="stop after this many steps (checkpointed)")
+    parser.add_argument("--stop-after", type=positive_int, help="stop after this many steps (checkpointed)")
     add_distributed_args(parser)
     add_debug_arg(parser)
     args, overrides = parser.parse_known_args(argv)

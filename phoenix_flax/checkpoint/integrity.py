@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 from phoenix_flax.errors import DamagedCheckpointError
+from phoenix_flax.files import replaced
 
 INTEGRITY_FILE = "integrity.json"
 
@@ -36,10 +37,8 @@ def write_integrity(step_dir: str) -> str:
                 path = os.path.join(root, name)
                 files[os.path.relpath(path, step_dir)] = [os.path.getsize(path), file_sha256(path)]
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    tmp = os.path.join(step_dir, INTEGRITY_FILE + ".tmp")
-    with open(tmp, "w") as f:
+    with replaced(os.path.join(step_dir, INTEGRITY_FILE)) as f:  # never a half-written record
         json.dump({"format": 1, "digest": digest, "files": files}, f)
-    os.replace(tmp, os.path.join(step_dir, INTEGRITY_FILE))  # never a half-written record
     return digest
 
 

@@ -32,14 +32,15 @@ from flax import nnx
 
 from phoenix_flax.checkpoint.integrity import INTEGRITY_FILE, check_integrity, write_integrity
 from phoenix_flax.checkpoint.orbax_workarounds import (
-    AbandonedReads,
+    AbandonedIO,
     failed_item,
     root_cause,
     without_read_only_notices,
+    write_failure,
 )
 from phoenix_flax.config import CheckpointConfig, ExperimentConfig, from_dict, to_dict
 from phoenix_flax.data.counting import PostCounts
-from phoenix_flax.errors import CheckpointError, DamagedCheckpointError, PhoenixError
+from phoenix_flax.errors import CheckpointError, CheckpointSaveError, DamagedCheckpointError, PhoenixError
 from phoenix_flax.step.optimizer import averaged_params
 
 ITEMS = ("model", "optimizer", "data", "config")  # every step's
@@ -93,6 +94,7 @@ class Checkpointer:
         self.workdir, self.cfg, self.read_only = workdir, cfg, read_only
         self.directory = checkpoint_dir(workdir)
         self._unrecorded: list[int] = []  # saved steps whose integrity record is still to write
+        self.failed = False  # a save failed to write (CheckpointSaveError)
         policies = [
             ocp.checkpoint_managers.preservation_policy.LatestN(cfg.keep),
             _NewestRecorded(self._recorded_steps),
@@ -117,8 +119,11 @@ class Checkpointer:
                 preservation_policy=ocp.checkpoint_managers.preservation_policy.AnyPreservationPolicy(policies),
                 read_only=read_only,
                 create=not read_only,
+                cleanup_tmp_directories=not read_only,  # the partial steps of a failed save or a kill
             )
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(*ITEMS, AVERAGE, COUNTS))
+        if not read_only:
+            AbandonedIO.watch(self.directory)  # before any save: a failed one is reported once, by `_writing`
 
     @classmethod
     def open_run(cls, workdir: str) -> Checkpointer:
@@ -182,10 +187,25 @@ class Checkpointer:
         if counts is not None:
             items[COUNTS] = ocp.args.StandardSave(counts.arrays())
         args = ocp.args.Composite(**items)
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        with self._writing([step]):
+            self.manager.save(step, args=args, metrics=metrics, force=True)
         self._unrecorded.append(step)
         if not self.cfg.asynchronous:
             self.wait()
+
+    @contextlib.contextmanager
+    def _writing(self, steps: Sequence[int]):
+        """A save that fails to write (a full disk, a file-size limit, a read-only folder) raises
+        CheckpointSaveError in one line; the saved steps stay, and the next run removes the partial one."""
+        try:
+            yield
+        except Exception as e:
+            reason = write_failure(root_cause(e))
+            if reason is None:
+                raise
+            self.failed = AbandonedIO.installed.save_failed = True
+            saved = [s for s in self.manager.all_steps() if s not in steps]
+            raise CheckpointSaveError(steps, self.directory, reason, max(saved, default=None)) from e
 
     def record_finished(self) -> None:
         """Writes the integrity records of saves that have completed (cheap when none has)."""
@@ -200,10 +220,15 @@ class Checkpointer:
         self._unrecorded = []
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing(self._unrecorded):
+            self.manager.wait_until_finished()
         self._record()
 
     def close(self) -> None:
+        if self.failed:  # said once already; what is left of Orbax's threads only needs stopping
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
         try:
             self.wait()
         finally:
@@ -216,7 +241,7 @@ class Checkpointer:
         return check_integrity(step, self.step_dir(step), items)
 
     def _restore_items(self, step: int, items: dict) -> dict:
-        AbandonedReads.watch(self.directory)
+        AbandonedIO.watch(self.directory)
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # whatever Orbax or tensorstore raise on bad files

@@ -91,6 +91,15 @@ class Restored(NamedTuple):
     model: PhoenixModel
     digest: str | None  # the checkpoint's content, from its integrity record (None without one)
     counts: PostCounts | None = None  # the step's post counts, with model.count_blend
+    workdir: str = ""
+
+    def require(self, part: str, purpose: str = "") -> None:
+        """Raises CheckpointError unless the model has `part`: 'ranker' or 'retrieval'."""
+        if getattr(self.model, part) is None:
+            name, weight = {"ranker": ("ranker", "ranking"), "retrieval": ("retrieval model", "retrieval")}[part]
+            raise CheckpointError(
+                f"{purpose}step {self.step} of {self.workdir} has no {name} (it trained with loss.{weight}_weight=0)"
+            )
 
 
 def restore_model(
@@ -139,7 +148,7 @@ def restore_model(
                 continue
             for e in damaged:
                 (report or _stderr)(f"{e}; using step {candidate}")
-            return Restored(cfg, candidate, model, digest, counts)
+            return Restored(cfg, candidate, model, digest, counts, workdir)
     raise CheckpointError(f"no checkpoint of {workdir} restores: " + "; ".join(str(e) for e in damaged))
 
 

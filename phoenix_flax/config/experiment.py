@@ -14,7 +14,9 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Sequence
@@ -222,22 +224,37 @@ class ExperimentConfig:
             raise ConfigError(problems)
 
 
-def agreement_problems(sections: dict) -> list[str]:
-    """What the sections must agree on; each check runs when the sections it reads are given."""
+def agreement_problems(sections: dict, invalid: frozenset[str] = frozenset()) -> list[str]:
+    """What the sections must agree on. A check runs only when every field it reads is given and
+    valid: `invalid` names the fields ('model.emb_size') their own section rejected, so nothing
+    is derived from a value that is itself wrong."""
+
+    def usable(*keys: str) -> bool:
+        return all(sections.get(k.partition(".")[0]) is not None and k not in invalid for k in keys)
+
     problems = []
     model, loss, checkpoint, evaluation = (sections.get(k) for k in ("model", "loss", "checkpoint", "eval"))
-    affinity = model and loss and loss.ranking_weight > 0 and model.action_bias and model.affinity_rank > 0
-    if model and loss and loss.exposure_weight > 0 and not affinity:
+    exposure = ("loss.exposure_weight", "loss.ranking_weight", "model.action_bias", "model.affinity_rank")
+    affinity = usable(*exposure) and loss.ranking_weight > 0 and model.action_bias and model.affinity_rank > 0
+    if usable(*exposure) and loss.exposure_weight > 0 and not affinity:
         problems.append(
             f"loss.exposure_weight={loss.exposure_weight} trains the ranker's affinity factors: it needs "
-            f"loss.ranking_weight > 0, model.action_bias and model.affinity_rank > 0 (have {loss.ranking_weight}, "
-            f"{model.action_bias}, {model.affinity_rank})"
+            f"loss.ranking_weight > 0, model.action_bias and model.affinity_rank > 0 (have "
+            f"{loss.ranking_weight}, {model.action_bias}, {model.affinity_rank})"
         )
-    if model and loss and loss.action_weights is not None and len(loss.action_weights) != model.num_actions:
-        problems.append(f"loss.action_weights has {len(loss.action_weights)} weights for {model.num_actions} actions")
-    if loss and checkpoint and evaluation and checkpoint.best_metric:
+    weights = usable("loss.action_weights", "model.actions") and loss.action_weights is not None
+    if weights and len(loss.action_weights) != len(model.actions):
+        problems.append(f"loss.action_weights has {len(loss.action_weights)} weights for {len(model.actions)} actions")
+    best = ("checkpoint.best_metric", "checkpoint.best_mode", "loss.ranking_weight", "loss.retrieval_weight")
+    if usable(*best, "eval.batches", "model.actions") and checkpoint.best_metric:
         produced = eval_metric_names(loss, evaluation, model)
-        if checkpoint.best_metric not in produced:
+        unweighted = sorted(set(model.actions) - set(DEFAULT_ACTION_WEIGHTS))
+        if checkpoint.best_metric == "eval_weighted_auc" and loss.ranking_weight > 0 and unweighted:
+            problems.append(
+                f"checkpoint.best_metric='eval_weighted_auc' needs a default score weight for every action; "
+                f"model.actions has {unweighted} without one (pick another metric, e.g. 'eval_mean_auc')"
+            )
+        elif checkpoint.best_metric not in produced:
             problems.append(
                 f"checkpoint.best_metric={checkpoint.best_metric!r}: evaluation during training produces "
                 f"{sorted(produced) or 'nothing (eval.batches=0)'}; '' keeps no best checkpoint"
@@ -362,14 +379,29 @@ def load(path: str) -> ExperimentConfig:
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path} defines no get_config()")
+        cfg = module.get_config()
+    except SyntaxError as e:
+        raise ConfigError(f"{e.filename}:{e.lineno}: {e.msg}") from e
+    except ConfigError:
+        raise
+    except Exception as e:  # the config's own code failed: where, in the config files
+        raise ConfigError(f"{_config_frame(e, folder)}: {type(e).__name__}: {e}") from e
     finally:
         sys.path.remove(folder)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} defines no get_config()")
-    cfg = module.get_config()
     if not isinstance(cfg, ExperimentConfig):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not ExperimentConfig")
     return cfg
+
+
+def _config_frame(error: Exception, folder: str) -> str:
+    """'file:line' of the innermost frame of `error`'s traceback in the config's folder."""
+    where = "?"
+    for frame in traceback.extract_tb(error.__traceback__):
+        if os.path.dirname(os.path.abspath(frame.filename)) == folder:
+            where = f"{frame.filename}:{frame.lineno}"
+    return where
 
 
 def replace_fields(cfg: ExperimentConfig, **sections: dict) -> ExperimentConfig:
@@ -404,9 +436,19 @@ def from_dict(d: dict, cls=ExperimentConfig):
         kwargs[name] = value
     if problems:
         if cls is ExperimentConfig:
-            problems.extend(agreement_problems(kwargs))
+            # Sections that failed stand in as their values, with the failed fields named.
+            given = {
+                name: kwargs[name] if name in kwargs else types.SimpleNamespace(**value)
+                for name, value in d.items()
+                if dataclasses.is_dataclass(hints.get(name)) and isinstance(value, dict)
+            }
+            invalid = frozenset(m.group(1) for m in map(_PROBLEM_KEY.match, problems) if m)
+            problems.extend(agreement_problems(given, invalid))
         raise ConfigError(problems)
     return cls(**kwargs)
+
+
+_PROBLEM_KEY = re.compile(r"^(\w+\.\w+)=")  # the field a section's problem names: 'model.emb_size=0: ...'
 
 
 def dumps(cfg: ExperimentConfig) -> str:

@@ -33,8 +33,9 @@ from typing import Literal
 
 import numpy as np
 
-from phoenix_flax.data.raw import SessionFormatError, SkipReport, items_column
+from phoenix_flax.data.raw import INT64_MAX, INT64_MIN, SessionFormatError, SkipReport, items_column
 from phoenix_flax.errors import PhoenixError
+from phoenix_flax.files import replaced
 
 _OPS: dict[str, Callable] = {
     ">=": operator.ge,
@@ -169,9 +170,11 @@ class Events:
 
 def _batches(
     path: str, columns: Sequence[str], fmt: str, names: Sequence[str] | None = None, skip_rows: int = 0
-) -> Iterator[tuple[int, object]]:
-    """(first row's line number, pyarrow RecordBatch of `columns` as read) for each block. CSV and
-    TSV: `names` name the columns of a file without a header; `skip_rows` lines are skipped first."""
+) -> Iterator[tuple[np.ndarray, object, list[SessionFormatError]]]:
+    """(each row's line number, pyarrow RecordBatch of `columns` as read, the rows of too few or
+    too many fields left out up to the batch's end) for each block; a last batch of None may
+    carry rows left out after the others. CSV and TSV: `names` name the columns of a file without
+    a header; `skip_rows` lines are skipped first; values are read as bytes."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -186,48 +189,90 @@ def _batches(
             raise SessionFormatError(path, 1, None, f"no column {missing} (columns: {', '.join(f.schema_arrow.names)})")
         row = 1
         for batch in f.iter_batches(batch_size=1 << 16, columns=list(columns)):
-            yield row, batch
+            yield np.arange(row, row + batch.num_rows), batch, []
             row += batch.num_rows
         return
     delimiter = "\t" if fmt == "tsv" else ","
+    lines = _CsvLines(path, 1 + skip_rows + (0 if names else 1))
     try:
         reader = pacsv.open_csv(
             path,
+            # Serial: Arrow then knows the line of a row with the wrong number of fields.
             read_options=pacsv.ReadOptions(
-                block_size=1 << 22, column_names=list(names) if names else None, skip_rows=skip_rows
+                block_size=1 << 22, column_names=list(names) if names else None, skip_rows=skip_rows, use_threads=False
             ),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            # Everything as text: a column's type is then the same in every block, and bad values
-            # are found (and named) here rather than by Arrow's inference.
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lines.left_out),
+            # Everything as bytes: a column's type is then the same in every block, and bad values
+            # (text that is not UTF-8 included) are found and named at their line here rather than
+            # by Arrow's inference.
             convert_options=pacsv.ConvertOptions(
-                include_columns=list(columns), column_types=dict.fromkeys(columns, pa.string())
+                include_columns=list(columns), column_types=dict.fromkeys(columns, pa.binary())
             ),
         )
     except (pa.ArrowInvalid, KeyError) as e:
         raise SessionFormatError(path, 1, None, f"cannot read the header or the columns {list(columns)}: {e}") from None
-    # Lines are rows (quoted newlines inside values would shift them), after the skipped lines and the header.
-    line = 1 + skip_rows + (0 if names else 1)
+    read = 0
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
+            if lines.errors:
+                yield np.zeros(0, np.int64), None, lines.errors_until(None)
             return
         except pa.ArrowInvalid as e:
+            line = int(lines.of(np.array([read]))[0])
             raise SessionFormatError(path, line, None, f"unreadable CSV near here: {e}") from None
-        yield line, batch
-        line += batch.num_rows
+        line = lines.of(np.arange(read, read + batch.num_rows))
+        yield line, batch, lines.errors_until(int(line[-1]) if len(line) else None)
+        read += batch.num_rows
 
 
-def _hashed_ids(text: np.ndarray) -> np.ndarray:
-    """Strings -> int64: integers as they are, anything else hashed (BLAKE2b, 63 bits)."""
+class _CsvLines:
+    """The line numbers of a CSV file's rows, given the lines Arrow's reader left out (rows with
+    the wrong number of fields, reported to `left_out`). Quoted newlines inside values would
+    shift them."""
+
+    def __init__(self, path: str, first_line: int):
+        self.path, self.first_line = path, first_line
+        self.skipped: list[int] = []  # line numbers, ascending
+        self.errors: list[SessionFormatError] = []  # those not yet handed out
+
+    def left_out(self, row) -> str:
+        self.skipped.append(row.number)
+        problem = f"{row.actual_columns} fields where the header has {row.expected_columns}: {row.text!r}"
+        self.errors.append(SessionFormatError(self.path, row.number, None, problem))
+        return "skip"
+
+    def errors_until(self, line: int | None) -> list[SessionFormatError]:
+        """The errors at lines up to `line` (None: all), handed out once."""
+        out = [e for e in self.errors if line is None or e.line <= line]
+        self.errors = self.errors[len(out) :]
+        return out
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        """The line numbers of rows (0-based, counting only the rows read)."""
+        skipped = np.asarray(self.skipped, np.int64)
+        rows_before_skipped = skipped - self.first_line - np.arange(len(skipped))
+        return self.first_line + rows + np.searchsorted(rows_before_skipped, rows, side="right")
+
+
+def _hashed_ids(text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (int64 IDs, ok mask): integers as they are, anything else hashed (BLAKE2b, 63
+    bits); integers beyond int64 are not ok."""
     uniq, inverse = np.unique(text, return_inverse=True)
-    out = np.empty(len(uniq), np.int64)
+    out = np.zeros(len(uniq), np.int64)
+    ok = np.ones(len(uniq), bool)
     for i, s in enumerate(uniq):
         try:
-            out[i] = int(s)
+            value = int(s)
         except ValueError:
             out[i] = int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 1
-    return out[inverse]
+            continue
+        if INT64_MIN <= value <= INT64_MAX:
+            out[i] = value
+        else:
+            ok[i] = False
+    return out[inverse], ok[inverse]
 
 
 def _float_values(text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,14 +301,28 @@ def _times(text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, ok
 
 
-def _as_text(column) -> tuple[np.ndarray, np.ndarray]:
-    """A pyarrow column -> (numpy str array, present mask)."""
+def _as_text(column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A pyarrow column -> (numpy str array, present mask, UTF-8 mask: False where bytes read are
+    not UTF-8 text)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     present = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool)
+    utf8 = np.ones(len(column), bool)
+    if pa.types.is_binary(column.type):
+        try:
+            column = pc.cast(column, pa.string())
+        except pa.ArrowInvalid:  # rare: find the rows, one by one
+            values = column.to_pylist()
+            for i, v in enumerate(values):
+                try:
+                    values[i] = None if v is None else v.decode()
+                except UnicodeDecodeError:
+                    values[i], utf8[i] = None, False
+            column = pa.array(values, pa.string())
     text = pc.cast(column, "string").fill_null("").to_numpy(zero_copy_only=False).astype(str)
-    present &= np.char.str_len(text) > 0
-    return text, present
+    present &= utf8 & (np.char.str_len(text) > 0)
+    return text, present, utf8
 
 
 def read_events(
@@ -285,17 +344,21 @@ def read_events(
     parts = []
     for path in paths:
         path_fmt = fmt or _format_of(path)
-        for first_line, batch in _batches(path, spec.columns, path_fmt, names, skip_rows):
+        for line, batch, left_out in _batches(path, spec.columns, path_fmt, names, skip_rows):
+            if batch is None:
+                _bad_rows(left_out, skip_invalid, report)
+                continue
             n = batch.num_rows
             bad: dict[str, tuple[np.ndarray, Callable[[int], str]]] = {}  # column -> (bad mask, problem)
             text = {}
             for name in spec.columns:
-                text[name], present = _as_text(batch.column(name))
-                bad[name] = (~present, lambda i: "missing")
+                text[name], present, utf8 = _as_text(batch.column(name))
+                bad[name] = (~present, lambda i, utf8=utf8: "missing" if utf8[i] else "not UTF-8 text")
             ids = {}
             for name in (spec.user, spec.item, spec.author):
                 if name is not None:
-                    ids[name] = _hashed_ids(np.where(bad[name][0], "0", text[name]))
+                    ids[name], ok = _hashed_ids(np.where(bad[name][0], "0", text[name]))
+                    _flag(bad, name, ~ok, text[name], f"an integer ID beyond int64 ({INT64_MIN}..{INT64_MAX})")
             time, ok = _times(text[spec.timestamp])
             _flag(bad, spec.timestamp, ~ok, text[spec.timestamp], "not a number or an ISO date-time")
             surface = np.zeros(n, np.int64)
@@ -312,24 +375,38 @@ def read_events(
             for rule in spec.rules:
                 masks |= np.where(rule.holds(values, n), bit[rule.action], 0)
             if spec.action is not None:
-                names = text[spec.action]
-                known = np.isin(names, list(spec.actions))
-                _flag(bad, spec.action, ~known, names, f"not an action of the vocabulary ({', '.join(spec.actions)})")
-                masks |= np.array([bit.get(a, 0) for a in names.tolist()], np.int64).reshape(n)
-            invalid = np.zeros(n, bool)
+                action_names = text[spec.action]
+                known = np.isin(action_names, list(spec.actions))
+                _flag(
+                    bad,
+                    spec.action,
+                    ~known,
+                    action_names,
+                    f"not an action of the vocabulary ({', '.join(spec.actions)})",
+                )
+                masks |= np.array([bit.get(a, 0) for a in action_names.tolist()], np.int64).reshape(n)
+            invalid, errors = np.zeros(n, bool), list(left_out)
             for name, (mask, problem) in bad.items():
-                for i in np.nonzero(mask & ~invalid)[0]:
-                    error = SessionFormatError(path, first_line + int(i), name, problem(int(i)))
-                    if not skip_invalid:
-                        raise error
-                    report.add(error)
+                errors += [
+                    SessionFormatError(path, int(line[i]), name, problem(int(i)))
+                    for i in np.nonzero(mask & ~invalid)[0]
+                ]
                 invalid |= mask
+            _bad_rows(errors, skip_invalid, report)
             keep = ~invalid
             author = ids[spec.author] if spec.author is not None else np.zeros(n, np.int64)
             parts.append(Events(ids[spec.user], ids[spec.item], author, surface, time, masks).take(np.nonzero(keep)[0]))
             if progress:
                 progress(n)
     return Events.concatenate(parts)
+
+
+def _bad_rows(errors: list[SessionFormatError], skip_invalid: bool, report: SkipReport) -> None:
+    """Raises the first by line, or with `skip_invalid` counts them all."""
+    if errors and not skip_invalid:
+        raise min(errors, key=lambda e: e.line)
+    for error in errors:
+        report.add(error)
 
 
 def _flag(bad: dict, name: str, mask: np.ndarray, text: np.ndarray, what: str) -> None:
@@ -449,41 +526,40 @@ def write_sessions(
     for s, name in enumerate(SPLITS):
         sessions = np.nonzero(session_split == s)[0]
         counts[name] = len(sessions)
-        path = os.path.join(out, f"{name}.parquet")
-        writer = None
-        for chunk in np.array_split(sessions, max(1, -(-len(sessions) // SESSIONS_PER_WRITE))):
-            h_len, c_len = starts[chunk] - hist_start[chunk], ends[chunk] - starts[chunk]
-            h_idx = _ranges(hist_start[chunk], h_len)
-            c_idx = _ranges(starts[chunk], c_len)
+        with replaced(os.path.join(out, f"{name}.parquet"), "wb") as f:  # never a half-written split
+            writer = None
+            for chunk in np.array_split(sessions, max(1, -(-len(sessions) // SESSIONS_PER_WRITE))):
+                h_len, c_len = starts[chunk] - hist_start[chunk], ends[chunk] - starts[chunk]
+                h_idx = _ranges(hist_start[chunk], h_len)
+                c_idx = _ranges(starts[chunk], c_len)
 
-            def items(idx, lengths):
-                return items_column(
-                    events.item[idx],
-                    events.author[idx],
-                    events.surface[idx],
-                    events.actions[idx],
-                    lengths,
-                    spec.actions,
+                def items(idx, lengths):
+                    return items_column(
+                        events.item[idx],
+                        events.author[idx],
+                        events.surface[idx],
+                        events.actions[idx],
+                        lengths,
+                        spec.actions,
+                    )
+
+                table = pa.table(
+                    {
+                        "session_id": pa.array(chunk.astype(np.int64)),
+                        "user_id": pa.array(events.user[starts[chunk]]),
+                        "history": items(h_idx, h_len),
+                        "candidates": items(c_idx, c_len),
+                    }
                 )
-
-            table = pa.table(
-                {
-                    "session_id": pa.array(chunk.astype(np.int64)),
-                    "user_id": pa.array(events.user[starts[chunk]]),
-                    "history": items(h_idx, h_len),
-                    "candidates": items(c_idx, c_len),
-                }
-            )
-            schema = schema or table.schema
-            writer = writer or pq.ParquetWriter(path + ".tmp", schema)
-            writer.write_table(table.cast(schema))
-            if progress:
-                progress(int(c_len.sum()))
-        if writer is None:
-            pq.write_table(_empty_table(spec.actions), path + ".tmp")
-        else:
-            writer.close()
-        os.replace(path + ".tmp", path)  # never a half-written split
+                schema = schema or table.schema
+                writer = writer or pq.ParquetWriter(f, schema)
+                writer.write_table(table.cast(schema))
+                if progress:
+                    progress(int(c_len.sum()))
+            if writer is None:
+                pq.write_table(_empty_table(spec.actions), f)
+            else:
+                writer.close()
     return counts
 
 
@@ -505,8 +581,7 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def write_corpus(events: Events, path: str) -> int:
     """Every item once, with its (first seen) author, as the corpus file of `phoenix-retrieve`."""
     items, first = np.unique(events.item, return_index=True)
-    with open(path + ".tmp", "w") as f:
+    with replaced(path) as f:
         for item, author in zip(items.tolist(), events.author[first].tolist(), strict=True):
             f.write(json.dumps({"post_id": item, "author_id": author}) + "\n")
-    os.replace(path + ".tmp", path)
     return len(items)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.raw import Session, SkipReport, read_sessions
 from phoenix_flax.errors import DatasetError
+from phoenix_flax.files import replaced
 
 DATASET_NAME = "phoenix_sessions"
 STATISTICS_FILE = "statistics.json"
@@ -249,7 +250,7 @@ def prepare(
     report = SkipReport()
     for r in builder.skip_reports.values():
         report.merge(r)
-    with open(os.path.join(target, STATISTICS_FILE), "w") as f:
+    with replaced(os.path.join(target, STATISTICS_FILE)) as f:
         json.dump({"splits": builder.statistics, "skipped": dict(report.counts)}, f, indent=2)
     return builder.statistics, report
 

@@ -28,6 +28,7 @@ import numpy as np
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.raw import items_column
 from phoenix_flax.errors import PhoenixError
+from phoenix_flax.files import replaced
 from phoenix_flax.validation import ConfigError
 
 ACTIONS = DEFAULT_ACTIONS
@@ -353,24 +354,27 @@ def write_world(world: World, splits: dict[str, Sessions], out: str, fmt: str = 
     for split, sessions in splits.items():
         table = _table(world, sessions)
         path = os.path.join(out, f"{split}.{'parquet' if fmt == 'parquet' else 'jsonl'}")
-        if fmt == "parquet":
-            pq.write_table(table, path)
-        else:
-            with open(path, "w") as f:
+        with replaced(path, "wb" if fmt == "parquet" else "w") as f:
+            if fmt == "parquet":
+                pq.write_table(table, f)
+            else:
                 for record in table.to_pylist():
                     f.write(json.dumps(record) + "\n")
         files[split] = path
 
     test = splits["test"]
     lengths = np.array([len(p) for p in test.cand_posts], np.int64)
-    np.savez_compressed(
-        os.path.join(out, "test_truth.npz"),
-        session_id=np.array(test.session_id, np.int64),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]),
-        probs=np.concatenate(test.cand_probs).astype(np.float32) if test.cand_probs else np.zeros((0, len(ACTIONS))),
-        actions=np.array(ACTIONS),
-    )
-    with open(os.path.join(out, "corpus.jsonl"), "w") as f:
+    with replaced(os.path.join(out, "test_truth.npz"), "wb") as f:
+        np.savez_compressed(
+            f,
+            session_id=np.array(test.session_id, np.int64),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]),
+            probs=np.concatenate(test.cand_probs).astype(np.float32)
+            if test.cand_probs
+            else np.zeros((0, len(ACTIONS))),
+            actions=np.array(ACTIONS),
+        )
+    with replaced(os.path.join(out, "corpus.jsonl")) as f:
         for p in range(world.cfg.posts):
             a = world.post_author[p]
             f.write(
@@ -387,7 +391,7 @@ def write_world(world: World, splits: dict[str, Sessions], out: str, fmt: str = 
                 )
                 + "\n"
             )
-    with open(os.path.join(out, "world.json"), "w") as f:
+    with replaced(os.path.join(out, "world.json")) as f:
         json.dump(
             {
                 "config": dataclasses.asdict(world.cfg),

@@ -16,6 +16,7 @@ import errno
 import math
 import os
 import sys
+import zipfile
 from collections.abc import Sequence
 
 import jax
@@ -29,7 +30,7 @@ from phoenix_flax.data.counting import PostCounts, split_labels
 from phoenix_flax.data.pipeline import bit_positions, dataset_actions, global_batch, make_dataset, open_source
 from phoenix_flax.data.prepare import FEATURES
 from phoenix_flax.data.raw import Session, read_corpus
-from phoenix_flax.errors import CheckpointError
+from phoenix_flax.errors import CheckpointError, DatasetError
 from phoenix_flax.evaluation.metrics import (
     auc,
     calibration,
@@ -101,16 +102,44 @@ def collect(
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
-def oracle_scores(truth_file: str, session_id: np.ndarray, position: np.ndarray, actions: Sequence[str]):
-    """True probabilities [N, A] of the evaluated candidates, from phoenix-synth's truth file."""
-    truth = np.load(truth_file)
+TRUTH_FIELDS = ("session_id", "offsets", "probs", "actions")  # phoenix-synth's test_truth.npz
+
+
+def read_truth(path: str, actions: Sequence[str]) -> dict[str, np.ndarray]:
+    """A truth file (phoenix-synth's `test_truth.npz`: each session's candidates' true
+    probabilities), checked; DatasetError says what is wrong with it."""
+    not_truth = f"{path} is not a truth file (an .npz of {', '.join(TRUTH_FIELDS)})"
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # a zip archive's first bytes
+            raise DatasetError(not_truth)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            truth = {k: z[k] for k in TRUTH_FIELDS if k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{not_truth}: {e}") from None
+    missing = [k for k in TRUTH_FIELDS if k not in truth]
+    if missing:
+        raise DatasetError(f"{path} is not a truth file: it lacks {missing}")
+    sessions, offsets, probs = truth["session_id"], truth["offsets"], truth["probs"]
+    if offsets.shape != (len(sessions) + 1,) or probs.ndim != 2 or offsets[-1] != len(probs):
+        raise DatasetError(f"{path}: the truth's offsets do not fit its {len(sessions)} sessions and {len(probs)} rows")
+    unknown = sorted(set(actions) - set(truth["actions"].tolist()))
+    if unknown:
+        raise DatasetError(f"{path} has no true probabilities of {unknown}: is it the truth of this dataset?")
+    return truth
+
+
+def oracle_scores(truth: dict, session_id: np.ndarray, position: np.ndarray, actions: Sequence[str], path: str):
+    """True probabilities [N, A] of the evaluated candidates, from a truth file (`read_truth`)."""
     order = np.argsort(truth["session_id"])
     sorted_ids = truth["session_id"][order]
-    at = np.searchsorted(sorted_ids, session_id).clip(0, len(sorted_ids) - 1)
-    if not (sorted_ids[at] == session_id).all():
-        raise ValueError(f"{truth_file} lacks some evaluated sessions: is it the truth of this split?")
+    at = np.searchsorted(sorted_ids, session_id).clip(0, max(len(sorted_ids) - 1, 0))
+    found = len(sorted_ids) > 0 and (sorted_ids[at] == session_id).all()
+    sizes = np.diff(truth["offsets"])
+    if not found or (position >= sizes[order[at]]).any():
+        raise DatasetError(f"{path} lacks some evaluated sessions or candidates: is it the truth of this split?")
     rows = truth["offsets"][order[at]] + position
-    cols = [list(truth["actions"]).index(a) for a in actions]
+    cols = [truth["actions"].tolist().index(a) for a in actions]
     return truth["probs"][rows][:, cols]
 
 
@@ -220,7 +249,8 @@ def evaluate(
     """Metrics of a checkpoint on `split` (see the module's doc); with `plots_dir`, per action a
     reliability diagram and ROC curves (model, popularity, oracle) as PNG files there."""
     mesh = make_mesh({"data": -1, "fsdp": 1, "model": 1})
-    cfg, step, model, _, counts = restore_model(workdir, step, mesh)
+    restored = restore_model(workdir, step, mesh)
+    cfg, step, model, counts = restored.cfg, restored.step, restored.model, restored.counts
     if data_dir is not None:
         cfg = replace_fields(cfg, data={"data_dir": data_dir})
     truth_file = truth_file or (cfg.data.truth_file if split == "test" else None)
@@ -232,6 +262,7 @@ def evaluate(
     for what, path in (("true probabilities", truth_file), ("corpus", corpus_file)):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(errno.ENOENT, f"the {what} file is missing", path)
+    truth = read_truth(truth_file, cfg.model.actions) if truth_file else None
     batch_size = batch_size or cfg.data.batch_size
     batch_size -= batch_size % mesh.size
     print(f"evaluating step {step} of {workdir} on '{split}' ({jax.device_count()} devices)", file=sys.stderr)
@@ -243,7 +274,9 @@ def evaluate(
     if len(got["probs"]):
         labels, probs = got["labels"], got["probs"]
         popular = PostCounts.of_split(cfg, actions).rates(got["post_id"])
-        oracle = oracle_scores(truth_file, got["session_id"], got["position"], actions) if truth_file else None
+        oracle = (
+            None if truth is None else oracle_scores(truth, got["session_id"], got["position"], actions, truth_file)
+        )
         per_action = {}
         for i, a in enumerate(actions):
             ratio, ece = calibration(probs[:, i], labels[:, i])

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from phoenix_flax.evaluation.metrics import reliability
+from phoenix_flax.files import replaced
 
 
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +79,7 @@ def write_plots(
 
 def _save(fig, path: str, plt) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replaced(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return path

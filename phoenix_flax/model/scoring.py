@@ -30,15 +30,19 @@ class WeightsError(PhoenixError, ValueError):
     """Score weights that name unknown actions or are not finite numbers."""
 
 
+# Scores are float32 sums of up to 63 weighted probabilities: a weight this size cannot overflow one.
+MAX_WEIGHT = float(np.finfo(np.float32).max) / 64
+
+
 def action_weights(actions: Sequence[str], overrides: Mapping[str, float] | None = None) -> np.ndarray:
     """Weights `[A]` in the order of `actions`: the defaults, replaced by `overrides`."""
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(actions))
     if unknown:
         raise WeightsError(f"weights given for actions not in the vocabulary: {unknown}; vocabulary: {list(actions)}")
-    not_finite = {a: w for a, w in overrides.items() if not math.isfinite(w)}
-    if not_finite:
-        raise WeightsError(f"weights must be finite numbers: {not_finite}")
+    out_of_range = {a: w for a, w in overrides.items() if not abs(w) <= MAX_WEIGHT}  # NaN too
+    if out_of_range:
+        raise WeightsError(f"weights must be finite numbers of at most {MAX_WEIGHT:.3g} in size (float32): {out_of_range}")
     weights = {**DEFAULT_ACTION_WEIGHTS, **overrides}
     missing = [a for a in actions if a not in weights]
     if missing:
@@ -54,11 +58,12 @@ def parse_weights(text: str | None) -> dict[str, float]:
             continue
         name, eq, value = part.partition("=")
         try:
-            out[name.strip()] = float(value)
+            weight = float(value)
         except ValueError:
             raise WeightsError(f"--weights: bad entry {part!r}; expected action=number") from None
         if not eq:
             raise WeightsError(f"--weights: bad entry {part!r}; expected action=number")
+        out[name.strip()] = weight
     return out
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection, Sequence
+import zipfile
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 from flax import nnx
@@ -15,6 +16,7 @@ from phoenix_flax.config import ModelConfig
 from phoenix_flax.data.batch import pad_rows
 from phoenix_flax.data.hashing import hash_ids
 from phoenix_flax.data.raw import Session, read_corpus
+from phoenix_flax.files import OutputError, replaced
 from phoenix_flax.model.retrieval import top_k
 from phoenix_flax.serving.ranking import batches_of, prefix_batch
 from phoenix_flax.step.model import PhoenixModel
@@ -75,22 +77,35 @@ class CorpusIndex:
         return os.path.join(workdir, "index", f"step_{step}.npz")
 
     @classmethod
-    def load_or_build(cls, workdir: str, restored, corpus_path: str) -> tuple[CorpusIndex, bool]:
+    def load_or_build(
+        cls, workdir: str, restored, corpus_path: str, report: Callable[[str], None]
+    ) -> tuple[CorpusIndex, bool]:
         """The index of `corpus_path` for a restored checkpoint (`checkpoint.Restored`) ->
-        (index, whether it was built now)."""
+        (index, whether it was built now). The saved index is only a cache: a damaged one is
+        rebuilt, and where it cannot be saved (a read-only workdir, a full disk) the index
+        built is used from memory; `report` says so."""
         path = cls.path(workdir, restored.step)
         meta = {"step": restored.step, "checkpoint": restored.digest, "corpus_sha256": file_sha256(corpus_path)}
         if restored.digest is not None and os.path.exists(path):
-            with np.load(path) as z:
-                if json.loads(str(z["meta"])) == meta:
-                    return cls(z["post_ids"], z["author_ids"], z["vectors"]), False
+            try:
+                with np.load(path) as z:
+                    if json.loads(str(z["meta"])) == meta:
+                        return cls(z["post_ids"], z["author_ids"], z["vectors"]), False
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                report(f"note: the saved index {path} is damaged ({type(e).__name__}: {e}); rebuilding it")
         index = cls.build(restored.model, restored.cfg.model, *read_corpus(corpus_path))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(
-            tmp, post_ids=index.post_ids, author_ids=index.author_ids, vectors=index.vectors, meta=json.dumps(meta)
-        )
-        os.replace(tmp, path)  # never a half-written index
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with replaced(path, "wb") as f:  # never a half-written index
+                np.savez(
+                    f,
+                    post_ids=index.post_ids,
+                    author_ids=index.author_ids,
+                    vectors=index.vectors,
+                    meta=json.dumps(meta),
+                )
+        except (OSError, OutputError) as e:
+            report(f"note: cannot save the index ({e}); using it from memory, built again next time")
         return index, True
 
 

@@ -42,6 +42,7 @@ from phoenix_flax.data.pipeline import (
 from phoenix_flax.errors import DamagedCheckpointError, PhoenixError
 from phoenix_flax.evaluation.metrics import auc, weighted_auc
 from phoenix_flax.extensions import fits_post_hoc, scores_with_counts
+from phoenix_flax.files import OutputError, replaced
 from phoenix_flax.model.scoring import action_weights
 from phoenix_flax.sharding import make_mesh, mesh_shape, use_mesh
 from phoenix_flax.step.model import PhoenixModel
@@ -85,10 +86,11 @@ class MetricWriter:
     """Metrics as JSON Lines (`metrics.jsonl`) and TensorBoard event files, from process 0 only.
 
     A run resumed from step N continues the log: lines of later steps (written by the run that
-    stopped, and trained again now) are dropped first, so no step appears twice.
+    stopped, and trained again now) are dropped first, so no step appears twice, and so is a
+    line a crash cut short (with a notice); the complete ones are kept.
     """
 
-    def __init__(self, workdir: str, resume_step: int, name: str = "metrics"):
+    def __init__(self, workdir: str, resume_step: int, name: str = "metrics", report: Callable[[str], None] = log):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
@@ -97,25 +99,38 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, f"{name}.jsonl")
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
+            kept = []
+            with open(self.path, errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        step = json.loads(line)["step"] if line.strip() else None
+                    except (ValueError, KeyError, TypeError):
+                        report(
+                            f"note: {self.path}:{number}: dropped an incomplete line (a write cut short): {line[:60]!r}"
+                        )
+                        continue
+                    if step is not None and step <= resume_step:
+                        kept.append(line.rstrip("\n") + "\n")
+            with replaced(self.path) as f:
                 f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
         self.jsonl = open(self.path, "a")  # noqa: SIM115  (open for the run; closed by close())
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self.jsonl.flush()
+        except OSError as e:
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close()
+            with contextlib.suppress(OSError):  # every line was flushed, or its failure raised
+                self.jsonl.close()
             self.tb.close()
 
 
@@ -286,9 +301,9 @@ def train(
             counts = PostCounts.of_split(cfg, cfg.model.actions)
             report(f"model.count_blend: counted {len(counts.post_ids):,} posts in '{cfg.data.train_split}'")
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
+            with replaced(os.path.join(workdir, "config.json")) as f:
                 f.write(dumps(cfg))
-        writer = MetricWriter(workdir, resume_step=step)
+        writer = MetricWriter(workdir, resume_step=step, report=report)
         stack.callback(writer.close)
         preemption = Preemption()
         stack.callback(preemption.restore)
