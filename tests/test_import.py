@@ -244,3 +244,47 @@ def test_files_without_a_header_are_named_by_columns_and_lines_still_count(tmp_p
     path.write_text("\n".join(lines) + "\n")
     assert import_logs.main([*argv, "--out", str(tmp_path / "c")]) == 2
     assert "log.data:5: field 'rating': not a number: 'five'" in capsys.readouterr().err
+
+
+def write_lines(path, lines: list[bytes]) -> str:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "line_5, column, problem",
+    [
+        (b"3,item-\xff,4,9,view", "iid", "not UTF-8 text"),
+        (b"3,item-1,4", None, "3 fields where the header has 5: '3,item-1,4'"),
+        (b"3,item-1,4,9,view,extra", None, "6 fields where the header has 5"),
+        (b"3,9223372036854775808,4,9,view", "iid", "an integer ID beyond int64"),
+        (b"-9223372036854775809,item-1,4,9,view", "uid", "an integer ID beyond int64"),
+    ],
+)
+def test_unreadable_rows_are_blamed_on_their_line_and_skippable(tmp_path, capsys, line_5, column, problem):
+    """Each bad row at its own line (not the header's), also when a row before it was left out;
+    --skip-invalid leaves out exactly the bad rows and the good ones keep their labels."""
+    good = [f"{u},item-{u % 4},{u % 5 + 1},{u},view".encode() for u in range(1, 9)]
+    lines = [b"uid,iid,rating,ts,kind", *good[:3], line_5, *good[3:5], b"1,item-1", *good[5:]]
+    path = write_lines(tmp_path / "log.csv", lines)
+    rc, _ = run_import(tmp_path, [path])
+    where = f"log.csv:5: field '{column}': " if column else "log.csv:5: "
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and where + problem in err[0], err
+    rc, out = run_import(tmp_path, [path], "--skip-invalid")
+    summary = json.loads((out / "import.json").read_text())
+    assert rc == 0 and summary["rows_skipped"] == 2 and summary["events"] == len(good)
+    printed = capsys.readouterr().out
+    assert "log.csv:8: 2 fields where the header has 5: '1,item-1'" in printed  # the short row after it
+    rc, direct = run_import(tmp_path / "direct", [write_lines(tmp_path / "good.csv", [lines[0], *good])])
+    assert rc == 0
+    for split in ("train", "validation", "test"):
+        assert pq.read_table(out / f"{split}.parquet").equals(pq.read_table(direct / f"{split}.parquet"))
+
+
+def test_the_line_of_a_row_counts_the_rows_left_out_before_it(tmp_path, capsys):
+    lines = [b"uid,iid,rating,ts,kind", b"1,a,5,1,view", b"1,b", b"2,c", b"1,d,5,2,view", b"1,e,5,x,view"]
+    rc, _ = run_import(tmp_path, [write_lines(tmp_path / "log.csv", lines)], "--skip-invalid")
+    printed = capsys.readouterr().out
+    assert rc == 0 and "log.csv:6: field 'ts': not a number or an ISO date-time: 'x'" in printed
+    assert "2 x record: 2 fields where the header has 5 (first: " + f"{tmp_path}/log.csv:3" in printed

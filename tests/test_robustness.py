@@ -221,6 +221,7 @@ def test_only_what_reads_abandoned_by_a_failed_restore_report_is_dropped():
 def test_config_problems_are_all_named_at_once_before_any_work(tiny_world, capsys):
     bad = [
         "--config.checkpoint.every_steps=0",
+        "--config.checkpoint.best_metric=eval_weighted_acu",  # in the same section as a failing field
         "--config.model.num_candidates=0",
         "--config.data.batch_size=0",
         "--config.train.steps=-5",
@@ -239,9 +240,52 @@ def test_config_problems_are_all_named_at_once_before_any_work(tiny_world, capsy
         "model.history_len=0: must be at least 1",
         "optimizer.learning_rate='nan': expected a finite number",
         "loss.logq='sometimes': expected one of",
+        "checkpoint.best_metric='eval_weighted_acu': evaluation during training produces",
     ):
         assert expected in err, err
     assert not os.path.exists("/nonexistent/never")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["--config.model.emb_size=0"], ["model.emb_size=0: must be at least 1"]),
+        (["--config.model.actions=favorite,favorite"], ["model.actions=('favorite', 'favorite'): has duplicates"]),
+        (
+            ["--config.model.emb_size=0", "--config.loss.action_weights=1,2"],
+            ["model.emb_size=0: must be at least 1", "loss.action_weights has 2 weights for 15 actions"],
+        ),
+        (
+            ["--config.model.actions=favorite,likes"],
+            [
+                "checkpoint.best_metric='eval_weighted_auc' needs a default score weight for every action; "
+                "model.actions has ['likes'] without one (pick another metric, e.g. 'eval_mean_auc')"
+            ],
+        ),
+    ],
+)
+def test_nothing_is_derived_from_an_invalid_field(overrides, expected):
+    """demo.py's best_metric is eval_weighted_auc, valid for its actions: a bad model field is
+    named alone, not beside a best_metric complaint derived from it."""
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(load(str(REPO / "configs" / "demo.py")), overrides)
+    assert error.value.problems == expected
+
+
+@pytest.mark.parametrize(
+    "source, line, message",
+    [
+        ("from configs.demo import *\nx = (\n", 2, "'(' was never closed"),
+        ("def get_config():\n    return 1 / 0\n", 2, "ZeroDivisionError: division by zero"),
+        ("import phoenix_nope\n", 1, "ModuleNotFoundError: No module named 'phoenix_nope'"),
+    ],
+)
+def test_a_config_file_that_fails_is_named_by_file_and_line(tmp_path, capsys, source, line, message):
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+    rc = train_cli.main(["--config", str(path), "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"phoenix-train: error: config: {path}:{line}: {message}"]
 
 
 @pytest.mark.parametrize(

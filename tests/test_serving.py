@@ -255,6 +255,74 @@ def test_then_rank_and_a_stale_index_is_rebuilt(trained, sessions, tiny_world, t
     assert "built the index of 300 posts" in capsys.readouterr().err
 
 
+def flip_16_bytes(path: pathlib.Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+
+
+INDEX_DAMAGE = {
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    "16 bytes flipped": flip_16_bytes,
+    "not an npz": lambda path: path.write_text("{}"),
+    "empty": lambda path: path.write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("damage", [*INDEX_DAMAGE, "unwritable"])
+def test_a_damaged_index_cache_is_rebuilt_and_an_unwritable_one_kept_in_memory(
+    trained, sessions, tiny_world, tmp_path, capsys, damage
+):
+    """The saved index is only a cache: whatever happened to it, retrieval gives what a fresh
+    build gives, and says what it did."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir, ignore=shutil.ignore_patterns("index"))
+    run = {**trained, "workdir": str(workdir)}
+    users_only = [{k: r[k] for k in ("user_id", "history")} for r in sessions[0][:4]]
+    first = retrieve(run, tmp_path, tiny_world["corpus"], users_only, "--top-k", "5")
+    (saved,) = (workdir / "index").glob("step_*.npz")
+    capsys.readouterr()
+    if damage == "unwritable":  # a file where the index folder goes: as a read-only workdir, without root's bypass
+        shutil.rmtree(workdir / "index")
+        (workdir / "index").write_text("")
+        expected = "note: cannot save the index ("
+    else:
+        INDEX_DAMAGE[damage](saved)
+        expected = f"note: the saved index {saved} is damaged ("
+    assert retrieve(run, tmp_path, tiny_world["corpus"], users_only, "--top-k", "5") == first
+    err = capsys.readouterr().err
+    assert expected in err and "built the index of 400 posts" in err, err
+    if damage != "unwritable":  # saved again, whole: the next run reuses it
+        retrieve(run, tmp_path, tiny_world["corpus"], users_only, "--top-k", "5")
+        assert "reused the index" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "program, argument, value",
+    [
+        (rank_cli, "--batch-size", "0"),
+        (rank_cli, "--chunk-size", "-1"),
+        (rank_cli, "--batch-size", "two"),
+        (retrieve_cli, "--batch-size", "-3"),
+        (retrieve_cli, "--top-k", "0"),
+        (evaluate_cli, "--batch-size", "0"),
+    ],
+)
+def test_sizes_below_one_are_refused_in_one_line(tmp_path, capsys, program, argument, value):
+    given = {"--workdir": str(tmp_path), "--output": str(tmp_path / "o")}
+    if program is not evaluate_cli:
+        given["--input"] = "in.jsonl"
+    if program is retrieve_cli:
+        given |= {"--corpus": "c.jsonl", "--top-k": "3"}
+    args = [x for k, v in {**given, argument: value}.items() for x in (k, v)]
+    with pytest.raises(SystemExit) as exit_info:
+        program.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert f"error: argument {argument}: " in err[0] and ("must be at least 1" in err[0] or "whole number" in err[0])
+
+
 # --- what users get wrong ---------------------------------------------------------------------
 
 
@@ -269,7 +337,7 @@ def unlabeled_input(sessions, tmp_path, name="in.jsonl", edit=None):
     return write_jsonl(tmp_path / name, records)
 
 
-@pytest.mark.parametrize("weights", ["favorite=nan", "report=-inf", "favorite=inf,reply=1"])
+@pytest.mark.parametrize("weights", ["favorite=nan", "report=-inf", "favorite=inf,reply=1", "favorite=1e39"])
 def test_non_finite_weights_are_refused_before_any_output(trained, sessions, tmp_path, capsys, weights):
     out = tmp_path / "out.jsonl"
     rc = rank_cli.main(

@@ -174,7 +174,7 @@ def _batches(
     """(each row's line number, pyarrow RecordBatch of `columns` as read, the rows of too few or
     too many fields left out up to the batch's end) for each block; a last batch of None may
     carry rows left out after the others. CSV and TSV: `names` name the columns of a file without
-    a header; `skip_rows` lines are skipped first; values are read as bytes."""
+    a header; `skip_rows` lines are skipped first; values are read as bytes (CSV: through latin-1)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -197,9 +197,15 @@ def _batches(
     try:
         reader = pacsv.open_csv(
             path,
-            # Serial: Arrow then knows the line of a row with the wrong number of fields.
+            # Serial: Arrow then knows the line of a row with the wrong number of fields. Through
+            # latin-1, which decodes any byte: a row of bytes that are not UTF-8 text then reaches
+            # `left_out` too (Arrow fails to hand it over otherwise), and `_as_text` gets the bytes back.
             read_options=pacsv.ReadOptions(
-                block_size=1 << 22, column_names=list(names) if names else None, skip_rows=skip_rows, use_threads=False
+                block_size=1 << 22,
+                column_names=list(names) if names else None,
+                skip_rows=skip_rows,
+                use_threads=False,
+                encoding="latin-1",
             ),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lines.left_out),
             # Everything as bytes: a column's type is then the same in every block, and bad values
@@ -239,7 +245,8 @@ class _CsvLines:
 
     def left_out(self, row) -> str:
         self.skipped.append(row.number)
-        problem = f"{row.actual_columns} fields where the header has {row.expected_columns}: {row.text!r}"
+        text = row.text.encode("latin-1").decode("utf-8", "replace")
+        problem = f"{row.actual_columns} fields where the header has {row.expected_columns}: {text!r}"
         self.errors.append(SessionFormatError(self.path, row.number, None, problem))
         return "skip"
 
@@ -301,26 +308,27 @@ def _times(text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, ok
 
 
-def _as_text(column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A pyarrow column -> (numpy str array, present mask, UTF-8 mask: False where bytes read are
-    not UTF-8 text)."""
+def _as_text(column, latin1: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A pyarrow column -> (numpy str array, present mask, UTF-8 mask: False where the bytes read
+    are not UTF-8 text). `latin1`: a CSV column read through latin-1 (`_batches`), whose original
+    bytes are recovered here and checked."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     present = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool)
     utf8 = np.ones(len(column), bool)
-    if pa.types.is_binary(column.type):
-        try:
-            column = pc.cast(column, pa.string())
-        except pa.ArrowInvalid:  # rare: find the rows, one by one
+    column = pc.cast(column, pa.string())
+    if latin1:
+        ascii_only = np.asarray(pc.string_is_ascii(column).fill_null(True).to_numpy(zero_copy_only=False), bool)
+        if not ascii_only.all():  # rare: the rows with other bytes, one by one
             values = column.to_pylist()
-            for i, v in enumerate(values):
+            for i in np.nonzero(~ascii_only)[0]:
                 try:
-                    values[i] = None if v is None else v.decode()
+                    values[i] = values[i].encode("latin-1").decode("utf-8")
                 except UnicodeDecodeError:
                     values[i], utf8[i] = None, False
             column = pa.array(values, pa.string())
-    text = pc.cast(column, "string").fill_null("").to_numpy(zero_copy_only=False).astype(str)
+    text = column.fill_null("").to_numpy(zero_copy_only=False).astype(str)
     present &= utf8 & (np.char.str_len(text) > 0)
     return text, present, utf8
 
@@ -352,7 +360,7 @@ def read_events(
             bad: dict[str, tuple[np.ndarray, Callable[[int], str]]] = {}  # column -> (bad mask, problem)
             text = {}
             for name in spec.columns:
-                text[name], present, utf8 = _as_text(batch.column(name))
+                text[name], present, utf8 = _as_text(batch.column(name), latin1=path_fmt != "parquet")
                 bad[name] = (~present, lambda i, utf8=utf8: "missing" if utf8[i] else "not UTF-8 text")
             ids = {}
             for name in (spec.user, spec.item, spec.author):

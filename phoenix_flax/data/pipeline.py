@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from array_record.python import array_record_module
 from etils import epath
+from google.protobuf import json_format, message
 from tensorflow_datasets.core.example_parser import tf_example_pb2
 
 from phoenix_flax.config import ModelConfig
@@ -34,11 +35,23 @@ from phoenix_flax.sharding import DEFAULT_RULES, LogicalRules, logical_sharding
 
 
 def _prepared(data_dir: str):
-    """The dataset's builder; DatasetError when `data_dir` holds no prepared dataset (TFDS would
-    otherwise try to generate one there)."""
+    """The dataset's builder, its info read; DatasetError when `data_dir` holds no prepared
+    dataset (TFDS would otherwise try to generate one there) or a damaged one."""
     if not epath.Path(dataset_dir(data_dir), "dataset_info.json").exists():
         raise DatasetError(f"no prepared dataset in {data_dir} (phoenix-prepare writes it to {dataset_dir(data_dir)})")
-    return tfds.builder(DATASET_NAME, data_dir=data_dir)
+    try:
+        builder = tfds.builder(DATASET_NAME, data_dir=data_dir)
+        builder.info.metadata["actions"]  # read now: a damaged metadata.json fails here
+    except (ValueError, KeyError, TypeError, OSError, json_format.Error) as e:  # JSON errors are ValueErrors
+        raise _damaged(data_dir, e) from None
+    return builder
+
+
+def _damaged(data_dir: str, error: Exception) -> DatasetError:
+    return DatasetError(
+        f"the prepared dataset in {dataset_dir(data_dir)} is damaged ({type(error).__name__}: {str(error)[:200]}): "
+        "prepare it again (phoenix-prepare --overwrite)"
+    )
 
 
 def dataset_actions(data_dir: str) -> tuple[str, ...]:
@@ -53,7 +66,10 @@ def dataset_splits(data_dir: str) -> set[str]:
 def dataset_statistics(data_dir: str) -> dict:
     """What phoenix-prepare measured of each split (`statistics.json`; {} when absent)."""
     path = epath.Path(dataset_dir(data_dir), STATISTICS_FILE)
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as e:
+        raise _damaged(data_dir, e) from None
 
 
 class SessionRecords:
@@ -101,15 +117,23 @@ class SessionRecords:
         shard = bisect.bisect_right(self._starts, index) - 1
         return shard, index - self._starts[shard]
 
-    def _reader(self, shard: int):
-        if self._readers[shard] is None:
-            self._readers[shard] = array_record_module.ArrayRecordReader(self._files[shard], "readahead_buffer_size:0")
-        return self._readers[shard]
+    def _read(self, shard: int, positions: Sequence[int]) -> list[bytes]:
+        """Records of a shard; a damaged file (truncated, altered) raises DatasetError naming it."""
+        try:
+            if self._readers[shard] is None:
+                self._readers[shard] = array_record_module.ArrayRecordReader(
+                    self._files[shard], "readahead_buffer_size:0"
+                )
+            return self._readers[shard].read(list(positions))
+        except (RuntimeError, OSError, ValueError) as e:
+            raise DatasetError(
+                f"{self._files[shard]} is damaged ({str(e)[:200]}): prepare the dataset again (phoenix-prepare --overwrite)"
+            ) from None
 
     def __getitem__(self, index: int) -> dict:
         shard, position = self._locate(index)
         with self._lock:
-            record = self._reader(shard).read(position, position + 1)[0]
+            (record,) = self._read(shard, [position])
         return self._parse(record, index)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
@@ -120,12 +144,17 @@ class SessionRecords:
         records = [b""] * len(indices)
         with self._lock:
             for shard, wanted in by_shard.items():
-                for (_, place), record in zip(wanted, self._reader(shard).read([p for p, _ in wanted]), strict=True):
+                for (_, place), record in zip(wanted, self._read(shard, [p for p, _ in wanted]), strict=True):
                     records[place] = record
         return [self._parse(r, i) for r, i in zip(records, indices, strict=True)]
 
     def _parse(self, record: bytes, index: int) -> dict:
-        fields = tf_example_pb2.Example.FromString(record).features.feature
+        try:
+            fields = tf_example_pb2.Example.FromString(record).features.feature
+        except message.DecodeError as e:
+            raise DatasetError(
+                f"{self.data_dir}, split {self.split!r}, record {index}: not a session record ({e})"
+            ) from None
         out = {}
         for key, dtype, scalar in self._fields:
             if key not in fields:

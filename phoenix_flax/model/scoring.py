@@ -42,7 +42,9 @@ def action_weights(actions: Sequence[str], overrides: Mapping[str, float] | None
         raise WeightsError(f"weights given for actions not in the vocabulary: {unknown}; vocabulary: {list(actions)}")
     out_of_range = {a: w for a, w in overrides.items() if not abs(w) <= MAX_WEIGHT}  # NaN too
     if out_of_range:
-        raise WeightsError(f"weights must be finite numbers of at most {MAX_WEIGHT:.3g} in size (float32): {out_of_range}")
+        raise WeightsError(
+            f"weights must be finite numbers of at most {MAX_WEIGHT:.3g} in size (float32): {out_of_range}"
+        )
     weights = {**DEFAULT_ACTION_WEIGHTS, **overrides}
     missing = [a for a in actions if a not in weights]
     if missing:
