@@ -5,6 +5,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -122,3 +124,19 @@ def cli_overrides(cfg, base=None) -> list[str]:
     args = list(walk(to_dict(cfg), base, ""))
     assert apply_overrides(load(str(REPO / "configs" / "demo.py")), args) == cfg
     return args
+
+
+def run_program(module, *args, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    """A non-zero exit with one line on stderr, which says what went wrong: no traceback, and no
+    messages from background threads after it."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -11,17 +11,17 @@ import json
 import os
 import pathlib
 import random
+import re
 import resource
+import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, cli_overrides, tiny_experiment
+from conftest import REPO, assert_one_line_error, cli_overrides, run_program, tiny_experiment
 
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.importer import ActionRule, ImportSpec, read_events
@@ -55,9 +55,8 @@ def test_a_torn_metrics_line_is_dropped_with_a_notice_and_the_complete_ones_kept
         "".join(complete[:2]) + '{"step": 3, "lo\n' + complete[3] + '{"step": 5, "lo'
     )
     notes = []
-    writer = MetricWriter(str(tmp_path), resume_step=4, report=notes.append)
-    writer.write(5, {"loss": 0.2})
-    writer.close()
+    with MetricWriter(str(tmp_path), resume_step=4, report=notes.append) as writer:
+        writer.write(5, {"loss": 0.2})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 4, 5]
     assert [n.split(": dropped")[0] for n in notes] == [f"note: {tmp_path}/metrics.jsonl:{i}" for i in (3, 5)]
@@ -336,3 +335,226 @@ def test_the_log_parser_accepts_with_a_round_trip_or_names_file_line_and_column(
     with pytest.raises(SessionFormatError) as error:
         read_events([str(path)], spec)
     assert (error.value.path, error.value.line) == (str(path), first_bad)
+
+
+# --- full disks during checkpoint saves -------------------------------------------------------------
+
+STEPS = 30
+
+
+def fault_experiment(data_dir: str):
+    return tiny_experiment(
+        data_dir, train={"steps": STEPS}, checkpoint={"every_steps": 3, "keep": 2, "asynchronous": True}
+    )
+
+
+def train_args(cfg) -> list[str]:
+    return ["-m", "train.train", "--config", str(REPO / "configs" / "demo.py"), *cli_overrides(cfg)]
+
+
+def logged_losses(workdir: pathlib.Path) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_world, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = subprocess.run(
+        [sys.executable, *train_args(fault_experiment(tiny_world["data_dir"])), "--workdir", str(workdir)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"workdir": workdir, "losses": logged_losses(workdir)}
+
+
+def assert_ends_in_one_error(stderr: str, *fragments) -> str:
+    """Progress lines, then the error in one line, and nothing else: no traceback, no thread's report."""
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr[-3000:]
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def save_failure_then_resume(tiny_world, uninterrupted, workdir: pathlib.Path, stderr: str):
+    """The failed save's step F is named with the last saved one (F - 3), which restores; a resume
+    (the disk freed) goes on from it to the losses of the run that was never interrupted."""
+    last = assert_ends_in_one_error(
+        stderr, "phoenix-train: error: cannot save checkpoint step ", f"in {workdir}/checkpoints: "
+    )
+    named = re.fullmatch(r".*step (\d+) in .*; step (\d+) is the last saved", last)
+    assert named, last
+    failed, saved = (int(x) for x in named.groups())
+    assert saved == failed - 3 and re.search(r": (No space left on device|File too large) \(a full disk", last), last
+    resumed = subprocess.run(
+        [sys.executable, *train_args(fault_experiment(tiny_world["data_dir"])), "--workdir", str(workdir)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0 and f"resumed from step {saved}" in resumed.stderr, resumed.stderr[-3000:]
+    assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # the partial step went
+    got, want = logged_losses(workdir), uninterrupted["losses"]
+    assert sorted(got) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_during_a_save_is_one_line_and_the_last_saved_step_resumes(
+    tiny_world, uninterrupted, tmp_path
+):
+    """RLIMIT_FSIZE, lowered on the running trainer once its first step is saved: the next save's
+    files outgrow it (EFBIG, what a full disk's ENOSPC is to the program)."""
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, *train_args(fault_experiment(tiny_world["data_dir"])), "--workdir", str(workdir)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "3" / "integrity.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (16384, 16384))
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr[-3000:]
+    save_failure_then_resume(tiny_world, uninterrupted, workdir, stderr)
+
+
+def can_mount_tmpfs() -> bool:
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d; rmdir $d"
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-rm", "sh", "-c", probe]).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="no tmpfs here (unshare -rm and mount are not permitted)")
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_saved_step_resumes(tiny_world, uninterrupted, tmp_path):
+    """A tmpfs with room for about one and a half checkpoints (a mount namespace of its own)."""
+    step_bytes = sum(
+        p.stat().st_size for p in (uninterrupted["workdir"] / "checkpoints" / str(STEPS)).rglob("*") if p.is_file()
+    )
+    disk, copy = tmp_path / "disk", tmp_path / "run"
+    disk.mkdir()
+    train = " ".join(map(shlex.quote, [sys.executable, *train_args(fault_experiment(tiny_world["data_dir"]))]))
+    script = (
+        f"mount -t tmpfs -o size={step_bytes * 3 // 2 // 1024}k tmpfs {disk} && cd {REPO} && "
+        f"{train} --workdir {disk}/run; code=$?; cp -a {disk}/run {copy}; exit $code"
+    )
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    save_failure_then_resume(tiny_world, uninterrupted, copy, result.stderr.replace(f"{disk}/run", str(copy)))
+
+
+# --- full disks and kills during outputs ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_output_beyond_a_file_size_limit_is_one_line_and_the_previous_one_stays(tiny_world, uninterrupted, tmp_path):
+    out = tmp_path / "ranked.jsonl"
+    out.write_text("before\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the cache writes too
+    result = subprocess.run(
+        [sys.executable, "-m", "serve.rank", "--workdir", str(uninterrupted["workdir"]), "--input", tiny_world["raw"]["test"], "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384)),
+    )  # fmt: skip
+    assert_one_line_error(result, f"phoenix-rank: error: cannot write {out}: File too large")
+    assert out.read_text() == "before\n" and os.listdir(tmp_path) == ["ranked.jsonl"]
+
+
+def random_events_csv(path: pathlib.Path, events: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    user, item = rng.integers(0, events // 20, events), rng.zipf(1.3, events) % 5000
+    rating, ts = rng.integers(1, 6, events), rng.integers(0, 10**6, events)
+    path.write_text(
+        "user,item,rating,ts\n"
+        + "".join(f"{u},i{i},{r},{t}\n" for u, i, r, t in zip(user, item, rating, ts, strict=True))
+    )
+    return str(path)
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_import_leaves_each_output_whole_or_absent(tmp_path):
+    """Killed at random moments (reading, writing the splits, the corpus, the summary): each file
+    there is the one a complete run writes; a run after it completes."""
+    log = random_events_csv(tmp_path / "log.csv", 300_000)
+    args = [
+        "--input",
+        log,
+        "--user",
+        "user",
+        "--item",
+        "item",
+        "--timestamp",
+        "ts",
+        "--rule",
+        "click:*",
+        "--rule",
+        "favorite:rating>=4",
+    ]
+    start = time.time()
+    assert run_program("train.import_logs", *args, "--out", str(tmp_path / "reference")).returncode == 0
+    duration = time.time() - start
+    outputs = ["train.parquet", "validation.parquet", "test.parquet", "corpus.jsonl"]
+    reference = {name: (tmp_path / "reference" / name).read_bytes() for name in outputs}
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    out = tmp_path / "killed"
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "train.import_logs", *args, "--out", str(out)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.3, duration))
+        proc.kill()
+        proc.wait()
+        for name in outputs:
+            if (out / name).exists():
+                assert (out / name).read_bytes() == reference[name], f"seed {seed}: {name}"
+    assert run_program("train.import_logs", *args, "--out", str(out)).returncode == 0
+    for name in outputs:
+        assert (out / name).read_bytes() == reference[name]
+
+
+# --- state a checkpoint serves with -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resuming_a_copy_on_another_dataset_leaves_every_earlier_step_ranking_as_before(tiny_world, tmp_path, capsys):
+    """The post counts a step blends in are that step's (saved in it): a copy resumed on a dataset
+    of other counts serves its earlier steps byte for byte as the original does."""
+    from phoenix_flax.checkpoint.restore import restore_model
+    from phoenix_flax.data import prepare
+    from phoenix_flax.data.counting import PostCounts
+    from phoenix_flax.serving.ranking import CachedRanker
+    from phoenix_flax.training.loop import train
+    from serve import rank as rank_cli
+
+    cfg = tiny_experiment(tiny_world["data_dir"], train={"steps": 6}, checkpoint={"every_steps": 3, "keep": 5})
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    train(cfg, str(original))
+    shutil.copytree(original, copy)
+    other = str(tmp_path / "other")  # the validation sessions as its training split: other counts
+    raw = tiny_world["raw"]
+    prepare.prepare(
+        other,
+        {"train": prepare.SplitSource((raw["validation"],)), "validation": prepare.SplitSource((raw["validation"],))},
+    )
+    other_cfg = tiny_experiment(other, train={"steps": 9}, checkpoint={"every_steps": 3, "keep": 5})
+    train(other_cfg, str(copy))
+
+    def ranked(workdir, step) -> bytes:
+        out = tmp_path / f"{workdir.name}_{step}.jsonl"
+        args = ["--workdir", str(workdir), "--step", str(step), "--input", raw["test"], "--output", str(out)]
+        assert rank_cli.main(args) == 0
+        return out.read_bytes()
+
+    for step in (3, 6):
+        assert ranked(copy, step) == ranked(original, step)
+    restored = restore_model(str(original), 6)
+    other_counts = PostCounts.of_split(other_cfg, cfg.model.actions)  # what the resumed run counted
+    assert not np.array_equal(other_counts.arrays()["shown"], restored.counts.arrays()["shown"])
+    sessions = [s for _, s in read_sessions([raw["test"]], cfg.model.actions)][:8]
+    served = CachedRanker(restored.model, cfg.model, counts=restored.counts).probabilities(sessions)
+    recounted = CachedRanker(restored.model, cfg.model, counts=other_counts).probabilities(sessions)
+    assert any(not np.array_equal(a, b) for a, b in zip(served, recounted, strict=True))  # the counts matter

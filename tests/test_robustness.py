@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, tiny_experiment
+from conftest import REPO, assert_one_line_error, cli_overrides, run_program, tiny_experiment
 
 from phoenix_flax.checkpoint.integrity import INTEGRITY_FILE
 from phoenix_flax.checkpoint.manager import Checkpointer
@@ -86,6 +86,10 @@ DAMAGE = {
     "deleted optimizer file": lambda step: largest_file(step, "optimizer").unlink(),
     "16 bytes overwritten in the model": lambda step: overwrite_16_bytes(largest_file(step, "model")),
     "deleted data-position item": lambda step: shutil.rmtree(step / "data"),
+    "truncated post counts": lambda step: truncate(largest_file(step, "counts")),
+    "truncated config": lambda step: truncate(largest_file(step, "config")),
+    "truncated integrity record": lambda step: truncate(step / INTEGRITY_FILE),
+    "16 bytes overwritten in the integrity record": lambda step: overwrite_16_bytes(step / INTEGRITY_FILE),
     "truncated, no integrity record": lambda step: (
         (step / INTEGRITY_FILE).unlink(),
         truncate_stored_values(step, "model"),
@@ -157,22 +161,6 @@ def test_resuming_with_a_harmless_change_says_what_changed(runs, tmp_path):
     reports = []
     train(apply_overrides(runs["cfg"], ["--config.train.log_every=3"]), str(workdir), report=reports.append)
     assert any("train.log_every: 1 in the checkpoint, 3 now" in r for r in reports)
-
-
-def run_program(module, *args, env=None, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
-    )
-
-
-def assert_one_line_error(result, *fragments):
-    """A non-zero exit with one line on stderr, which says what went wrong: no traceback, and no
-    messages from background threads after it."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(lines) == 1, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.slow

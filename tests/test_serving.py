@@ -428,6 +428,21 @@ def test_the_original_architecture_trains_restores_and_serves_the_sigmoid_of_its
 
 
 @pytest.mark.slow
+def test_ranking_with_a_retrieval_only_checkpoint_is_a_named_error(tiny_world, sessions, tmp_path, capsys):
+    workdir = str(tmp_path / "retrieval_only")
+    cfg = tiny_experiment(
+        tiny_world["data_dir"], loss={"ranking_weight": 0.0, "exposure_weight": 0.0}, train={"steps": 1}
+    )
+    train(apply_overrides(cfg, ["--config.checkpoint.best_metric=eval_loss"]), workdir)
+    capsys.readouterr()
+    args = ["--workdir", workdir, "--input", unlabeled_input(sessions, tmp_path), "--output", str(tmp_path / "o")]
+    assert rank_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"phoenix-rank: error: step 1 of {workdir} has no ranker (it trained with loss.ranking_weight=0)"]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
 def test_retrieval_from_a_ranking_only_checkpoint_is_a_named_error(tiny_world, sessions, tmp_path, capsys):
     workdir = str(tmp_path / "ranker_only")
     train(tiny_experiment(tiny_world["data_dir"], loss={"retrieval_weight": 0.0}, train={"steps": 1}), workdir)
@@ -544,6 +559,22 @@ def test_phoenix_eval_draws_a_reliability_diagram_and_roc_curves_per_action(trai
     none = tmp_path / "none.json"
     assert evaluate_cli.main(["--workdir", trained["workdir"], "--output", str(none), "--plots", ""]) == 0
     assert "plots" not in json.loads(none.read_text()) and not (tmp_path / "plots").exists()
+
+
+def test_phoenix_eval_with_the_truth_of_another_split_is_one_line(trained, tiny_world, tmp_path, capsys):
+    truth = dict(np.load(tiny_world["truth"]))
+    truth["session_id"] = truth["session_id"] + 10**9  # no evaluated session among them
+    other = tmp_path / "other_truth.npz"
+    np.savez(other, **truth)
+    args = ["--workdir", trained["workdir"], "--output", str(tmp_path / "m.json"), "--plots", ""]
+    assert evaluate_cli.main([*args, "--truth", str(other)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err == [
+        f"phoenix-eval: error: {other} lacks some evaluated sessions or candidates: is it the truth of this split?"
+    ]
+    assert evaluate_cli.main([*args, "--truth", tiny_world["corpus"]]) == 2
+    assert f"phoenix-eval: error: {tiny_world['corpus']} is not a truth file" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_roc_curve_by_hand_and_its_area_is_the_auc():

@@ -213,11 +213,12 @@ class Checkpointer:
             self._record()
 
     def _record(self) -> None:
+        # A step without its folder failed: it stays, for the error the next wait raises to name.
+        done = [step for step in self._unrecorded if os.path.isdir(self.step_dir(step))]
         if jax.process_index() == 0:  # every process's shards are written once Orbax finalizes
-            for step in self._unrecorded:
-                if os.path.isdir(self.step_dir(step)):
-                    write_integrity(self.step_dir(step))
-        self._unrecorded = []
+            for step in done:
+                write_integrity(self.step_dir(step))
+        self._unrecorded = [step for step in self._unrecorded if step not in done]
 
     def wait(self) -> None:
         with self._writing(self._unrecorded):
@@ -261,7 +262,13 @@ class Checkpointer:
             items["optimizer"] = ocp.args.StandardRestore(_target(nnx.state(optimizer)))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        digest = self.verify(step, (*items, "config"))
+        if optimizer is None:
+            digest = self.verify(step, (*items, "config"))
+        else:  # a resume: the step goes on to be served, so every item it has must be whole
+            saved = [
+                item for item in (*ITEMS, AVERAGE, COUNTS) if os.path.isdir(os.path.join(self.step_dir(step), item))
+            ]
+            digest = self.verify(step, saved)
         restored = self._restore_items(step, items)
         _check_finite(step, "model", restored["model"])
         nnx.update(model, restored["model"])

@@ -75,13 +75,20 @@ class AbandonedIO(logging.Filter):
     flight. As they finish on tensorstore's threads, amid or after the program's own error,
     Python reports each: a callback finding the loop closed (a traceback or an unraisable
     exception), a future or task whose exception was never retrieved (asyncio's logger, naming
-    the checkpoint's files), the failure of a save's threads (absl's errors, naming them too), a read
+    the checkpoint's files), the failure of a save's threads (absl's errors, naming them too), a read or write
     coroutine never awaited (a warning). They say nothing the error did not. Installed once,
     before any restore or save (some are reported before the error reaches our code), this drops
     those and only those: the checkpoint directories read or written are registered with `watch`."""
 
-    # Orbax's read coroutines (orbax/checkpoint/_src/serialization/serialization.py).
-    READS = ("_read_shard", "_read_array_index_and_device_put", "_read_and_create_array", "async_deserialize")
+    # Orbax's read and write coroutines (orbax/checkpoint/_src/serialization/serialization.py).
+    COROUTINES = (
+        "_read_shard",
+        "_read_array_index_and_device_put",
+        "_read_and_create_array",
+        "async_deserialize",
+        "write_fragment",
+        "async_serialize_from_host",
+    )
     NEVER_RETRIEVED = "exception was never retrieved"  # of a Task, a Future, a _GatheringFuture
     installed: AbandonedIO | None = None
 
@@ -98,15 +105,16 @@ class AbandonedIO(logging.Filter):
         cls.installed.directories.add(directory)
 
     def _install(self) -> None:
-        warnings.filterwarnings("ignore", f"coroutine '({'|'.join(self.READS)})' was never awaited", RuntimeWarning)
+        names = "|".join(self.COROUTINES)
+        warnings.filterwarnings("ignore", rf"coroutine '([\w.<>]*\.)?({names})' was never awaited", RuntimeWarning)
         logging.getLogger("asyncio").addFilter(self)
         logging.getLogger("absl").addFilter(self)
         previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
         def unraisable_hook(unraisable) -> None:
             code = getattr(unraisable.object, "cr_code", None)
-            abandoned_read = code is not None and code.co_name in self.READS
-            if not (_closed_loop(unraisable.exc_value, unraisable.exc_traceback) or abandoned_read):
+            abandoned = code is not None and code.co_name in self.COROUTINES
+            if not (_closed_loop(unraisable.exc_value, unraisable.exc_traceback) or abandoned):
                 previous_unraisable(unraisable)
 
         def except_hook(kind, error, tb) -> None:
@@ -121,6 +129,8 @@ class AbandonedIO(logging.Filter):
             if record.levelno >= logging.ERROR and self.save_failed:
                 return False  # after it: its threads finding their executors shut down
             error = record.exc_info[1] if record.exc_info else None
+            if record.levelno >= logging.ERROR and error is not None and write_failure(root_cause(error)):
+                return False  # a failed write: the save reports it (CheckpointSaveError)
             message = f"{message} {error}"
             abandoned = record.levelno >= logging.ERROR
         else:

@@ -114,7 +114,8 @@ class MetricWriter:
             with replaced(self.path) as f:
                 f.writelines(kept)
         self.jsonl = open(self.path, "a")  # noqa: SIM115  (open for the run; closed by close())
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+        self.tb_dir = os.path.join(workdir, "tensorboard")
+        self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -127,11 +128,20 @@ class MetricWriter:
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
 
-    def close(self) -> None:
-        if self.enabled:
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        """Closes the files; a failure to (a full disk) is raised unless an error is already on its way."""
+        if not self.enabled:
+            return
+        try:
             with contextlib.suppress(OSError):  # every line was flushed, or its failure raised
                 self.jsonl.close()
             self.tb.close()
+        except OSError as e:
+            if error is None:
+                raise OutputError(f"cannot write {self.tb_dir}: {e.strerror or e}") from e
 
 
 def preflight(cfg: ExperimentConfig) -> set[str]:
@@ -303,8 +313,7 @@ def train(
         if jax.process_index() == 0:
             with replaced(os.path.join(workdir, "config.json")) as f:
                 f.write(dumps(cfg))
-        writer = MetricWriter(workdir, resume_step=step, report=report)
-        stack.callback(writer.close)
+        writer = stack.enter_context(MetricWriter(workdir, resume_step=step, report=report))
         preemption = Preemption()
         stack.callback(preemption.restore)
         stack.enter_context(use_mesh(mesh, cfg.mesh.logical_rules()))  # the steps trace with the rules
