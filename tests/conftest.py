@@ -140,3 +140,16 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1, result.stderr[-3000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def flip_16_bytes(path: pathlib.Path, at: float = 0.5) -> None:
+    """Same size, 16 bytes changed (at a fraction `at` of the file): only a checksum can tell."""
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start : start + 16] = bytes(255 - b for b in data[start : start + 16])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: pathlib.Path) -> None:
+    """The first half of the file kept."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

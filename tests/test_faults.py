@@ -21,7 +21,15 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_one_line_error, cli_overrides, run_program, tiny_experiment
+from conftest import (
+    REPO,
+    assert_one_line_error,
+    cli_overrides,
+    flip_16_bytes,
+    run_program,
+    tiny_experiment,
+    truncate,
+)
 
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.importer import ActionRule, ImportSpec, read_events
@@ -33,17 +41,6 @@ from phoenix_flax.evaluation.evaluate import oracle_scores, read_truth
 from phoenix_flax.training.loop import MetricWriter
 
 ACTIONS = DEFAULT_ACTIONS[:4]
-
-
-def flip_16_bytes(path: pathlib.Path, at: float = 0.5) -> None:
-    data = bytearray(path.read_bytes())
-    start = int(len(data) * at)
-    data[start : start + 16] = bytes(255 - b for b in data[start : start + 16])
-    path.write_bytes(bytes(data))
-
-
-def truncate(path: pathlib.Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 # --- torn metrics lines ---------------------------------------------------------------------------
@@ -60,6 +57,16 @@ def test_a_torn_metrics_line_is_dropped_with_a_notice_and_the_complete_ones_kept
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 4, 5]
     assert [n.split(": dropped")[0] for n in notes] == [f"note: {tmp_path}/metrics.jsonl:{i}" for i in (3, 5)]
+
+
+def test_a_metrics_line_that_cannot_be_written_is_named(tmp_path):
+    from phoenix_flax.files import OutputError
+
+    with MetricWriter(str(tmp_path), resume_step=0) as writer:
+        writer.jsonl.close()
+        writer.jsonl = open("/dev/full", "w")  # noqa: SIM115  (every write: ENOSPC)
+        with pytest.raises(OutputError, match=f"cannot write {tmp_path}/metrics.jsonl: No space left on device"):
+            writer.write(1, {"loss": 1.0})
 
 
 def test_an_output_is_written_whole_or_left_as_it_was(tmp_path):
@@ -224,18 +231,18 @@ def random_line(rng: random.Random) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def as_record(session) -> dict:
+def as_record(session, actions=ACTIONS) -> dict:
     """A parsed Session back in the raw format."""
 
-    def items(post, author, surface, actions, labeled):
+    def items(post, author, surface, masks, labeled):
         return [
             {
                 "post_id": int(p),
                 "author_id": int(a),
                 "product_surface": int(s),
-                **({"actions": [n for i, n in enumerate(ACTIONS) if int(m) >> i & 1]} if labeled else {}),
+                **({"actions": [n for i, n in enumerate(actions) if int(m) >> i & 1]} if labeled else {}),
             }
-            for p, a, s, m in zip(post, author, surface, actions, strict=True)
+            for p, a, s, m in zip(post, author, surface, masks, strict=True)
         ]
 
     s = session
@@ -558,3 +565,22 @@ def test_resuming_a_copy_on_another_dataset_leaves_every_earlier_step_ranking_as
     served = CachedRanker(restored.model, cfg.model, counts=restored.counts).probabilities(sessions)
     recounted = CachedRanker(restored.model, cfg.model, counts=other_counts).probabilities(sessions)
     assert any(not np.array_equal(a, b) for a, b in zip(served, recounted, strict=True))  # the counts matter
+
+
+def test_altered_bytes_in_a_session_file_are_named_never_read_as_other_sessions(tiny_world, tmp_path):
+    """Page checksums (written by phoenix-import and phoenix-synth, checked on reading): 16 bytes
+    flipped anywhere give the original sessions or an error naming the file, never others."""
+    original = [as_record(s, DEFAULT_ACTIONS) for _, s in read_sessions([tiny_world["raw"]["train"]], DEFAULT_ACTIONS)]
+    damaged = tmp_path / "train.parquet"
+    named = 0
+    for at in np.linspace(0.02, 0.98, 25):
+        shutil.copy(tiny_world["raw"]["train"], damaged)
+        flip_16_bytes(damaged, at)
+        try:
+            got = [as_record(s, DEFAULT_ACTIONS) for _, s in read_sessions([str(damaged)], DEFAULT_ACTIONS)]
+        except SessionFormatError as e:
+            assert e.path == str(damaged)
+            named += 1
+            continue
+        assert got == original, f"flipped at {at:.2f}: other sessions read"
+    assert named >= 20

@@ -16,7 +16,15 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_one_line_error, cli_overrides, run_program, tiny_experiment
+from conftest import (
+    REPO,
+    assert_one_line_error,
+    cli_overrides,
+    flip_16_bytes,
+    run_program,
+    tiny_experiment,
+    truncate,
+)
 
 from phoenix_flax.checkpoint.integrity import INTEGRITY_FILE
 from phoenix_flax.checkpoint.manager import Checkpointer
@@ -61,10 +69,6 @@ def largest_file(step_dir: pathlib.Path, item: str) -> pathlib.Path:
     return max((p for p in (step_dir / item).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def truncate(path: pathlib.Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
 def truncate_stored_values(step_dir: pathlib.Path, item: str) -> None:
     """Halves every data file of the item's OCDBT store: damage a restore must read. (One file
     is not enough: the store keeps files no longer referenced, and one of those can be the largest.)"""
@@ -73,23 +77,15 @@ def truncate_stored_values(step_dir: pathlib.Path, item: str) -> None:
             truncate(path)
 
 
-def overwrite_16_bytes(path: pathlib.Path) -> None:
-    """Same size, 16 bytes changed: only the checksum can tell."""
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
-    path.write_bytes(bytes(data))
-
-
 DAMAGE = {
     "truncated model file": lambda step: truncate(largest_file(step, "model")),
     "deleted optimizer file": lambda step: largest_file(step, "optimizer").unlink(),
-    "16 bytes overwritten in the model": lambda step: overwrite_16_bytes(largest_file(step, "model")),
+    "16 bytes overwritten in the model": lambda step: flip_16_bytes(largest_file(step, "model")),
     "deleted data-position item": lambda step: shutil.rmtree(step / "data"),
     "truncated post counts": lambda step: truncate(largest_file(step, "counts")),
     "truncated config": lambda step: truncate(largest_file(step, "config")),
     "truncated integrity record": lambda step: truncate(step / INTEGRITY_FILE),
-    "16 bytes overwritten in the integrity record": lambda step: overwrite_16_bytes(step / INTEGRITY_FILE),
+    "16 bytes overwritten in the integrity record": lambda step: flip_16_bytes(step / INTEGRITY_FILE),
     "truncated, no integrity record": lambda step: (
         (step / INTEGRITY_FILE).unlink(),
         truncate_stored_values(step, "model"),
@@ -125,7 +121,7 @@ def test_a_damaged_latest_step_is_set_aside_and_training_resumes_from_the_one_be
 @pytest.mark.slow
 def test_serving_skips_a_damaged_latest_step_and_refuses_a_damaged_explicit_one(runs, tmp_path):
     workdir = copy_of(runs, tmp_path)
-    overwrite_16_bytes(largest_file(workdir / "checkpoints" / "6", "model"))
+    flip_16_bytes(largest_file(workdir / "checkpoints" / "6", "model"))
     reports = []
     assert restore_model(str(workdir), report=reports.append).step == 3
     assert len(reports) == 1 and reports[0].startswith("checkpoint step 6 is damaged: model: file ")

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_experiment
+from conftest import flip_16_bytes, tiny_experiment, truncate
 
 from phoenix_flax.checkpoint.restore import restore_model
 from phoenix_flax.config import ModelConfig, apply_overrides
@@ -255,15 +255,8 @@ def test_then_rank_and_a_stale_index_is_rebuilt(trained, sessions, tiny_world, t
     assert "built the index of 300 posts" in capsys.readouterr().err
 
 
-def flip_16_bytes(path: pathlib.Path) -> None:
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
-    path.write_bytes(bytes(data))
-
-
 INDEX_DAMAGE = {
-    "truncated": lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    "truncated": truncate,
     "16 bytes flipped": flip_16_bytes,
     "not an npz": lambda path: path.write_text("{}"),
     "empty": lambda path: path.write_bytes(b""),

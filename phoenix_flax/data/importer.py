@@ -181,7 +181,7 @@ def _batches(
 
     if fmt == "parquet":
         try:
-            f = pq.ParquetFile(path)
+            f = pq.ParquetFile(path, page_checksum_verification=True)
         except (pa.ArrowInvalid, OSError) as e:
             raise SessionFormatError(path, 1, None, f"not a readable Parquet file: {e}") from None
         missing = [c for c in columns if c not in f.schema_arrow.names]
@@ -560,12 +560,12 @@ def write_sessions(
                     }
                 )
                 schema = schema or table.schema
-                writer = writer or pq.ParquetWriter(f, schema)
+                writer = writer or pq.ParquetWriter(f, schema, write_page_checksum=True)
                 writer.write_table(table.cast(schema))
                 if progress:
                     progress(int(c_len.sum()))
             if writer is None:
-                pq.write_table(_empty_table(spec.actions), f)
+                pq.write_table(_empty_table(spec.actions), f, write_page_checksum=True)
             else:
                 writer.close()
     return counts

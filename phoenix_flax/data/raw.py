@@ -333,7 +333,8 @@ def _parquet_batches(path: str) -> Iterator[pa.RecordBatch]:
     import pyarrow.parquet as pq
 
     try:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=4096)
+        # Page checksums (which phoenix-import and phoenix-synth write) catch altered bytes.
+        yield from pq.ParquetFile(path, page_checksum_verification=True).iter_batches(batch_size=4096)
     except (pa.ArrowException, OSError) as e:
         raise SessionFormatError(path, 1, None, f"not a readable Parquet file: {e}") from None
 

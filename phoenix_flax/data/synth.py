@@ -356,7 +356,7 @@ def write_world(world: World, splits: dict[str, Sessions], out: str, fmt: str = 
         path = os.path.join(out, f"{split}.{'parquet' if fmt == 'parquet' else 'jsonl'}")
         with replaced(path, "wb" if fmt == "parquet" else "w") as f:
             if fmt == "parquet":
-                pq.write_table(table, f)
+                pq.write_table(table, f, write_page_checksum=True)
             else:
                 for record in table.to_pylist():
                     f.write(json.dumps(record) + "\n")
