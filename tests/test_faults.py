@@ -458,13 +458,43 @@ def test_an_output_beyond_a_file_size_limit_is_one_line_and_the_previous_one_sta
     out = tmp_path / "ranked.jsonl"
     out.write_text("before\n")
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the cache writes too
+    rank = ["--workdir", str(uninterrupted["workdir"]), "--input", tiny_world["raw"]["test"], "--output", str(out)]
+    limited = (  # the limit set in the child, which then becomes the program (no fork from this threaded process)
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384)); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'serve.rank', *sys.argv[1:]])"
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "serve.rank", "--workdir", str(uninterrupted["workdir"]), "--input", tiny_world["raw"]["test"], "--output", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384)),
-    )  # fmt: skip
+        [sys.executable, "-c", limited, *rank], cwd=REPO, capture_output=True, text=True, timeout=600, env=env
+    )
     assert_one_line_error(result, f"phoenix-rank: error: cannot write {out}: File too large")
     assert out.read_text() == "before\n" and os.listdir(tmp_path) == ["ranked.jsonl"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="no mount namespace here (unshare -rm and mount are not permitted)")
+def test_retrieval_and_ranking_run_on_a_read_only_workdir(tiny_world, uninterrupted, tmp_path):
+    """The index that cannot be saved is used from memory; nothing else writes to the workdir."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted["workdir"], workdir, ignore=shutil.ignore_patterns("index"))
+    out = tmp_path / "out"
+    out.mkdir()
+    common = f"--workdir {workdir} --input {tiny_world['raw']['test']}"
+    script = (
+        f"mount --bind -o ro {workdir} {workdir} && cd {REPO} && "
+        f"{sys.executable} -m serve.retrieve {common} --corpus {tiny_world['corpus']} --top-k 5 --then-rank "
+        f"--output {out}/retrieved.jsonl && {sys.executable} -m serve.rank {common} --output {out}/ranked.jsonl"
+    )
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"note: cannot save the index (cannot write {workdir}/index" in result.stderr or (
+        f"note: cannot save the index ([Errno 30] Read-only file system: '{workdir}/index')" in result.stderr
+    ), result.stderr[-3000:]
+    assert (
+        len((out / "retrieved.jsonl").read_text().splitlines())
+        == len((out / "ranked.jsonl").read_text().splitlines())
+        > 0
+    )
+    assert not (workdir / "index").exists()
 
 
 def random_events_csv(path: pathlib.Path, events: int, seed: int = 0) -> str:
