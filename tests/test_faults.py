@@ -366,12 +366,10 @@ def logged_losses(workdir: pathlib.Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_world, tmp_path_factory):
+    from phoenix_flax.training.loop import train
+
     workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = subprocess.run(
-        [sys.executable, *train_args(fault_experiment(tiny_world["data_dir"])), "--workdir", str(workdir)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(fault_experiment(tiny_world["data_dir"]), str(workdir))
     return {"workdir": workdir, "losses": logged_losses(workdir)}
 
 
@@ -384,25 +382,17 @@ def assert_ends_in_one_error(stderr: str, *fragments) -> str:
     return last
 
 
-def save_failure_then_resume(tiny_world, uninterrupted, workdir: pathlib.Path, stderr: str):
-    """The failed save's step F is named with the last saved one (F - 3), which restores; a resume
-    (the disk freed) goes on from it to the losses of the run that was never interrupted."""
+def failed_and_saved(stderr: str, workdir: pathlib.Path) -> tuple[int, int]:
+    """The failed save's step F, named in one line with the last saved one (F - 3)."""
     last = assert_ends_in_one_error(
         stderr, "phoenix-train: error: cannot save checkpoint step ", f"in {workdir}/checkpoints: "
     )
-    named = re.fullmatch(r".*step (\d+) in .*; step (\d+) is the last saved", last)
+    named = re.fullmatch(r".*step (\d+) in .*: (No space left on device|File too large) \(a full disk or a "
+                         r"file-size limit\?\); step (\d+) is the last saved", last)  # fmt: skip
     assert named, last
-    failed, saved = (int(x) for x in named.groups())
-    assert saved == failed - 3 and re.search(r": (No space left on device|File too large) \(a full disk", last), last
-    resumed = subprocess.run(
-        [sys.executable, *train_args(fault_experiment(tiny_world["data_dir"])), "--workdir", str(workdir)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert resumed.returncode == 0 and f"resumed from step {saved}" in resumed.stderr, resumed.stderr[-3000:]
-    assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # the partial step went
-    got, want = logged_losses(workdir), uninterrupted["losses"]
-    assert sorted(got) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
+    failed, saved = int(named.group(1)), int(named.group(3))
+    assert saved == failed - 3, last
+    return failed, saved
 
 
 @pytest.mark.slow
@@ -423,7 +413,17 @@ def test_a_file_size_limit_during_a_save_is_one_line_and_the_last_saved_step_res
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (16384, 16384))
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr[-3000:]
-    save_failure_then_resume(tiny_world, uninterrupted, workdir, stderr)
+    _, saved = failed_and_saved(stderr, workdir)
+    # The disk freed: a resume goes on from the last saved step to the uninterrupted run's losses.
+    resumed = subprocess.run(
+        [sys.executable, *train_args(fault_experiment(tiny_world["data_dir"])), "--workdir", str(workdir)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0 and f"resumed from step {saved}" in resumed.stderr, resumed.stderr[-3000:]
+    assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # the partial step went
+    got, want = logged_losses(workdir), uninterrupted["losses"]
+    assert sorted(got) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
 
 
 def can_mount_tmpfs() -> bool:
@@ -433,7 +433,7 @@ def can_mount_tmpfs() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="no tmpfs here (unshare -rm and mount are not permitted)")
-def test_a_full_disk_during_a_save_is_one_line_and_the_last_saved_step_resumes(tiny_world, uninterrupted, tmp_path):
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_saved_step_restores(tiny_world, uninterrupted, tmp_path):
     """A tmpfs with room for about one and a half checkpoints (a mount namespace of its own)."""
     step_bytes = sum(
         p.stat().st_size for p in (uninterrupted["workdir"] / "checkpoints" / str(STEPS)).rglob("*") if p.is_file()
@@ -447,7 +447,10 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_last_saved_step_resumes(t
     )
     result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
-    save_failure_then_resume(tiny_world, uninterrupted, copy, result.stderr.replace(f"{disk}/run", str(copy)))
+    _, saved = failed_and_saved(result.stderr.replace(f"{disk}/run", str(copy)), copy)
+    from phoenix_flax.checkpoint.restore import restore_model
+
+    assert restore_model(str(copy), "latest").step == saved  # whole: its integrity record checked
 
 
 # --- full disks and kills during outputs ------------------------------------------------------------
@@ -473,7 +476,8 @@ def test_an_output_beyond_a_file_size_limit_is_one_line_and_the_previous_one_sta
 @pytest.mark.slow
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="no mount namespace here (unshare -rm and mount are not permitted)")
 def test_retrieval_and_ranking_run_on_a_read_only_workdir(tiny_world, uninterrupted, tmp_path):
-    """The index that cannot be saved is used from memory; nothing else writes to the workdir."""
+    """The index that cannot be saved is used from memory (retrieval, then ranking what it found);
+    nothing else writes to the workdir."""
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted["workdir"], workdir, ignore=shutil.ignore_patterns("index"))
     out = tmp_path / "out"
@@ -482,18 +486,16 @@ def test_retrieval_and_ranking_run_on_a_read_only_workdir(tiny_world, uninterrup
     script = (
         f"mount --bind -o ro {workdir} {workdir} && cd {REPO} && "
         f"{sys.executable} -m serve.retrieve {common} --corpus {tiny_world['corpus']} --top-k 5 --then-rank "
-        f"--output {out}/retrieved.jsonl && {sys.executable} -m serve.rank {common} --output {out}/ranked.jsonl"
+        f"--output {out}/retrieved.jsonl"
     )
     result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"note: cannot save the index (cannot write {workdir}/index" in result.stderr or (
         f"note: cannot save the index ([Errno 30] Read-only file system: '{workdir}/index')" in result.stderr
     ), result.stderr[-3000:]
-    assert (
-        len((out / "retrieved.jsonl").read_text().splitlines())
-        == len((out / "ranked.jsonl").read_text().splitlines())
-        > 0
-    )
+    retrieved = [json.loads(line) for line in (out / "retrieved.jsonl").read_text().splitlines()]
+    assert len(retrieved) == len(list(read_sessions([tiny_world["raw"]["test"]], DEFAULT_ACTIONS)))
+    assert all(len(r["candidates"]) == 5 and "score" in r["candidates"][0] for r in retrieved)  # ranked too
     assert not (workdir / "index").exists()
 
 
