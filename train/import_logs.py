@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", choices=("leave-last-out", "time"), default="leave-last-out")
     p.add_argument("--validation-from", type=float, help="time split: events at or after this go to validation")
     p.add_argument("--test-from", type=float, help="time split: events at or after this go to test")
-    p.add_argument("--max-history", type=count, default=50, help="history items per session (the most recent)")
+    p.add_argument("--max-history", type=positive_int, default=50, help="history items per session (the most recent)")
     p.add_argument("--candidates-per-session", type=positive_int, default=1, help="consecutive events per session")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report them")
     add_debug_arg(p)
