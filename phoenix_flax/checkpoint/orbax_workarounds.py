@@ -75,10 +75,11 @@ class AbandonedIO(logging.Filter):
     flight. As they finish on tensorstore's threads, amid or after the program's own error,
     Python reports each: a callback finding the loop closed (a traceback or an unraisable
     exception), a future or task whose exception was never retrieved (asyncio's logger, naming
-    the checkpoint's files), the failure of a save's threads (absl's errors, naming them too), a read or write
-    coroutine never awaited (a warning). They say nothing the error did not. Installed once,
-    before any restore or save (some are reported before the error reaches our code), this drops
-    those and only those: the checkpoint directories read or written are registered with `watch`."""
+    the checkpoint's files), the failure of a save's threads (absl's errors, naming them or a
+    failed write), a read or write coroutine never awaited (a warning). They say nothing the
+    error did not. Installed once, before any restore or save (some are reported before the
+    error reaches our code), this drops those and only those: the checkpoint directories read
+    or written are registered with `watch`."""
 
     # Orbax's read and write coroutines (orbax/checkpoint/_src/serialization/serialization.py).
     COROUTINES = (

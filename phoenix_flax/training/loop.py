@@ -113,7 +113,7 @@ class MetricWriter:
                         kept.append(line.rstrip("\n") + "\n")
             with replaced(self.path) as f:
                 f.writelines(kept)
-        self.jsonl = open(self.path, "a")  # noqa: SIM115  (open for the run; closed by close())
+        self.jsonl = open(self.path, "a")  # noqa: SIM115  (open for the run; closed by __exit__)
         self.tb_dir = os.path.join(workdir, "tensorboard")
         self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
 
