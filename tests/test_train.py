@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pyarrow.parquet as pq
@@ -27,7 +29,7 @@ from phoenix_flax.model.scoring import action_weights
 from phoenix_flax.sharding import make_mesh
 from phoenix_flax.step.step import abstract_model, create_train_state
 from phoenix_flax.testing import gated_blend_features
-from phoenix_flax.training.loop import NonFiniteLossError, train
+from phoenix_flax.training.loop import BadStepsError, NonFiniteLossError, train
 
 
 def losses(logged):
@@ -734,3 +736,45 @@ def test_the_demo_reuses_a_finished_run_and_waits_for_a_preempted_one(tiny_world
     with Checkpointer(str(tmp_path / "train")) as checkpoints:
         assert finished is not None and checkpoints.latest_step() == 6
     assert train_and_evaluate(cfg, str(tmp_path), {}) == finished  # a finished run is evaluated again, not refused
+
+
+def test_a_bad_step_is_skipped_and_leaves_parameters_and_optimizer_state_as_they_were():
+    """Against a dense reference: AdamW run on the kept gradients alone gives the same parameters
+    and state; non-finite gradients and ones far above the median are skipped and counted."""
+    from phoenix_flax.step.optimizer import skip_bad_steps
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.zeros(4, jnp.float32)}
+    inner = optax.adamw(0.1)
+    tx = skip_bad_steps(inner, factor=10.0, window=8)
+    normal = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(6)]
+    nan = jax.tree.map(lambda p: jnp.full(p.shape, jnp.nan), params)
+    huge = jax.tree.map(lambda g: g * 1000, normal[0])
+    sequence = [*normal[:5], nan, huge, normal[5]]  # huge: 4 norms are known by then
+    state, p, in_a_row = tx.init(params), params, []
+    for g in sequence:
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+        in_a_row.append(int(state.in_a_row))
+    assert in_a_row == [0, 0, 0, 0, 0, 1, 2, 0]
+    ref_state, ref = inner.init(params), params
+    for g in [*normal[:5], normal[5]]:
+        updates, ref_state = inner.update(g, ref_state, ref)
+        ref = optax.apply_updates(ref, updates)
+    jax.tree.map(np.testing.assert_array_equal, p, ref)
+    jax.tree.map(np.testing.assert_array_equal, state.inner, ref_state)
+
+
+@pytest.mark.slow
+def test_training_stops_with_a_named_error_after_too_many_bad_steps_in_a_row(tiny_world, tmp_path):
+    """A learning rate that blows the parameters up after the first step: every later gradient
+    is NaN, each step is skipped and logged, and the run stops at the limit naming it."""
+    optimizer = {"learning_rate": 1e30, "table_learning_rate": 1e30, "warmup_steps": 0, "skip_bad_steps": True}
+    cfg = tiny_experiment(
+        tiny_world["data_dir"], optimizer={**optimizer, "max_bad_steps_in_a_row": 3}, train={"steps": 20}
+    )
+    with pytest.raises(BadStepsError, match=r"3 bad steps in a row up to step \d+"):
+        train(cfg, str(tmp_path))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged and sum(m.get("skipped_steps", 0) for m in logged) >= 1
+    assert all(math.isfinite(v) for m in logged for v in m.values() if isinstance(v, float))

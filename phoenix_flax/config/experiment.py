@@ -108,9 +108,19 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.999
     grad_clip_norm: float = 1.0
+    # Bad steps: with skip_bad_steps, a step whose gradient norm is not finite, or above
+    # bad_step_norm_factor times the median of the last bad_step_window kept steps', is skipped
+    # (parameters and optimizer state unchanged) and counted in the log; training stops after
+    # max_bad_steps_in_a_row in a row. Off: a non-finite loss stops training at once.
+    skip_bad_steps: bool = False
+    bad_step_norm_factor: float = 10.0
+    bad_step_window: int = 100
+    max_bad_steps_in_a_row: int = 10
 
     def __post_init__(self):
         checks = Checks(self).positive("learning_rate", "table_learning_rate", "grad_clip_norm")
+        checks.require(self.bad_step_norm_factor > 1, "bad_step_norm_factor", "must be above 1")
+        checks.at_least(4, "bad_step_window").at_least(1, "max_bad_steps_in_a_row")
         checks.at_least(0, "warmup_steps", "table_initial_accumulator", "table_weight_decay")
         checks.at_least(0, "action_bias_initial_accumulator", "action_bias_weight_decay")
         step = self.action_bias_newton_step

@@ -75,7 +75,10 @@ def average_params(decay: float) -> optax.GradientTransformation:
 def averaged_params(optimizer: nnx.Optimizer) -> nnx.State | None:
     """The optimizer's moving average of the parameters, a State of arrays shaped as the model's
     `nnx.Param` state (None when it keeps none: `optimizer.ema_decay` 0)."""
-    last = optimizer.opt_state[-1]
+    chain = optimizer.opt_state
+    if isinstance(chain, BadStepState):
+        chain = chain.inner
+    last = chain[-1]
     return nnx.as_pure(last.average) if isinstance(last, ParamAverageState) else None
 
 
@@ -95,6 +98,40 @@ def averaged_weights(model: nnx.Module, optimizer: nnx.Optimizer):
         nnx.update(model, trained)
 
 
+class BadStepState(NamedTuple):
+    inner: optax.OptState  # the wrapped optimizer's state, unchanged by a skipped step
+    norms: jax.Array  # [window] float32: the gradient norms of recent kept steps (NaN: none yet)
+    position: jax.Array  # int32: where the next kept norm goes in `norms`
+    skipped: jax.Array  # int32: whether the last step was skipped (0 or 1)
+    in_a_row: jax.Array  # int32: steps skipped in a row up to the last one
+
+
+def skip_bad_steps(inner: optax.GradientTransformation, factor: float, window: int) -> optax.GradientTransformation:
+    """Skips a step whose gradient norm is not finite, or above `factor` times the median of the
+    last `window` kept steps' norms (once 4 are known): its updates are 0 and `inner`'s state
+    stays as it was, so the parameters and every optimizer statistic are unchanged. The state
+    counts skipped steps in a row (the training loop stops after too many)."""
+
+    def init(params):
+        zero = jnp.zeros([], jnp.int32)
+        return BadStepState(inner.init(params), jnp.full([window], jnp.nan, jnp.float32), zero, zero, zero)
+
+    def update(grads, state, params=None):
+        norm = optax.global_norm(grads).astype(jnp.float32)
+        known = jnp.sum(jnp.isfinite(state.norms))
+        too_large = (known >= 4) & (norm > factor * jnp.nanmedian(state.norms))
+        bad = ~jnp.isfinite(norm) | too_large
+        updates, inner_state = inner.update(grads, state.inner, params)
+        updates = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), updates)
+        inner_state = jax.tree.map(lambda new, old: jnp.where(bad, old, new), inner_state, state.inner)
+        norms = jnp.where(bad, state.norms, state.norms.at[state.position].set(norm))
+        position = jnp.where(bad, state.position, (state.position + 1) % window)
+        skipped = bad.astype(jnp.int32)
+        return updates, BadStepState(inner_state, norms, position, skipped, (state.in_a_row + 1) * skipped)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
     cfg: OptimizerConfig,
     total_steps: int,
@@ -107,7 +144,8 @@ def make_optimizer(
     """Global-norm clipping, then AdamW with warmup and cosine decay for dense weights and
     Adagrad (or AdamW) with weight decay for the hash tables; with the `action_bias` extension,
     its tables with their own decay and starting accumulator, and `action_bias_newton` for its
-    offsets; with `ema_decay`, the parameters' moving average kept last.
+    offsets; with `ema_decay`, the parameters' moving average kept last; with `skip_bad_steps`,
+    all of it wrapped by `skip_bad_steps`.
     `impression_gradient`: the unit of `action_bias_initial_accumulator` (1 / (batch x candidates x
     actions)); `offset_columns` (the number of actions) and `steps_per_epoch`: needed by newton
     offsets."""
@@ -146,6 +184,8 @@ def make_optimizer(
     steps = [optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels)]
     if cfg.ema_decay:
         steps.append(average_params(cfg.ema_decay))
+    if cfg.skip_bad_steps:
+        return skip_bad_steps(optax.chain(*steps), cfg.bad_step_norm_factor, cfg.bad_step_window)
     return optax.chain(*steps)
 
 

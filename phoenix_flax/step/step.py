@@ -14,7 +14,7 @@ from phoenix_flax.extensions.exposure import exposure_loss, record_exposure
 from phoenix_flax.sharding import check_divisible, use_mesh
 from phoenix_flax.step.losses import ranking_bce, sampled_softmax_loss
 from phoenix_flax.step.model import PhoenixModel
-from phoenix_flax.step.optimizer import make_optimizer
+from phoenix_flax.step.optimizer import BadStepState, make_optimizer
 
 
 def build_model(cfg: ExperimentConfig, seed: int | None = None) -> PhoenixModel:
@@ -131,6 +131,9 @@ def train_step_fn(cfg: LossConfig):
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         metrics["grad_norm"] = optax.tree.norm(grads)
         optimizer.update(model, grads)
+        if isinstance(optimizer.opt_state, BadStepState):  # optimizer.skip_bad_steps
+            metrics["skipped"] = optimizer.opt_state.skipped[...]
+            metrics["bad_steps_in_a_row"] = optimizer.opt_state.in_a_row[...]
         return metrics
 
     return train_step

@@ -50,6 +50,19 @@ from phoenix_flax.step.optimizer import averaged_weights
 from phoenix_flax.step.step import create_train_state, make_eval_step, make_train_step
 from phoenix_flax.training.workdir import WorkdirLock
 
+BAD_STEP_METRICS = ("skipped", "bad_steps_in_a_row")  # per step; the log has each window's count
+
+
+class BadStepsError(PhoenixError):
+    exit_code = 3
+
+    def __init__(self, step: int, limit: int, position):
+        super().__init__(
+            f"{limit} bad steps in a row up to step {step} (gradient norms not finite or above "
+            f"optimizer.bad_step_norm_factor x their median; all skipped, nothing of them applied); the "
+            f"last batch came from data position {position}"
+        )
+
 
 class NonFiniteLossError(PhoenixError):
     exit_code = 3
@@ -370,17 +383,25 @@ def _loop(run: TrainRun, step: int, last: int) -> list[dict]:
         if not window:
             return
         fetched = jax.device_get([m for _, _, m in window])
+        limit, too_many = cfg.optimizer.max_bad_steps_in_a_row, None
         for (s, position, _), m in zip(window, fetched, strict=True):
-            if not all(np.isfinite(v) for v in m.values()):
+            if m.get("bad_steps_in_a_row", 0) >= limit:
+                too_many = too_many or BadStepsError(s, limit, position)  # raised once the window is logged
+            elif not m.get("skipped") and not all(np.isfinite(v) for v in m.values()):
                 raise NonFiniteLossError(s, position, {k: float(v) for k, v in m.items()})
         elapsed = time.perf_counter() - window_start
-        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        kept = [m for m in fetched if not m.get("skipped")]  # a skipped step's figures may be NaN: not logged
+        means = {k: float(np.mean([m[k] for m in kept])) for k in fetched[0] if kept and k not in BAD_STEP_METRICS}
+        if "skipped" in fetched[0]:
+            means["skipped_steps"] = sum(int(m["skipped"]) for m in fetched)
         means["steps_per_second"] = len(window) / elapsed
         means["sessions_per_second"] = len(window) * cfg.data.batch_size / elapsed
         run.writer.write(window[-1][0], means)
         logged.append({"step": window[-1][0], **means})
+        if too_many:
+            raise too_many
         bar.set_postfix(
-            loss=f"{means['loss']:.4f}",
+            loss=f"{means.get('loss', math.nan):.4f}",
             steps_s=f"{means['steps_per_second']:.1f}",
             sessions_s=f"{means['sessions_per_second']:,.0f}",
         )
