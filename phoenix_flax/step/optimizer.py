@@ -117,7 +117,7 @@ def skip_bad_steps(inner: optax.GradientTransformation, factor: float, window: i
         return BadStepState(inner.init(params), jnp.full([window], jnp.nan, jnp.float32), zero, zero, zero)
 
     def update(grads, state, params=None):
-        norm = optax.global_norm(grads).astype(jnp.float32)
+        norm = optax.tree.norm(grads).astype(jnp.float32)
         known = jnp.sum(jnp.isfinite(state.norms))
         too_large = (known >= 4) & (norm > factor * jnp.nanmedian(state.norms))
         bad = ~jnp.isfinite(norm) | too_large
