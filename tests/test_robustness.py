@@ -83,7 +83,6 @@ DAMAGE = {
     "16 bytes overwritten in the model": lambda step: flip_16_bytes(largest_file(step, "model")),
     "deleted data-position item": lambda step: shutil.rmtree(step / "data"),
     "truncated post counts": lambda step: truncate(largest_file(step, "counts")),
-    "truncated config": lambda step: truncate(largest_file(step, "config")),
     "truncated integrity record": lambda step: truncate(step / INTEGRITY_FILE),
     "16 bytes overwritten in the integrity record": lambda step: flip_16_bytes(step / INTEGRITY_FILE),
     "truncated, no integrity record": lambda step: (
