@@ -43,14 +43,15 @@ def _prepared(data_dir: str):
         builder = tfds.builder(DATASET_NAME, data_dir=data_dir)
         builder.info.metadata["actions"]  # read now: a damaged metadata.json fails here
     except (ValueError, KeyError, TypeError, OSError, json_format.Error) as e:  # JSON errors are ValueErrors
-        raise _damaged(data_dir, e) from None
+        raise _damaged(f"the prepared dataset in {dataset_dir(data_dir)}", e) from None
     return builder
 
 
-def _damaged(data_dir: str, error: Exception) -> DatasetError:
+def _damaged(what: str, error: Exception) -> DatasetError:
+    """`what` (the dataset, or one of its files) cannot be read as written."""
     return DatasetError(
-        f"the prepared dataset in {dataset_dir(data_dir)} is damaged ({type(error).__name__}: {str(error)[:200]}): "
-        "prepare it again (phoenix-prepare --overwrite)"
+        f"{what} is damaged ({type(error).__name__}: {str(error)[:200]}): "
+        "prepare the dataset again (phoenix-prepare --overwrite)"
     )
 
 
@@ -69,7 +70,7 @@ def dataset_statistics(data_dir: str) -> dict:
     try:
         return json.loads(path.read_text()) if path.exists() else {}
     except ValueError as e:
-        raise _damaged(data_dir, e) from None
+        raise _damaged(f"the prepared dataset in {dataset_dir(data_dir)}", e) from None
 
 
 class SessionRecords:
@@ -126,9 +127,7 @@ class SessionRecords:
                 )
             return self._readers[shard].read(list(positions))
         except (RuntimeError, OSError, ValueError) as e:
-            raise DatasetError(
-                f"{self._files[shard]} is damaged ({str(e)[:200]}): prepare the dataset again (phoenix-prepare --overwrite)"
-            ) from None
+            raise _damaged(self._files[shard], e) from None
 
     def __getitem__(self, index: int) -> dict:
         shard, position = self._locate(index)
