@@ -99,6 +99,12 @@ def constrain_rows(x: jax.Array, last: str | None = "act_embed") -> jax.Array:
     return constrain(x, "batch", *([None] * (x.ndim - 2)), last)
 
 
+def mesh_axes(name: str, rules: LogicalRules) -> tuple[str, ...]:
+    """The mesh axes a logical name is placed on by `rules` (() when replicated)."""
+    axes = dict(rules).get(name)
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def abstract_sharded(state, mesh: jax.sharding.Mesh, rules: LogicalRules):
     """An NNX state of shapes (e.g. from `nnx.eval_shape`) with every array an abstract
     `ShapeDtypeStruct` sharded by its variable's logical names (replicated where it has none)."""

@@ -249,7 +249,12 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
     ah[1, slot[1]], fp[1, slot[1]] = ah[0, 0], fp[0, 0]  # session 0's author is session 1's column: a hit
     impression = 1 / (6 * SMALL.num_candidates * SMALL.num_actions)
     tx = make_optimizer(
-        OptimizerConfig(), 10, impression, action_bias=True, offset_columns=SMALL.num_actions, steps_per_epoch=1.0
+        OptimizerConfig(table_optimizer="adagrad"),
+        10,
+        impression,
+        action_bias=True,
+        offset_columns=SMALL.num_actions,
+        steps_per_epoch=1.0,
     )
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     nnx.jit(train_step_fn(LossConfig(exposure_weight=0.5)))(model, optimizer, batch)

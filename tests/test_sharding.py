@@ -49,6 +49,8 @@ def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say(parity):
     assert query.sharding.spec == P("fsdp", "model")
     mu = optimizer.opt_state[1].inner_states["dense"].inner_state[0].mu
     assert mu["ranker"]["transformer"]["layers"][0]["ffn"]["gate"][...].sharding.spec == P("fsdp", "model")
+    accumulator = optimizer.tables.post[...]  # row-wise Adagrad's: one per row, where the row lives
+    assert accumulator.sharding.spec == P(("model", "fsdp")) and accumulator.addressable_shards[0].data.shape == (256,)
 
 
 @pytest.mark.slow

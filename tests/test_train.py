@@ -299,7 +299,7 @@ def test_the_best_checkpoint_by_validation_auc(tiny_world, tmp_path, ema_decay):
         tiny_world["data_dir"],
         eval={"every_steps": 2, "batches": 10},
         checkpoint={"every_steps": 2, "keep": 1, "best_metric": "eval_mean_auc", "best_mode": "max"},
-        optimizer={"learning_rate": 3e-2, "ema_decay": ema_decay},
+        optimizer={"learning_rate": 3e-2, "ema_decay": ema_decay, "table_optimizer": "adagrad"},
     )
     logged = train(cfg, str(tmp_path))
     evals = {m["step"]: m for m in logged if "eval_mean_auc" in m}
@@ -485,6 +485,7 @@ def test_a_table_row_moves_by_the_learning_rate_whatever_its_gradients_scale(sca
 
     lr, decay = 0.1, 0.5
     cfg = OptimizerConfig(
+        table_optimizer="adagrad",
         table_learning_rate=lr,
         table_initial_accumulator=0.0,
         table_weight_decay=decay,
@@ -517,9 +518,15 @@ def test_the_moving_average_of_the_parameters_by_hand():
         "emb": {"table": rng.normal(size=(4, 2)).astype(np.float32)},
     }
     averaged = make_optimizer(
-        OptimizerConfig(ema_decay=decay, warmup_steps=1), 20, 1e-3, offset_columns=1, steps_per_epoch=1
+        OptimizerConfig(ema_decay=decay, warmup_steps=1, table_optimizer="adagrad"),
+        20,
+        1e-3,
+        offset_columns=1,
+        steps_per_epoch=1,
     )
-    plain = make_optimizer(OptimizerConfig(warmup_steps=1), 20, 1e-3, offset_columns=1, steps_per_epoch=1)
+    plain = make_optimizer(
+        OptimizerConfig(warmup_steps=1, table_optimizer="adagrad"), 20, 1e-3, offset_columns=1, steps_per_epoch=1
+    )
     state, plain_state = averaged.init(params), plain.init(params)
     want = jax.tree.map(np.copy, params)
     rates = [min(decay, (1 + t) / (10 + t)) for t in range(12)]
@@ -543,7 +550,7 @@ def test_the_moving_average_resumes_and_is_what_evaluation_restores(tiny_world, 
     state); restore_model gives the average (saved beside the parameters), not the parameters."""
     from phoenix_flax.step.optimizer import averaged_params
 
-    cfg = tiny_experiment(tiny_world["data_dir"], optimizer={"ema_decay": 0.5})
+    cfg = tiny_experiment(tiny_world["data_dir"], optimizer={"ema_decay": 0.5, "table_optimizer": "adagrad"})
     train(cfg, str(tmp_path / "full"))
     train(cfg, str(tmp_path / "split"), stop_after=4)
     train(cfg, str(tmp_path / "split"))
@@ -577,6 +584,7 @@ def test_the_action_bias_tables_decay_by_their_own_rate(bias_decay):
 
     lr, decay = 0.1, 0.5
     base = dict(table_learning_rate=lr, table_initial_accumulator=0.0, table_weight_decay=decay, grad_clip_norm=1e9)
+    base["table_optimizer"] = "adagrad"  # the embeddings' rows element-wise too, as the bias's
     cfg = OptimizerConfig(
         **base, action_bias_weight_decay=bias_decay, action_bias_initial_accumulator=0.0, action_bias_offsets="adagrad"
     )
@@ -608,7 +616,7 @@ def test_the_action_bias_tables_start_adagrad_from_their_own_accumulator_counted
     from phoenix_flax.step.optimizer import make_optimizer
 
     lr, k, unit = 0.1, 2.0, 1e-5
-    cfg = OptimizerConfig(table_learning_rate=lr, table_weight_decay=0.0, grad_clip_norm=1e9)
+    cfg = OptimizerConfig(table_optimizer="adagrad", table_learning_rate=lr, table_weight_decay=0.0, grad_clip_norm=1e9)
     cfg = dataclasses.replace(
         cfg, action_bias_weight_decay=0.0, action_bias_initial_accumulator=k, action_bias_offsets="adagrad"
     )
@@ -635,7 +643,7 @@ def test_newton_offsets_take_a_newton_step_and_their_factors_adagrads():
     from phoenix_flax.step.optimizer import make_optimizer
 
     lr, k, unit, step, epoch = 0.1, 2.0, 1e-5, 0.5, 4.0
-    cfg = OptimizerConfig(table_learning_rate=lr, table_weight_decay=0.0, grad_clip_norm=1e9)
+    cfg = OptimizerConfig(table_optimizer="adagrad", table_learning_rate=lr, table_weight_decay=0.0, grad_clip_norm=1e9)
     cfg = dataclasses.replace(cfg, action_bias_initial_accumulator=k, action_bias_newton_step=step)
     rng = np.random.default_rng(0)
     table = rng.normal(size=(3, 3)).astype(np.float32)  # 2 offset columns, 1 factor column

@@ -70,7 +70,11 @@ class MeshConfig:
 class OptimizerConfig:
     learning_rate: float = 1e-3  # dense weights: AdamW
     table_learning_rate: float = 0.05  # hash tables: Adagrad
-    table_optimizer: Literal["adagrad", "adamw"] = "adagrad"
+    # "rowwise_adagrad": one accumulator per row, only the rows a step touches updated, nothing of
+    # a table's size built per step (phoenix_flax/step/rowwise.py; docs/tables.md); "adagrad":
+    # element-wise, on the dense gradient of every table (the step's time grows with the rows);
+    # "adamw". The action bias's tables (an extension) keep element-wise Adagrad with either.
+    table_optimizer: Literal["rowwise_adagrad", "adagrad", "adamw"] = "rowwise_adagrad"
     # Adagrad's starting sum of squares. A table row's gradient is tiny (its share of a loss that
     # is a mean over every candidate and action of the batch: ~1e-5), so the usual 0.1 holds rows
     # almost still; from 0 a row's step depends on its gradients' history, not their scale.
@@ -136,6 +140,12 @@ class OptimizerConfig:
             )
         checks.between(0, 1, "end_learning_rate_fraction")
         checks.between(0, 1, "ema_decay", high_open=True)
+        checks.require(
+            self.ema_decay == 0 or self.table_optimizer != "rowwise_adagrad",
+            "ema_decay",
+            "must be 0 with table_optimizer='rowwise_adagrad' (averaging every table row each step is the "
+            "table-sized work it avoids)",
+        )
         checks.between(0, 1, "b1", "b2", high_open=True).require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         checks.literals().raise_if_any()
 

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 from phoenix_flax.config import ModelConfig
 from phoenix_flax.data.batch import Batch
 from phoenix_flax.model.layers import dense_init, param
-from phoenix_flax.sharding import constrain_rows
+from phoenix_flax.sharding import constrain_rows, mesh_axes
 
 # Embeddings dict key -> (batch field, table).
 EMBEDDING_KEYS = {
@@ -51,10 +51,15 @@ class HashTable(nnx.Module):
         self.table = param(rngs, init, (rows, dim), ("vocab", columns))
         self.dtype = dtype
 
-    def __call__(self, hashes: jax.Array) -> jax.Array:
-        """[B, ...] int rows -> [B, ..., D] in the compute dtype, sharded like the batch."""
-        rows = constrain_rows(sharded_lookup(self.table[...], hashes, self.dtype))
+    def __call__(self, hashes: jax.Array, looked_up: jax.Array | None = None) -> jax.Array:
+        """[B, ...] int rows -> [B, ..., D] in the compute dtype, sharded like the batch, padding
+        zeroed; `looked_up`: their `lookup` (as computed outside a differentiated function)."""
+        rows = self.lookup(hashes) if looked_up is None else looked_up
         return rows * (hashes != 0)[..., None].astype(self.dtype)
+
+    def lookup(self, hashes: jax.Array) -> jax.Array:
+        """The rows of `hashes [B, ...]` as stored (row 0 too): `[B, ..., D]` in the compute dtype."""
+        return constrain_rows(sharded_lookup(self.table[...], hashes, self.dtype))
 
 
 def sharded_lookup(table: jax.Array, hashes: jax.Array, dtype) -> jax.Array:
@@ -70,8 +75,8 @@ def sharded_lookup(table: jax.Array, hashes: jax.Array, dtype) -> jax.Array:
     mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
     if mesh.empty or not rules:
         return jnp.take(table, hashes, axis=0).astype(dtype)
-    table_axes = _mesh_axes("vocab", rules)
-    batch_axes = _mesh_axes("batch", rules)
+    table_axes = mesh_axes("vocab", rules)
+    batch_axes = mesh_axes("batch", rules)
     if not any(mesh.shape[a] > 1 for a in table_axes):
         return jnp.take(table, hashes, axis=0).astype(dtype)
     shape = hashes.shape
@@ -122,12 +127,6 @@ def sharded_lookup(table: jax.Array, hashes: jax.Array, dtype) -> jax.Array:
     return lookup(table, flat).reshape(*shape, table.shape[-1])
 
 
-def _mesh_axes(name: str, rules) -> tuple[str, ...]:
-    """The mesh axes a logical name is placed on by `rules` (() when replicated)."""
-    axes = dict(rules).get(name)
-    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 class HashEmbeddings(nnx.Module):
     """The user, post and author tables. Ranker and retrieval may share one instance."""
 
@@ -137,23 +136,32 @@ class HashEmbeddings(nnx.Module):
         self.post = HashTable(cfg.post_vocab_rows, d, rngs=rngs, dtype=dtype)
         self.author = HashTable(cfg.author_vocab_rows, d, rngs=rngs, dtype=dtype)
 
-    def __call__(self, batch: Batch) -> dict[str, jax.Array]:
+    def __call__(self, batch: Batch, looked_up: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
         """Looks up every hash field present in `batch`: `[B, ..., H]` -> `[B, ..., H, D]`.
+        `looked_up`: each table's `lookup` of its `table_hashes`, computed beforehand (the
+        row-wise optimizer differentiates the loss by them, not by the tables).
 
         The fields of one table are looked up together, in one gather: its backward pass then
         builds one gradient per table, not one per field.
         """
         out = {}
-        for table in ("user", "post", "author"):
+        for table, flat in self.table_hashes(batch).items():
+            rows = getattr(self, table)(flat, None if looked_up is None else looked_up[table])  # [B, n, D]
             keys = [k for k, (field, t) in EMBEDDING_KEYS.items() if t == table and field in batch]
-            if not keys:
-                continue
-            hashes = [batch[EMBEDDING_KEYS[k][0]] for k in keys]
-            flat = jnp.concatenate([h.reshape(h.shape[0], -1) for h in hashes], axis=1)  # [B, n]
-            rows = getattr(self, table)(flat)  # [B, n, D]
-            bounds = np.cumsum([0] + [math.prod(h.shape[1:]) for h in hashes])
-            for k, h, start, stop in zip(keys, hashes, bounds[:-1], bounds[1:], strict=True):
-                out[k] = rows[:, start:stop].reshape(*h.shape, rows.shape[-1])
+            sizes = [math.prod(batch[EMBEDDING_KEYS[k][0]].shape[1:]) for k in keys]
+            bounds = np.cumsum([0, *sizes])
+            for k, start, stop in zip(keys, bounds[:-1], bounds[1:], strict=True):
+                shape = batch[EMBEDDING_KEYS[k][0]].shape
+                out[k] = rows[:, start:stop].reshape(*shape, rows.shape[-1])
+        return out
+
+    def table_hashes(self, batch: Batch) -> dict[str, jax.Array]:
+        """Table name -> every row of it `batch` looks up, `[B, n]` (its fields' hashes side by side)."""
+        out = {}
+        for table in ("user", "post", "author"):
+            fields = [field for field, t in EMBEDDING_KEYS.values() if t == table and field in batch]
+            if fields:
+                out[table] = jnp.concatenate([batch[f].reshape(batch[f].shape[0], -1) for f in fields], axis=1)
         return out
 
 

@@ -1,5 +1,6 @@
-"""The optimizer: AdamW for dense weights, Adagrad for hash tables (and the action-bias extension's
-groups), global-norm clipping, and an optional moving average of the parameters."""
+"""The optimizer: AdamW for dense weights, Adagrad for hash tables (element-wise, or row-wise with
+sparse row updates: `step/rowwise.py`; the action-bias extension's groups their own), global-norm
+clipping, an optional moving average of the parameters, and optional bad-step skipping."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from flax import nnx
 
 from phoenix_flax.config import OptimizerConfig
 from phoenix_flax.extensions.optimizer import action_bias_newton
+from phoenix_flax.step.rowwise import RowGradients, RowwiseAdagrad, apply_rowwise_adagrad, is_embedding_table
 
 
 def param_labels(params, bias_tables: bool = False, bias_offsets: bool = False) -> object:
@@ -107,21 +109,23 @@ class BadStepState(NamedTuple):
 
 
 def skip_bad_steps(inner: optax.GradientTransformation, factor: float, window: int) -> optax.GradientTransformation:
-    """Skips a step whose gradient norm is not finite, or above `factor` times the median of the
-    last `window` kept steps' norms (once 4 are known): its updates are 0 and `inner`'s state
-    stays as it was, so the parameters and every optimizer statistic are unchanged. The state
-    counts skipped steps in a row (the training loop stops after too many)."""
+    """Skips a step whose gradient norm (`grad_norm`, of every gradient of the step; by default
+    the gradients') is not finite, or above `factor` times the median of the last `window` kept steps' norms (once 4
+    are known): its updates are 0 and `inner`'s state stays as it was, so the parameters and
+    every optimizer statistic are unchanged. The state counts skipped steps in a row (the
+    training loop stops after too many)."""
 
     def init(params):
         zero = jnp.zeros([], jnp.int32)
         return BadStepState(inner.init(params), jnp.full([window], jnp.nan, jnp.float32), zero, zero, zero)
 
-    def update(grads, state, params=None):
-        norm = optax.tree.norm(grads).astype(jnp.float32)
+    def update(grads, state, params=None, *, grad_norm=None, **extra):
+        grad_norm = optax.tree.norm(grads) if grad_norm is None else grad_norm
+        norm = grad_norm.astype(jnp.float32)
         known = jnp.sum(jnp.isfinite(state.norms))
         too_large = (known >= 4) & (norm > factor * jnp.nanmedian(state.norms))
         bad = ~jnp.isfinite(norm) | too_large
-        updates, inner_state = inner.update(grads, state.inner, params)
+        updates, inner_state = inner.update(grads, state.inner, params, grad_norm=grad_norm, **extra)
         updates = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), updates)
         inner_state = jax.tree.map(lambda new, old: jnp.where(bad, old, new), inner_state, state.inner)
         norms = jnp.where(bad, state.norms, state.norms.at[state.position].set(norm))
@@ -129,7 +133,24 @@ def skip_bad_steps(inner: optax.GradientTransformation, factor: float, window: i
         skipped = bad.astype(jnp.int32)
         return updates, BadStepState(inner_state, norms, position, skipped, (state.in_a_row + 1) * skipped)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax's `clip_by_global_norm`, by the `grad_norm` the step passes (the norm of all of its
+    gradients, the row-wise tables' included, which optax never sees); by default the updates'."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra):
+        del params, extra
+        grad_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        return jax.tree.map(lambda g: g * clip_factor(grad_norm, max_norm).astype(g.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
+
+
+def clip_factor(grad_norm: jax.Array, max_norm: float) -> jax.Array:
+    """What gradients are multiplied by so that their global norm is at most `max_norm`."""
+    return jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm)
 
 
 def make_optimizer(
@@ -157,10 +178,9 @@ def make_optimizer(
         end_value=cfg.learning_rate * cfg.end_learning_rate_fraction,
     )
     dense = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
-    transforms = {
-        "dense": dense,
-        "tables": _table_optimizer(cfg, cfg.table_weight_decay, cfg.table_initial_accumulator),
-    }
+    transforms = {"dense": dense}
+    if cfg.table_optimizer != "rowwise_adagrad":  # else TrainOptimizer updates the tables
+        transforms["tables"] = _table_optimizer(cfg, cfg.table_weight_decay, cfg.table_initial_accumulator)
     newton = action_bias and cfg.action_bias_offsets == "newton"
     if action_bias:
         bias_accumulator = cfg.table_initial_accumulator
@@ -181,7 +201,7 @@ def make_optimizer(
             steps_per_epoch,
         )
     labels = functools.partial(param_labels, bias_tables=action_bias, bias_offsets=newton)
-    steps = [optax.clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels)]
+    steps = [clip_by_global_norm(cfg.grad_clip_norm), optax.multi_transform(transforms, labels)]
     if cfg.ema_decay:
         steps.append(average_params(cfg.ema_decay))
     if cfg.skip_bad_steps:
@@ -192,11 +212,46 @@ def make_optimizer(
 def _table_optimizer(
     cfg: OptimizerConfig, weight_decay: float, initial_accumulator: float
 ) -> optax.GradientTransformation:
-    """Adagrad from `initial_accumulator` with decay of the rows a step touches (or AdamW) for hash tables."""
+    """Element-wise Adagrad from `initial_accumulator` with decay of the rows a step touches (or
+    AdamW) for hash tables. (With "rowwise_adagrad" only the action bias's tables come here.)"""
     lr = cfg.table_learning_rate
-    if cfg.table_optimizer == "adagrad":
+    if cfg.table_optimizer != "adamw":
         # eps far below a squared row gradient (~1e-10), so it does not take the accumulator's place
         tables = optax.adagrad(lr, initial_accumulator, eps=1e-20)
         return optax.chain(tables, decay_touched_rows(lr * weight_decay)) if weight_decay else tables
     # AdamW moves untouched rows too (momentum), so its own decay covers every row
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=weight_decay)
+
+
+class TrainOptimizer(nnx.Optimizer):
+    """`nnx.Optimizer` over the model's parameters, or, with `rowwise` (table_optimizer
+    "rowwise_adagrad"), over all but the HashEmbeddings tables, which it updates itself by the
+    rows a step touched (`step/rowwise.py`); their accumulators are part of its state (and so of
+    every checkpoint)."""
+
+    def __init__(self, model, tx: optax.GradientTransformation, cfg: OptimizerConfig):
+        rowwise = cfg.table_optimizer == "rowwise_adagrad"
+        super().__init__(model, tx, wrt=nnx.All(nnx.Param, nnx.Not(is_embedding_table)) if rowwise else nnx.Param)
+        self.grad_clip_norm = cfg.grad_clip_norm
+        self.table_learning_rate, self.table_weight_decay = cfg.table_learning_rate, cfg.table_weight_decay
+        rows = {name: getattr(model.embeddings, name).table.shape[0] for name in ("user", "post", "author")}
+        self.tables = nnx.data(RowwiseAdagrad(rows, cfg.table_initial_accumulator) if rowwise else None)
+
+    def update(self, model, grads, /, *, grad_norm: jax.Array, row_grads: dict[str, RowGradients] | None = None):
+        """One step: `grads` of `wrt`; with row-wise tables, `row_grads` of each table;
+        `grad_norm` of them all."""
+        super().update(model, grads, grad_norm=grad_norm)
+        if self.tables is None:
+            return
+        skipped = self.opt_state.skipped[...] if isinstance(self.opt_state, BadStepState) else 0
+        for name, rows in row_grads.items():
+            table, accumulator = getattr(model.embeddings, name).table, getattr(self.tables, name)
+            table[...], accumulator[...] = apply_rowwise_adagrad(
+                table[...],
+                accumulator[...],
+                rows,
+                learning_rate=self.table_learning_rate,
+                weight_decay=self.table_weight_decay,
+                scale=clip_factor(grad_norm, self.grad_clip_norm),
+                keep=skipped == 0,
+            )

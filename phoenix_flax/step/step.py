@@ -14,7 +14,8 @@ from phoenix_flax.extensions.exposure import exposure_loss, record_exposure
 from phoenix_flax.sharding import check_divisible, use_mesh
 from phoenix_flax.step.losses import ranking_bce, sampled_softmax_loss
 from phoenix_flax.step.model import PhoenixModel
-from phoenix_flax.step.optimizer import BadStepState, make_optimizer
+from phoenix_flax.step.optimizer import BadStepState, TrainOptimizer, make_optimizer
+from phoenix_flax.step.rowwise import row_gradients
 
 
 def build_model(cfg: ExperimentConfig, seed: int | None = None) -> PhoenixModel:
@@ -37,7 +38,7 @@ def _check_fits(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> None:
     check_divisible(nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param), mesh)
 
 
-def new_train_state(cfg: ExperimentConfig, steps_per_epoch: float) -> tuple[PhoenixModel, nnx.Optimizer]:
+def new_train_state(cfg: ExperimentConfig, steps_per_epoch: float) -> tuple[PhoenixModel, TrainOptimizer]:
     """The model and optimizer a config trains (created sharded under `sharding.use_mesh`);
     `steps_per_epoch`: the training split's sessions over the batch size (the action bias's
     newton prior counts once an epoch; no shape depends on it)."""
@@ -52,7 +53,7 @@ def new_train_state(cfg: ExperimentConfig, steps_per_epoch: float) -> tuple[Phoe
         offset_columns=a,
         steps_per_epoch=steps_per_epoch,
     )
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return model, TrainOptimizer(model, tx, cfg.optimizer)
 
 
 def abstract_train_state(cfg: ExperimentConfig):
@@ -62,7 +63,7 @@ def abstract_train_state(cfg: ExperimentConfig):
 
 def create_train_state(
     cfg: ExperimentConfig, mesh: jax.sharding.Mesh, steps_per_epoch: float
-) -> tuple[PhoenixModel, nnx.Optimizer]:
+) -> tuple[PhoenixModel, TrainOptimizer]:
     """Model and optimizer, created inside jit directly in their shards (never whole on one device)."""
     with use_mesh(mesh, cfg.mesh.logical_rules()):
         _check_fits(cfg, mesh)
@@ -83,12 +84,15 @@ def abstract_model(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> PhoenixMod
     return nnx.merge(graphdef, state)
 
 
-def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[jax.Array, dict, dict]:
+def compute_losses(
+    model: PhoenixModel, batch: dict, cfg: LossConfig, looked_up: dict | None = None
+) -> tuple[jax.Array, dict, dict]:
     """-> (total loss, scalar metrics, outputs). Outputs: ranker `logits [B, C, A]` and their
-    `logit_parts` (`PhoenixRanker.logit_parts`), retrieval `users [B, D]` and `positives [B, D]`."""
+    `logit_parts` (`PhoenixRanker.logit_parts`), retrieval `users [B, D]` and `positives [B, D]`.
+    `looked_up`: the tables' rows of the batch, looked up beforehand (`HashEmbeddings.__call__`)."""
     metrics, outputs = {}, {}
     total = jnp.float32(0.0)
-    emb = model.embeddings(batch)  # every table looked up once, for both towers
+    emb = model.embeddings(batch, looked_up)  # every table looked up once, for both towers
     if model.ranker is not None:
         parts = model.ranker.parts_from_embeddings(batch, emb)
         logits = sum(parts.values())
@@ -119,18 +123,33 @@ def compute_losses(model: PhoenixModel, batch: dict, cfg: LossConfig) -> tuple[j
 def train_step_fn(cfg: LossConfig):
     """The step's body, not jitted: `step(model, optimizer, batch) -> metrics`, updating both."""
 
-    def train_step(model: PhoenixModel, optimizer: nnx.Optimizer, batch: dict) -> dict:
-        def loss_fn(m):
-            loss, metrics, _ = compute_losses(m, batch, cfg)
+    def train_step(model: PhoenixModel, optimizer: TrainOptimizer, batch: dict) -> dict:
+        def loss_fn(m, looked_up=None):
+            loss, metrics, _ = compute_losses(m, batch, cfg, looked_up)
             return loss, metrics
 
         if model.frequency is not None:  # before the loss: every positive of the batch has a rate
             model.frequency.update(batch["positive_id"], batch["positive_valid"])
         if model.exposure_frequency is not None:
             record_exposure(model, batch)
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        optimizer.update(model, grads)
+        if optimizer.tables is None:
+            (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            optimizer.update(model, grads, grad_norm=metrics["grad_norm"])
+        else:  # row-wise tables: the loss differentiated by the looked-up rows, not the tables
+            hashes = model.embeddings.table_hashes(batch)
+            looked_up = {name: getattr(model.embeddings, name).lookup(h) for name, h in hashes.items()}
+            wrt = nnx.DiffState(0, optimizer.wrt)
+            (_, metrics), (grads, cotangents) = nnx.value_and_grad(loss_fn, argnums=(wrt, 1), has_aux=True)(
+                model, looked_up
+            )
+            rows = {
+                name: row_gradients(getattr(model.embeddings, name).table.shape[0], h, cotangents[name])
+                for name, h in hashes.items()
+            }
+            squares = optax.tree.norm(grads, squared=True) + sum(jnp.sum(jnp.square(r.sums)) for r in rows.values())
+            metrics["grad_norm"] = jnp.sqrt(squares)
+            optimizer.update(model, grads, grad_norm=metrics["grad_norm"], row_grads=rows)
         if isinstance(optimizer.opt_state, BadStepState):  # optimizer.skip_bad_steps
             metrics["skipped"] = optimizer.opt_state.skipped[...]
             metrics["bad_steps_in_a_row"] = optimizer.opt_state.in_a_row[...]
