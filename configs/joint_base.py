@@ -41,7 +41,8 @@ def get_config() -> ExperimentConfig:
         model=BASE_MODEL,
         data=DataConfig(data_dir="data/prepared", batch_size=1024, worker_count=8),
         # FSDP rather than data parallelism: the tables (14 GiB) are sharded over the devices, not
-        # replicated with their gradients all-reduced (phoenix-plan on 8 devices: peak 56 -> 13 GiB).
+        # replicated with their gradients all-reduced (phoenix-plan on 8 devices, with element-wise
+        # table Adagrad: peak 56 -> 13 GiB).
         mesh=MeshConfig(data=1, fsdp=-1, model=1),
         optimizer=OptimizerConfig(learning_rate=5e-4, table_learning_rate=0.02, warmup_steps=2000),
         loss=LossConfig(ranking_weight=1.0, retrieval_weight=0.5, logq="estimated", frequency_buckets=1 << 22),

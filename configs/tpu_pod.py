@@ -42,6 +42,6 @@ def get_config():
         train={"steps": 1_000_000, "log_every": 200},
     )
     # Table rows over every axis: over model x fsdp alone they would take 52 GiB per chip with
-    # their Adagrad state (phoenix-plan); over all 256 chips, 6.5 GiB.
+    # element-wise Adagrad's state (phoenix-plan, before row-wise Adagrad); over all 256 chips, 6.5 GiB.
     rules = tuple("vocab:data+fsdp+model" if r.startswith("vocab:") else r for r in DEFAULT_RULE_TEXT)
     return dataclasses.replace(cfg, name="tpu_pod", mesh=MeshConfig(data=8, fsdp=16, model=2, rules=rules))

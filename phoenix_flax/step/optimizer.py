@@ -15,7 +15,13 @@ from flax import nnx
 
 from phoenix_flax.config import OptimizerConfig
 from phoenix_flax.extensions.optimizer import action_bias_newton
-from phoenix_flax.step.rowwise import RowGradients, RowwiseAdagrad, apply_rowwise_adagrad, is_embedding_table
+from phoenix_flax.step.rowwise import (
+    TABLES,
+    RowGradients,
+    RowwiseAdagrad,
+    apply_rowwise_adagrad,
+    is_embedding_table,
+)
 
 
 def param_labels(params, bias_tables: bool = False, bias_offsets: bool = False) -> object:
@@ -110,10 +116,10 @@ class BadStepState(NamedTuple):
 
 def skip_bad_steps(inner: optax.GradientTransformation, factor: float, window: int) -> optax.GradientTransformation:
     """Skips a step whose gradient norm (`grad_norm`, of every gradient of the step; by default
-    the gradients') is not finite, or above `factor` times the median of the last `window` kept steps' norms (once 4
-    are known): its updates are 0 and `inner`'s state stays as it was, so the parameters and
-    every optimizer statistic are unchanged. The state counts skipped steps in a row (the
-    training loop stops after too many)."""
+    the gradients') is not finite, or above `factor` times the median of the last `window` kept
+    steps' norms (once 4 are known): its updates are 0 and `inner`'s state stays as it was, so the
+    parameters and every optimizer statistic are unchanged. The state counts skipped steps in a
+    row (the training loop stops after too many)."""
 
     def init(params):
         zero = jnp.zeros([], jnp.int32)
@@ -224,17 +230,16 @@ def _table_optimizer(
 
 
 class TrainOptimizer(nnx.Optimizer):
-    """`nnx.Optimizer` over the model's parameters, or, with `rowwise` (table_optimizer
-    "rowwise_adagrad"), over all but the HashEmbeddings tables, which it updates itself by the
-    rows a step touched (`step/rowwise.py`); their accumulators are part of its state (and so of
-    every checkpoint)."""
+    """`nnx.Optimizer` over the model's parameters; with table_optimizer "rowwise_adagrad", over
+    all but the HashEmbeddings tables, which it updates itself by the rows a step touched
+    (`step/rowwise.py`), their accumulators part of its state (and so of every checkpoint)."""
 
     def __init__(self, model, tx: optax.GradientTransformation, cfg: OptimizerConfig):
         rowwise = cfg.table_optimizer == "rowwise_adagrad"
         super().__init__(model, tx, wrt=nnx.All(nnx.Param, nnx.Not(is_embedding_table)) if rowwise else nnx.Param)
         self.grad_clip_norm = cfg.grad_clip_norm
         self.table_learning_rate, self.table_weight_decay = cfg.table_learning_rate, cfg.table_weight_decay
-        rows = {name: getattr(model.embeddings, name).table.shape[0] for name in ("user", "post", "author")}
+        rows = {name: getattr(model.embeddings, name).table.shape[0] for name in TABLES}
         self.tables = nnx.data(RowwiseAdagrad(rows, cfg.table_initial_accumulator) if rowwise else None)
 
     def update(self, model, grads, /, *, grad_norm: jax.Array, row_grads: dict[str, RowGradients] | None = None):

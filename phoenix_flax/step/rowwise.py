@@ -65,10 +65,6 @@ def _axes():
     return mesh, mesh_axes("vocab", rules), mesh_axes("batch", rules)
 
 
-def _shard_start(table_axes, own_rows: int) -> jax.Array:
-    return jax.lax.axis_index(table_axes) * own_rows if table_axes else jnp.int32(0)
-
-
 def row_gradients(rows: int, hashes: jax.Array, cotangents: jax.Array) -> RowGradients:
     """A table of `rows` rows: its looked-up `hashes [B, n]` and their `cotangents [B, n, D]` ->
     the touched rows and their summed gradients, on the devices that hold them. Hash 0 (padding)
@@ -96,7 +92,7 @@ def _row_sums(own_rows: int, hashes, cotangents, table_axes, batch_axes, k: int)
     looks up, and their summed cotangents. `hashes [b, n]` and `cotangents [b, n, D]`: this
     device's batch shard; the others' (`k` shards in all) arrive over `batch_axes`."""
     dim = cotangents.shape[-1]
-    start = _shard_start(table_axes, own_rows)
+    start = jax.lax.axis_index(table_axes) * own_rows if table_axes else 0  # the shard's first row
 
     def offsets(h):  # [b, n] -> [b * n]: rows within the shard, own_rows where not this shard's
         offset = h.reshape(-1) - start
