@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_experiment
 from flax import nnx
 
+import phoenix_flax.step.rowwise
 from phoenix_flax.config import ConfigError, OptimizerConfig, apply_overrides
 from phoenix_flax.data.pipeline import global_batch
 from phoenix_flax.extensions.exposure import record_exposure
@@ -37,9 +38,11 @@ def dense_rowwise_adagrad(table, accumulator, grad, lr, weight_decay):
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=list(MESHES))
-def test_sparse_updates_equal_dense_rowwise_adagrad_over_several_steps(mesh):
+def test_sparse_updates_equal_dense_rowwise_adagrad_over_several_steps(mesh, monkeypatch):
     """Duplicated rows within and across sessions, padding (hash 0), a clipped step and a
-    skipped one: the same table and accumulators as the dense reference after each step."""
+    skipped one: the same table and accumulators as the dense reference after each step. Rows
+    are updated 5 at a time, so the chunks' loop and its last, overlapping chunk are in play."""
+    monkeypatch.setattr(phoenix_flax.step.rowwise, "UPDATE_CHUNK", 5)
     rows, dim, lr, decay = 64, 4, 0.1, 0.2
     rng = np.random.default_rng(0)
     table, accumulator = rng.normal(size=(rows, dim)).astype(np.float32), np.full(rows, 0.01, np.float32)
