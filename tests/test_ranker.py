@@ -235,7 +235,7 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
     from phoenix_flax.data.batch import labeled_candidates
     from phoenix_flax.extensions.exposure import exposure_loss
     from phoenix_flax.step.model import PhoenixModel
-    from phoenix_flax.step.optimizer import make_optimizer
+    from phoenix_flax.step.optimizer import TrainOptimizer, make_optimizer
     from phoenix_flax.step.step import train_step_fn
 
     model = PhoenixModel(SMALL, rngs=nnx.Rngs(0), retrieval=False, exposure_frequency_buckets=1 << 12)
@@ -248,15 +248,9 @@ def test_the_exposure_softmax_scores_each_shown_author_against_other_sessions_au
     slot = np.arange(6) % np.maximum(v.sum(1), 1)
     ah[1, slot[1]], fp[1, slot[1]] = ah[0, 0], fp[0, 0]  # session 0's author is session 1's column: a hit
     impression = 1 / (6 * SMALL.num_candidates * SMALL.num_actions)
-    tx = make_optimizer(
-        OptimizerConfig(table_optimizer="adagrad"),
-        10,
-        impression,
-        action_bias=True,
-        offset_columns=SMALL.num_actions,
-        steps_per_epoch=1.0,
-    )
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    cfg = OptimizerConfig()
+    tx = make_optimizer(cfg, 10, impression, action_bias=True, offset_columns=SMALL.num_actions, steps_per_epoch=1.0)
+    optimizer = TrainOptimizer(model, tx, cfg)
     nnx.jit(train_step_fn(LossConfig(exposure_weight=0.5)))(model, optimizer, batch)
     got = float(exposure_loss(model, batch, labeled_candidates(batch)))
 
