@@ -9,7 +9,15 @@ import subprocess
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The 8 devices share 2 cores: under load a collective's participants can arrive far apart, and
+# XLA's CPU runtime aborts the process ("Fatal Python error: Aborted") when one waits past its
+# termination timeout (40 s by default). A loaded run of the suite ended so once, in a test whose
+# steps ring the row-wise tables' gradients over 8 devices; the cause was not seen, this is the likely one.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_collective_timeout_seconds=1800 --xla_cpu_collective_call_terminate_timeout_seconds=1800"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compiled programs shared by every test and the programs they start: the many small runs
 # compile the same steps, and compiling dominates their time on a CPU.
