@@ -23,6 +23,7 @@ MESHES = {
     "one device": {"data": 1, "fsdp": 1, "model": 1},
     "fsdp 8": {"data": 1, "fsdp": 8, "model": 1},  # rows and batch over the same axis: the ring
     "2x2x2": {"data": 2, "fsdp": 2, "model": 2},  # rows over model x fsdp, batch over data x fsdp
+    "data 8": {"data": 8, "fsdp": 1, "model": 1},  # tables replicated: the blocks all-gathered
 }
 
 

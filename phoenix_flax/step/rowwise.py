@@ -74,9 +74,9 @@ def row_gradients(rows: int, hashes: jax.Array, cotangents: jax.Array) -> RowGra
         return _row_sums(rows, hashes, cotangents, (), (), 1)
     mesh, table_axes, batch_axes = axes
     shards = math.prod(mesh.shape[a] for a in table_axes)
-    ring = math.prod(mesh.shape[a] for a in batch_axes)
+    peers = math.prod(mesh.shape[a] for a in batch_axes)
     local = jax.shard_map(
-        lambda h, c: _row_sums(rows // shards, h, c, table_axes, batch_axes, ring),
+        lambda h, c: _row_sums(rows // shards, h, c, table_axes, batch_axes, peers, ring=shards > 1),
         mesh=mesh,
         in_specs=(PartitionSpec(batch_axes or None, None), PartitionSpec(batch_axes or None, None, None)),
         out_specs=RowGradients(PartitionSpec(table_axes or None), PartitionSpec(table_axes or None, None)),
@@ -87,10 +87,12 @@ def row_gradients(rows: int, hashes: jax.Array, cotangents: jax.Array) -> RowGra
     return local(hashes, cotangents)
 
 
-def _row_sums(own_rows: int, hashes, cotangents, table_axes, batch_axes, k: int) -> RowGradients:
+def _row_sums(own_rows: int, hashes, cotangents, table_axes, batch_axes, k: int, ring: bool = True) -> RowGradients:
     """On one device: the rows of its table shard (`own_rows` of them) that the global batch
     looks up, and their summed cotangents. `hashes [b, n]` and `cotangents [b, n, D]`: this
-    device's batch shard; the others' (`k` shards in all) arrive over `batch_axes`."""
+    device's batch shard; the others' (`k` shards in all) arrive over `batch_axes`, around a ring
+    (one block in flight), or, for a table held whole on every device (`ring` False: a table small
+    enough to replicate), in one all-gather (k blocks: one collective, not k - 1)."""
     dim = cotangents.shape[-1]
     start = jax.lax.axis_index(table_axes) * own_rows if table_axes else 0  # the shard's first row
 
@@ -113,7 +115,11 @@ def _row_sums(own_rows: int, hashes, cotangents, table_axes, batch_axes, k: int)
     # so the sums were live through the whole backward pass (phoenix-plan: +1.5 GiB at long_history).
     first = cotangents.reshape(-1)[0].astype(jnp.float32)
     zero = jnp.where(jnp.isfinite(first), first, 0.0) * 0.0
-    sums = add(jnp.broadcast_to(zero, (size, dim)), hashes, cotangents)
+    zeros = jnp.broadcast_to(zero, (size, dim))
+    if k > 1 and not ring:  # a replicated table: every batch shard's block at once
+        everything = jax.lax.all_gather(cotangents, batch_axes, tiled=True)
+        return RowGradients(touched.astype(jnp.int32), add(zeros, everyone, everything))
+    sums = add(zeros, hashes, cotangents)
     if k > 1:  # the other batch shards' blocks, one in flight at a time
         ring = [(j, (j + 1) % k) for j in range(k)]
 
