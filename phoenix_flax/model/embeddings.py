@@ -31,6 +31,8 @@ EMBEDDING_KEYS = {
     "positive_author_embeddings": ("positive_author_hashes", "author"),
 }
 
+TABLES = ("user", "post", "author")  # the HashEmbeddings tables, in lookup order
+
 Embeddings = Mapping[str, jax.Array]
 
 
@@ -145,9 +147,9 @@ class HashEmbeddings(nnx.Module):
         builds one gradient per table, not one per field.
         """
         out = {}
-        for table, flat in self.table_hashes(batch).items():
+        for table, keys in _keys_by_table(batch).items():
+            flat = _side_by_side(batch, keys)
             rows = getattr(self, table)(flat, None if looked_up is None else looked_up[table])  # [B, n, D]
-            keys = [k for k, (field, t) in EMBEDDING_KEYS.items() if t == table and field in batch]
             sizes = [math.prod(batch[EMBEDDING_KEYS[k][0]].shape[1:]) for k in keys]
             bounds = np.cumsum([0, *sizes])
             for k, start, stop in zip(keys, bounds[:-1], bounds[1:], strict=True):
@@ -157,12 +159,19 @@ class HashEmbeddings(nnx.Module):
 
     def table_hashes(self, batch: Batch) -> dict[str, jax.Array]:
         """Table name -> every row of it `batch` looks up, `[B, n]` (its fields' hashes side by side)."""
-        out = {}
-        for table in ("user", "post", "author"):
-            fields = [field for field, t in EMBEDDING_KEYS.values() if t == table and field in batch]
-            if fields:
-                out[table] = jnp.concatenate([batch[f].reshape(batch[f].shape[0], -1) for f in fields], axis=1)
-        return out
+        return {table: _side_by_side(batch, keys) for table, keys in _keys_by_table(batch).items()}
+
+
+def _keys_by_table(batch: Batch) -> dict[str, list[str]]:
+    """Table name -> the embeddings keys whose fields `batch` has (tables without any left out)."""
+    keys = {t: [k for k, (field, table) in EMBEDDING_KEYS.items() if table == t and field in batch] for t in TABLES}
+    return {t: k for t, k in keys.items() if k}
+
+
+def _side_by_side(batch: Batch, keys: list[str]) -> jax.Array:
+    """The hashes of `keys`' fields, each flattened to `[B, -1]`, concatenated: `[B, n]`."""
+    fields = [batch[EMBEDDING_KEYS[k][0]] for k in keys]
+    return jnp.concatenate([f.reshape(f.shape[0], -1) for f in fields], axis=1)
 
 
 def flatten_hashes(x: jax.Array) -> jax.Array:

@@ -15,8 +15,8 @@ from flax import nnx
 
 from phoenix_flax.config import OptimizerConfig
 from phoenix_flax.extensions.optimizer import action_bias_newton
+from phoenix_flax.model.embeddings import TABLES
 from phoenix_flax.step.rowwise import (
-    TABLES,
     RowGradients,
     RowwiseAdagrad,
     apply_rowwise_adagrad,

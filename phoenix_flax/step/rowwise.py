@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from phoenix_flax.model.embeddings import TABLES
 from phoenix_flax.sharding import mesh_axes
 
-TABLES = ("user", "post", "author")  # the HashEmbeddings tables it updates
 UPDATE_CHUNK = 16384  # rows updated at a time: the update's working set is [UPDATE_CHUNK, D], not [U, D]
 EPS = 1e-20  # far below a row's mean squared gradient (~1e-10): it does not take the accumulator's place
 
