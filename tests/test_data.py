@@ -502,11 +502,24 @@ def test_model_vocabulary_may_reorder_a_subset_of_the_datasets():
     assert ex["positive_post_id"] == 350
 
 
-def batches(dataset, process_index=0, process_count=1, *, batch_size=4, seed=0, worker_count=0, **kw):
+# Rows of 12 [user, history] positions, 7 candidate slots and at most 3 sessions (CFG: a session
+# takes at most 1 + 4 and 3).
+PACKING = {"pack_prefix": 12, "pack_candidates": 7, "pack_sessions": 3}
+
+
+def batches(dataset, process_index=0, process_count=1, *, batch_size=4, seed=0, worker_count=0, packed=False, **kw):
     """The pipeline over the test dataset; by default one epoch in order, the last batch padded."""
-    data = DataConfig(dataset["data_dir"], batch_size=batch_size * process_count, seed=seed, worker_count=worker_count)
+    data = DataConfig(
+        dataset["data_dir"],
+        batch_size=batch_size * process_count,
+        seed=seed,
+        worker_count=worker_count,
+        **(PACKING if packed else {}),
+    )
     kw = {"num_epochs": 1, "shuffle": False, "drop_remainder": False} | kw
-    return make_dataset(CFG, data, "train", process_index=process_index, process_count=process_count, **kw)
+    return make_dataset(
+        CFG, data, "train", process_index=process_index, process_count=process_count, packed=packed, **kw
+    )
 
 
 def test_batches_hash_every_id_with_the_models_function(dataset):
@@ -564,8 +577,76 @@ def resumed_equals_uninterrupted(dataset, **kw):
             np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_resumed_iterator_yields_exactly_what_an_uninterrupted_one_would(dataset):
-    resumed_equals_uninterrupted(dataset)
+@pytest.mark.parametrize("packed", [False, True], ids=["a-session-a-row", "packed"])
+def test_resumed_iterator_yields_exactly_what_an_uninterrupted_one_would(dataset, packed):
+    resumed_equals_uninterrupted(dataset, packed=packed)
+
+
+EXAMPLE_FIELDS = (
+    "user_hashes", "history_post_hashes", "history_author_hashes", "history_actions", "history_product_surface",
+    "candidate_post_hashes", "candidate_author_hashes", "candidate_product_surface", "candidate_actions",
+    "candidate_author_fingerprint", "labeled", "positive_post_hashes", "positive_author_hashes", "positive_id",
+    "positive_valid",
+)  # fmt: skip
+
+
+def unpacked_examples(batch) -> dict:
+    """(session, first candidate) -> each field of the example, its padding cut."""
+    out = {}
+    for i in np.flatnonzero(batch["candidate_post_hashes"][:, 0, 0]):
+        h = batch["history_post_hashes"][i, :, 0] != 0
+        c = batch["candidate_post_hashes"][i, :, 0] != 0
+        fields = {
+            k: batch[k][i][h if k.startswith("history") else c]
+            if k.startswith(("history", "candidate"))
+            else batch[k][i]
+            for k in EXAMPLE_FIELDS
+        }
+        out[int(batch["session_id"][i]), int(batch["candidate_offset"][i])] = fields
+    return out
+
+
+def packed_examples(batch) -> dict:
+    """The same of a packed batch, each session's fields read through its segment."""
+    out = {}
+    for b, g in zip(*np.nonzero(batch["user_hashes"][..., 0]), strict=True):
+        p = batch["prefix_segment"][b] == g + 1
+        c = batch["candidate_segment"][b] == g + 1
+        np.testing.assert_array_equal(batch["prefix_position"][b][p], np.arange(p.sum()))
+        np.testing.assert_array_equal(batch["candidate_position"][b][c], np.arange(c.sum()))
+        assert not batch["history_post_hashes"][b][p][0].any()  # the user's position holds no item
+        fields = {}
+        for k in EXAMPLE_FIELDS:
+            if k.startswith("history"):
+                fields[k] = batch[k][b][p][1:]
+            else:
+                fields[k] = batch[k][b][c] if k.startswith("candidate") else batch[k][b, g]
+        key = (int(batch["session_id"][b, g]), int(batch["candidate_offset"][b, g]))
+        assert key not in out
+        out[key] = fields
+    return out
+
+
+def test_packed_rows_hold_every_example_once_as_a_session_a_row_holds_it(dataset):
+    """Histories of 0 to 8 items (cut to the 4 most recent), 1 to 7 candidates (examples of at
+    most 3): every example in exactly one row, each field as the unpacked pipeline has it."""
+    want = {}
+    for batch in batches(dataset):
+        want |= unpacked_examples(batch)
+    got, rows, sessions = {}, 0, 0
+    for batch in batches(dataset, packed=True):
+        examples = packed_examples(batch)
+        assert not examples.keys() & got.keys()
+        got |= examples
+        rows += int(batch["prefix_segment"].any(axis=1).sum())
+        sessions += len(examples)
+    assert got.keys() == want.keys() and len(want) == 30 + sum(i % 7 >= 3 for i in range(30)) + sum(
+        i % 7 >= 6 for i in range(30)
+    )
+    assert sessions > 2 * rows  # packed, not a session a row
+    for key, fields in want.items():
+        for k, v in fields.items():
+            np.testing.assert_array_equal(got[key][k], v, err_msg=f"{key} {k}")
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def test_blockwise_kernel_equals_dense_with_its_log_sum_exp(causal, blocks):
         return dense_attention(q, k, v, mask, 0.7), jax.nn.logsumexp(logits, -1)
 
     def blockwise(q, k, v):
-        return flash_attention(q, k, v, valid, causal, 0.7, *blocks)
+        return flash_attention(q, k, v, None, valid.astype(jnp.int32), causal, 0.7, *blocks, False)
 
     def loss(fn):
         return lambda *a: jnp.sum(fn(*a)[0] * jnp.cos(jnp.arange(k))) + jnp.sum(fn(*a)[1] * weights)

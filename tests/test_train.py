@@ -37,9 +37,19 @@ def losses(logged):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layers", [{}, {"scan_layers": True, "remat": "full"}], ids=["looped", "scanned"])
-def test_a_resumed_run_repeats_the_uninterrupted_losses(tiny_world, tmp_path, layers):
-    cfg = tiny_experiment(tiny_world["data_dir"], model=layers)
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {},
+        {
+            "model": {"scan_layers": True, "remat": "full"},
+            "data": {"pack_prefix": 30, "pack_candidates": 24, "pack_sessions": 4, "batch_size": 6},
+        },
+    ],
+    ids=["looped", "scanned-packed"],
+)
+def test_a_resumed_run_repeats_the_uninterrupted_losses(tiny_world, tmp_path, sections):
+    cfg = tiny_experiment(tiny_world["data_dir"], **sections)
     full = losses(train(cfg, str(tmp_path / "full")))
     first = losses(train(cfg, str(tmp_path / "split"), stop_after=4))
     rest = losses(train(cfg, str(tmp_path / "split")))

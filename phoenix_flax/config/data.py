@@ -18,11 +18,26 @@ class DataConfig:
     positive_actions: tuple[str, ...] = ("favorite",)  # the retrieval positive: first candidate with one
     truth_file: str | None = None  # true probabilities of the test split (phoenix-synth's test_truth.npz)
     corpus_file: str | None = None  # posts for retrieval against the corpus (phoenix-synth's corpus.jsonl)
+    # Packed training rows (an option; evaluation reads a session a row): up to `pack_sessions`
+    # sessions a row, their [user, history] positions in `pack_prefix` and their candidates in
+    # `pack_candidates` slots, instead of a session a row padded to model.history_len. batch_size
+    # then counts rows (the action bias's prior, an extension, still takes an epoch as sessions /
+    # batch_size steps). 0: no packing.
+    pack_prefix: int = 0
+    pack_candidates: int = 0
+    pack_sessions: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "positive_actions", tuple(self.positive_actions))
-        checks = Checks(self).at_least(1, "batch_size").at_least(0, "worker_count")
+        checks = Checks(self).at_least(1, "batch_size").at_least(0, "worker_count", "pack_prefix")
+        if self.pack_prefix:
+            checks.at_least(1, "pack_candidates", "pack_sessions")
         checks.require(bool(self.data_dir), "data_dir", "must name a directory")
         checks.require(bool(self.train_split), "train_split", "must name a split")
         checks.require(bool(self.positive_actions), "positive_actions", "must name at least one action")
         checks.raise_if_any()
+
+    @property
+    def packed(self) -> bool:
+        """Training rows pack several sessions (`pack_prefix` > 0)."""
+        return self.pack_prefix > 0

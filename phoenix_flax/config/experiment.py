@@ -253,7 +253,9 @@ def agreement_problems(sections: dict, invalid: frozenset[str] = frozenset()) ->
         return all(sections.get(k.partition(".")[0]) is not None and k not in invalid for k in keys)
 
     problems = []
-    model, loss, checkpoint, evaluation = (sections.get(k) for k in ("model", "loss", "checkpoint", "eval"))
+    model, loss, checkpoint, evaluation, data = (
+        sections.get(k) for k in ("model", "loss", "checkpoint", "eval", "data")
+    )  # fmt: skip
     exposure = ("loss.exposure_weight", "loss.ranking_weight", "model.action_bias", "model.affinity_rank")
     affinity = usable(*exposure) and loss.ranking_weight > 0 and model.action_bias and model.affinity_rank > 0
     if usable(*exposure) and loss.exposure_weight > 0 and not affinity:
@@ -262,6 +264,24 @@ def agreement_problems(sections: dict, invalid: frozenset[str] = frozenset()) ->
             f"loss.ranking_weight > 0, model.action_bias and model.affinity_rank > 0 (have "
             f"{loss.ranking_weight}, {model.action_bias}, {model.affinity_rank})"
         )
+    packing = ("data.pack_prefix", "data.pack_candidates", "model.history_len", "model.num_candidates")
+    if usable(*packing) and data.packed:
+        if data.pack_prefix < 1 + model.history_len or data.pack_candidates < model.num_candidates:
+            problems.append(
+                f"data.pack_prefix={data.pack_prefix} and data.pack_candidates={data.pack_candidates} must hold "
+                f"one whole session: at least 1 + model.history_len = {1 + model.history_len} and "
+                f"model.num_candidates = {model.num_candidates}"
+            )
+        if usable("train.epochs") and sections["train"].epochs is not None:
+            problems.append(
+                "train.epochs counts sessions / data.batch_size steps an epoch; packed rows (data.pack_prefix) "
+                "hold several sessions each: give train.steps"
+            )
+        if usable("loss.exposure_weight") and loss.exposure_weight > 0:
+            problems.append(
+                "data.pack_prefix: the exposure softmax (loss.exposure_weight, an extension) reads a session a "
+                "row; train it unpacked (data.pack_prefix=0)"
+            )
     weights = usable("loss.action_weights", "model.actions") and loss.action_weights is not None
     if weights and len(loss.action_weights) != len(model.actions):
         problems.append(f"loss.action_weights has {len(loss.action_weights)} weights for {len(model.actions)} actions")

@@ -6,6 +6,11 @@
 A session with more than C candidates becomes several examples (candidates never attend to
 each other, so splitting them changes no score); none is dropped. `global_batch` turns a
 process's batch into a sharded global `jax.Array` batch.
+
+Packed (`data.pack_prefix`, `make_dataset(packed=True)`): each example becomes variable-length
+arrays (`ExampleToPackable`), grain's first-fit packing puts several in a fixed row (its
+checkpointable state is the iterator's), and `HashPackedBatch` hashes the rows into the layout
+of `data.batch.PACKED_FIELDS`.
 """
 
 from __future__ import annotations
@@ -327,6 +332,138 @@ class HashBatch(grain.transforms.Map):
         return pad_batch(out, self.batch_size)  # a short last batch (drop_remainder=False)
 
 
+# A packable example's fields (`ExampleToPackable`): its [user, history] positions, its candidates,
+# and the session's own values, one each; grain packs each group into its own length.
+_PREFIX_FIELDS = ("prefix_post_id", "prefix_author_id", "prefix_product_surface", "prefix_actions")
+_CANDIDATE_FIELDS = ("candidate_post_id", "candidate_author_id", "candidate_product_surface", "candidate_actions")
+_SESSION_FIELDS = (
+    "user_id", "labeled", "session_id", "candidate_offset", "positive_post_id", "positive_author_id", "positive_valid",
+)  # fmt: skip
+
+
+class ExampleToPackable(grain.transforms.Map):
+    """An example `(session, first candidate)` -> its arrays for packing: `prefix_*` `[1 + n]`
+    (position 0 the user's, holding no item; then the n <= S most recent history items, oldest
+    first), `candidate_*` `[c <= C]`, and the session's values `[1]`, with the retrieval
+    positive as `ExamplesToBatch` takes it (the session's first positive candidate, in its
+    first example)."""
+
+    def __init__(self, cfg: ModelConfig, data_actions: Sequence[str], positive_actions: Sequence[str]):
+        self.s, self.c = cfg.history_len, cfg.num_candidates
+        positive_bits = bit_positions(positive_actions, data_actions, "positive_actions")
+        self.positive_mask = np.int64(np.bitwise_or.reduce(np.int64(1) << positive_bits))
+
+    def map(self, example: tuple[Mapping[str, np.ndarray], int]) -> dict[str, np.ndarray]:
+        session, start = example
+        n = min(len(session["history_post_id"]), self.s)
+        out = {}
+        for name in ("post_id", "author_id", "product_surface", "actions"):
+            history = np.asarray(session[f"history_{name}"])[len(session["history_post_id"]) - n :]
+            out[f"prefix_{name}"] = np.concatenate([np.zeros(1, history.dtype), history])
+            out[f"candidate_{name}"] = np.asarray(session[f"candidate_{name}"])[start : start + self.c]
+        hits = np.flatnonzero(np.asarray(session["candidate_actions"]) & self.positive_mask)
+        positive = start == 0 and bool(session["labeled"]) and hits.size > 0
+        first = hits[0] if positive else 0
+        values = {
+            "user_id": session["user_id"],
+            "labeled": bool(session["labeled"]),
+            "session_id": session["session_id"],
+            "candidate_offset": start,
+            "positive_post_id": session["candidate_post_id"][first] if positive else 0,
+            "positive_author_id": session["candidate_author_id"][first] if positive else 0,
+            "positive_valid": positive,
+        }
+        for key, value in values.items():
+            out[key] = np.asarray([value], np.bool_ if isinstance(value, bool) else np.int64)
+        return out
+
+
+def pack_lengths(data: DataConfig) -> dict[str, int]:
+    """Each packable field's length in a packed row (grain's `length_struct`)."""
+    return {
+        **dict.fromkeys(_PREFIX_FIELDS, data.pack_prefix),
+        **dict.fromkeys(_CANDIDATE_FIELDS, data.pack_candidates),
+        **dict.fromkeys(_SESSION_FIELDS, data.pack_sessions),
+    }
+
+
+class HashPackedBatch(grain.transforms.Map):
+    """A batch of packed rows (`ExampleToPackable`'s fields, packed by grain, with its segment ids
+    and positions) -> the model's packed inputs and targets (`data.batch.PACKED_FIELDS`); short
+    batches padded to full size."""
+
+    def __init__(self, cfg: ModelConfig, data_actions: Sequence[str], batch_size: int):
+        self.cfg, self.batch_size = cfg, batch_size
+        self.bits = bit_positions(cfg.actions, data_actions, "the model's actions")
+
+    def map(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        segment, position = rows["prefix_post_id_segment_ids"], rows["prefix_post_id_positions"]
+        item = (segment > 0) & (position > 0)  # [B, P] a history item (position 0 is the session's user)
+        cv = rows["candidate_post_id_segment_ids"] > 0  # [B, C]
+        sv = rows["user_id_segment_ids"] > 0  # [B, G] a session
+        pv = rows["positive_valid"] & sv
+        out = {
+            "user_hashes": _hashed(rows["user_id"], sv, cfg.num_user_hashes, cfg.user_vocab_rows),
+            "history_post_hashes": _hashed(rows["prefix_post_id"], item, cfg.num_post_hashes, cfg.post_vocab_rows),
+            "history_author_hashes": _hashed(
+                rows["prefix_author_id"], item, cfg.num_author_hashes, cfg.author_vocab_rows
+            ),
+            "history_actions": _multi_hot(rows["prefix_actions"], self.bits) * item[..., None],
+            "history_product_surface": (rows["prefix_product_surface"] * item).astype(np.int32),
+            "candidate_post_hashes": _hashed(rows["candidate_post_id"], cv, cfg.num_post_hashes, cfg.post_vocab_rows),
+            "candidate_author_hashes": _hashed(
+                rows["candidate_author_id"], cv, cfg.num_author_hashes, cfg.author_vocab_rows
+            ),
+            "candidate_product_surface": (rows["candidate_product_surface"] * cv).astype(np.int32),
+            "candidate_actions": _multi_hot(rows["candidate_actions"], self.bits) * cv[..., None],
+            "labeled": rows["labeled"] & sv,
+            "positive_post_hashes": _hashed(rows["positive_post_id"], pv, cfg.num_post_hashes, cfg.post_vocab_rows),
+            "positive_author_hashes": _hashed(
+                rows["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows
+            ),
+            "positive_id": fingerprint(rows["positive_post_id"]) * pv,
+            "positive_valid": pv,
+            "candidate_author_fingerprint": fingerprint(rows["candidate_author_id"]) * cv,
+            "prefix_segment": segment,
+            "prefix_position": position,
+            "candidate_segment": rows["candidate_post_id_segment_ids"],
+            "candidate_position": rows["candidate_post_id_positions"],
+            "session_id": rows["session_id"],
+            "candidate_offset": rows["candidate_offset"].astype(np.int32),
+            "candidate_post_id": rows["candidate_post_id"],
+            "positive_post_id": rows["positive_post_id"],
+        }
+        return pad_batch(out, self.batch_size)
+
+
+def batch_examples(
+    examples: grain.IterDataset,
+    cfg: ModelConfig,
+    data: DataConfig,
+    data_actions: Sequence[str],
+    batch_size: int,
+    *,
+    packed: bool = False,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """A stream of examples `(session, first candidate)` (`SessionToExamples`) -> hashed batches of
+    `batch_size` rows, a session a row or `packed` (`make_dataset`'s arguments)."""
+    if not packed:
+        to_batch = ExamplesToBatch(cfg, data_actions, data.positive_actions)
+        it = examples.batch(batch_size, drop_remainder=drop_remainder, batch_fn=to_batch)
+        return it.map(HashBatch(cfg, batch_size))
+    if not data.packed:
+        raise ValueError("packed=True needs data.pack_prefix, data.pack_candidates and data.pack_sessions")
+    it = examples.map(ExampleToPackable(cfg, data_actions, data.positive_actions))
+    # Open bins: twice a batch's rows; a packing round ends when an example fits none.
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct=pack_lengths(data), num_packing_bins=2 * batch_size, shuffle_bins=False
+    )
+    it = it.batch(batch_size, drop_remainder=drop_remainder)
+    return it.map(HashPackedBatch(cfg, data_actions, batch_size))
+
+
 def make_dataset(
     cfg: ModelConfig,
     data: DataConfig,
@@ -338,6 +475,7 @@ def make_dataset(
     batch_size: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    packed: bool = False,
 ) -> grain.IterDataset:
     """This process's stream of batches of `split`. Iterate it; `iter(...)` state is checkpointable.
 
@@ -350,6 +488,8 @@ def make_dataset(
       drop_remainder: False pads the last partial batch with empty rows instead of dropping it.
       batch_size: rows per batch of this process; default `data.batch_size / process_count`.
       process_index, process_count: this process's slice (default: JAX's).
+      packed: several sessions a row, as `data.pack_*` say (`data.batch.PACKED_FIELDS`); the last
+        partial batch is dropped or padded with empty rows as `drop_remainder` says.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -363,13 +503,12 @@ def make_dataset(
         ds = ds.shuffle(seed=data.seed)  # a new global order each epoch
     ds = ds.repeat(num_epochs)
     ds = ds[process_index::process_count]  # disjoint, and together complete, each epoch
-    to_batch = ExamplesToBatch(cfg, dataset_actions(data.data_dir), data.positive_actions)
+    actions = dataset_actions(data.data_dir)
     # A short read-ahead: grain's default (16 threads, 500 records) costs more in bookkeeping and
     # GIL contention than local ArrayRecord reads take (bench/pipeline.py).
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
-    it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(read), SessionToExamples(cfg))
-    it = it.batch(batch_size, drop_remainder=drop_remainder, batch_fn=to_batch)
-    it = it.map(HashBatch(cfg, batch_size))
+    examples = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(read), SessionToExamples(cfg))
+    it = batch_examples(examples, cfg, data, actions, batch_size, packed=packed, drop_remainder=drop_remainder)
     if data.worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; ours are not an absl app
             flags.FLAGS.mark_as_parsed()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.data.batch import Batch
+from phoenix_flax.data.batch import Batch, is_packed, prefix_valid
 from phoenix_flax.model.layers import dense_init, param
 from phoenix_flax.sharding import constrain_rows, mesh_axes
 
@@ -197,11 +198,21 @@ def concat_dense(parts: Sequence[jax.Array], w: jax.Array, dtype) -> jax.Array:
     return out
 
 
+class Prefix(NamedTuple):
+    """The [user, history] part of the sequence, as the transformer takes it."""
+
+    x: jax.Array  # [B, P, D]
+    positions: jax.Array  # [P], or [B, P] packed: each position's in its session
+    valid: jax.Array  # [B, P]
+    segments: jax.Array | None  # [B, P] packed (`data.batch.PACKED_FIELDS`); None a session a row
+
+
 class UserHistoryBlocks(nnx.Module):
     """The user and history input blocks, and the product-surface embedding.
 
     user:    flatten(user hashes) @ user_proj                                  -> [B, 1, D]
     history: [post, author, action emb, surface emb] @ history_proj            -> [B, S, D]
+    prefix:  [user, history]                                                   -> [B, 1 + S, D]
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -223,8 +234,9 @@ class UserHistoryBlocks(nnx.Module):
         return jax.nn.one_hot(surface, table.shape[0], dtype=self.dtype) @ table
 
     def user(self, emb: Embeddings) -> jax.Array:
-        """-> [B, 1, D]."""
-        x = flatten_hashes(emb["user_embeddings"].astype(self.dtype))[:, None, :]
+        """-> [B, 1, D] (packed: [B, G, D], a user a session)."""
+        x = flatten_hashes(emb["user_embeddings"].astype(self.dtype))
+        x = x if x.ndim == 3 else x[:, None, :]
         return constrain_rows(x @ self.user_proj[...].astype(self.dtype))
 
     def history(self, batch: Batch, emb: Embeddings) -> jax.Array:
@@ -239,3 +251,16 @@ class UserHistoryBlocks(nnx.Module):
             self.surface(batch["history_product_surface"]),
         ]
         return constrain_rows(concat_dense(parts, self.history_proj[...], self.dtype))
+
+    def prefix(self, batch: Batch, emb: Embeddings) -> Prefix:
+        """The sequence's [user, history] positions: `[user, history]` of a session a row, or a
+        packed row's (each session's user at its segment's position 0)."""
+        history = self.history(batch, emb)  # [B, S, D], packed [B, P, D]
+        if not is_packed(batch):
+            x = jnp.concatenate([self.user(emb), history], axis=1)
+            return Prefix(x, jnp.arange(x.shape[1]), prefix_valid(batch), None)
+        segment, position = batch["prefix_segment"], batch["prefix_position"]
+        session = jnp.maximum(segment - 1, 0)[..., None]  # [B, P, 1]
+        users = jnp.take_along_axis(self.user(emb), session, axis=1)  # [B, P, D]
+        x = jnp.where(((segment > 0) & (position == 0))[..., None], users, history)
+        return Prefix(constrain_rows(x), position, segment > 0, segment)

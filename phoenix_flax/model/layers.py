@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.model.attention import isolated_attention, sequence_attention
+from phoenix_flax.model.attention import Segments, isolated_attention, sequence_attention
 from phoenix_flax.sharding import constrain
 
 RMS_EPS = 1e-5
@@ -116,12 +116,15 @@ class Attention(nnx.Module):
         b, t = out.shape[:2]
         return jnp.einsum("bthk,hkd->btd", out.reshape(b, t, -1, out.shape[-1]), self.out[...].astype(out.dtype))
 
-    def __call__(self, x, positions, prefix_valid, candidate_valid) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Attention over a `[prefix, candidates]` sequence x [B, T, D] -> ([B, T, D], keys, values)."""
+    def __call__(
+        self, x, positions, prefix_valid, candidate_valid, segments: Segments | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention over a `[prefix, candidates]` sequence x [B, T, D] -> ([B, T, D], keys, values);
+        `segments`: a packed batch's sessions."""
         k, v = self.keys_values(x, positions)
         out = sequence_attention(
             self.queries(x, positions), k, v, prefix_valid, candidate_valid,
-            multiplier=self.multiplier, impl=self.impl, block=self.block,
+            multiplier=self.multiplier, impl=self.impl, block=self.block, segments=segments,
         )  # fmt: skip
         return self.project(out), k, v
 
@@ -167,9 +170,11 @@ class DecoderLayer(nnx.Module):
         h = h + self.post_attn_norm(attn_out)
         return h + self.post_ffn_norm(self.ffn(self.pre_ffn_norm(h)))
 
-    def __call__(self, h, positions, prefix_valid, candidate_valid) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(
+        self, h, positions, prefix_valid, candidate_valid, segments=None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """h [B, T, D] -> (h [B, T, D], this layer's rotated keys and values [B, T, Hkv, K])."""
-        attn_out, k, v = self.attn(self.pre_attn_norm(h), positions, prefix_valid, candidate_valid)
+        attn_out, k, v = self.attn(self.pre_attn_norm(h), positions, prefix_valid, candidate_valid, segments)
         return self._after_attention(h, attn_out), k, v
 
     def isolated(self, h, position, context_k, context_v, context_valid) -> jax.Array:
@@ -209,14 +214,18 @@ class Transformer(nnx.Module):
             ys.append(y)
         return h, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
-    def __call__(self, h, positions, prefix_valid, candidate_valid=None, *, keys_values: bool = False):
-        """h [B, T, D] over `[prefix, candidates]` (no candidates: the prefix alone) -> [B, T, D].
+    def __call__(
+        self, h, positions, prefix_valid, candidate_valid=None, *, keys_values: bool = False, segments=None
+    ):  # fmt: skip
+        """h [B, T, D] over `[prefix, candidates]` (no candidates: the prefix alone) -> [B, T, D];
+        positions [T] or [B, T]; `segments`: a packed batch's sessions (`attention.Segments`).
 
         With `keys_values`, also every layer's keys and values, stacked: ([L, B, T, Hkv, K]) x 2.
         """
 
         def layer_fn(layer, h, _):
-            h, k, v = layer(constrain(h, "batch", "length", "act_embed"), positions, prefix_valid, candidate_valid)
+            h = constrain(h, "batch", "length", "act_embed")
+            h, k, v = layer(h, positions, prefix_valid, candidate_valid, segments)
             return constrain(h, "batch", "length", "act_embed"), (k, v) if keys_values else None
 
         h, kv = self._run(layer_fn, h)

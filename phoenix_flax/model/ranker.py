@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.data.batch import Batch, is_valid, prefix_valid
+from phoenix_flax.data.batch import Batch, is_packed, is_valid, of_candidates
+from phoenix_flax.model.attention import Segments
 from phoenix_flax.model.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, concat_dense, flatten_hashes
 from phoenix_flax.model.layers import RMSNorm, Transformer, dense_init, param
 from phoenix_flax.sharding import constrain_rows
@@ -29,11 +30,12 @@ class UserContext(NamedTuple):
 def sequence_positions(prefix_len: int, num_candidates: int, candidate_positions: str) -> jax.Array:
     """Rotary positions [T]: the prefix takes 0..P-1; candidates P..P+C-1 ("sequential") or all P ("shared")."""
     prefix = jnp.arange(prefix_len)
-    if candidate_positions == "sequential":
-        candidates = prefix_len + jnp.arange(num_candidates)
-    else:
-        candidates = jnp.full((num_candidates,), prefix_len)
-    return jnp.concatenate([prefix, candidates])
+    return jnp.concatenate([prefix, prefix_len + _candidate_offsets(jnp.arange(num_candidates), candidate_positions)])
+
+
+def _candidate_offsets(places: jax.Array, candidate_positions: str) -> jax.Array:
+    """A candidate's position past the prefix from its place among its session's candidates."""
+    return places if candidate_positions == "sequential" else jnp.zeros_like(places)
 
 
 class PhoenixRanker(nnx.Module):
@@ -43,6 +45,7 @@ class PhoenixRanker(nnx.Module):
         d = cfg.emb_size
         candidate_in = (cfg.num_post_hashes + cfg.num_author_hashes + 1) * d
         self.candidate_positions = cfg.candidate_positions
+        self.history_len = cfg.history_len
         self.dtype = cfg.compute_dtype
         self.embeddings = embeddings if embeddings is not None else HashEmbeddings(cfg, rngs=rngs)
         self.blocks = UserHistoryBlocks(cfg, rngs=rngs)
@@ -96,24 +99,30 @@ class PhoenixRanker(nnx.Module):
 
     def parts_from_embeddings(self, batch: Batch, emb: Embeddings) -> dict[str, jax.Array]:
         """Looked-up embeddings in, the logits' parts `[B, C, A]` (see `logit_parts`) out."""
-        user = self.blocks.user(emb)  # [B, 1, D]
-        history = self.blocks.history(batch, emb)  # [B, S, D]
+        prefix = self.blocks.prefix(batch, emb)  # [B, P, D]
         candidates = self.candidate_block(
             emb["candidate_post_embeddings"], emb["candidate_author_embeddings"], batch["candidate_product_surface"]
         )  # [B, C, D]
-        prefix_len = 1 + history.shape[1]
-        positions = sequence_positions(prefix_len, candidates.shape[1], self.candidate_positions)
+        prefix_len = prefix.x.shape[1]
+        segments = None
+        if is_packed(batch):  # a candidate is where it is in its session: right after a full history
+            offsets = _candidate_offsets(batch["candidate_position"], self.candidate_positions)
+            positions = jnp.concatenate([prefix.positions, 1 + self.history_len + offsets], axis=1)  # [B, T]
+            segments = Segments(prefix.segments, batch["candidate_segment"])
+        else:
+            positions = sequence_positions(prefix_len, candidates.shape[1], self.candidate_positions)
         h = self.transformer(
-            jnp.concatenate([user, history, candidates], axis=1),
+            jnp.concatenate([prefix.x, candidates], axis=1),
             positions,
-            prefix_valid(batch),
+            prefix.valid,
             is_valid(batch["candidate_post_hashes"]),
+            segments=segments,
         )
         return self._head_parts(
             h[:, prefix_len:],
             batch["candidate_post_hashes"],
             batch["candidate_author_hashes"],
-            batch["user_hashes"][:, None],  # [B, 1, Hu]: every candidate of the session
+            of_candidates(batch, batch["user_hashes"]),  # [B, 1 or C, Hu]: each candidate's session's
         )
 
     def user_context(self, batch: Batch) -> UserContext:
@@ -125,10 +134,9 @@ class PhoenixRanker(nnx.Module):
         if self.candidate_positions != "shared":
             raise ValueError("a cached user context needs candidate_positions='shared'")
         emb = self.embeddings({k: batch[k] for k in ("user_hashes", "history_post_hashes", "history_author_hashes")})
-        x = jnp.concatenate([self.blocks.user(emb), self.blocks.history(batch, emb)], axis=1)  # [B, P, D]
-        valid = prefix_valid(batch)
-        _, (keys, values) = self.transformer(x, jnp.arange(x.shape[1]), valid, keys_values=True)
-        return UserContext(keys, values, valid, batch["user_hashes"])
+        prefix = self.blocks.prefix(batch, emb)
+        _, (keys, values) = self.transformer(prefix.x, prefix.positions, prefix.valid, keys_values=True)
+        return UserContext(keys, values, prefix.valid, batch["user_hashes"])
 
     def score_candidates(self, context: UserContext, *candidates: jax.Array) -> jax.Array:
         """Logits `[N, A]` of N candidates (`candidate_parts`' arguments), candidate n scored against

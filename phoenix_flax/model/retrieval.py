@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phoenix_flax.config import ModelConfig
-from phoenix_flax.data.batch import Batch, prefix_valid
+from phoenix_flax.data.batch import Batch
+from phoenix_flax.model.attention import Segments
 from phoenix_flax.model.embeddings import Embeddings, HashEmbeddings, UserHistoryBlocks, concat_dense, flatten_hashes
 from phoenix_flax.model.layers import Transformer, dense_init, param
 from phoenix_flax.sharding import constrain_rows
@@ -74,13 +75,18 @@ class PhoenixRetrieval(nnx.Module):
         return self.candidate_tower(self.embeddings.post(post_hashes), self.embeddings.author(author_hashes))
 
     def user_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
-        """Mean of the transformer's outputs over valid [user, history] positions, L2-normalised."""
-        x = jnp.concatenate([self.blocks.user(emb), self.blocks.history(batch, emb)], axis=1)  # [B, P, D]
-        valid = prefix_valid(batch)  # [B, P]
-        h = self.transformer(x, jnp.arange(x.shape[1]), valid).astype(jnp.float32)
-        w = valid.astype(jnp.float32)[..., None]
-        mean = jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
-        return l2_normalize(mean)
+        """Mean of the transformer's outputs over valid [user, history] positions, L2-normalised:
+        `[B, D]`, or a packed batch's `[B, G, D]` (a mean a session)."""
+        prefix = self.blocks.prefix(batch, emb)
+        segments = None if prefix.segments is None else Segments(prefix.segments)
+        h = self.transformer(prefix.x, prefix.positions, prefix.valid, segments=segments).astype(jnp.float32)
+        if segments is None:
+            w = prefix.valid.astype(jnp.float32)[..., None]  # [B, P, 1]
+            return l2_normalize(jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0))
+        sessions = batch["user_hashes"].shape[1]
+        w = jax.nn.one_hot(prefix.segments - 1, sessions, dtype=jnp.float32)  # [B, P, G]; padding (-1): none
+        sums = jnp.einsum("bpg,bpd->bgd", w, h)
+        return l2_normalize(sums / jnp.maximum(jnp.sum(w, axis=1), 1.0)[..., None])
 
     def candidates_from_embeddings(self, batch: Batch, emb: Embeddings) -> jax.Array:
         """The batch's candidates as vectors `[B, C, D]`."""

@@ -132,7 +132,7 @@ def plan_train_step(cfg: ExperimentConfig, devices=None) -> StepPlan:
         batch_sharding = logical_sharding(mesh, ("batch",), rules)
         batch = {
             k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-            for k, (shape, dtype) in batch_shapes(cfg.model, cfg.data.batch_size).items()
+            for k, (shape, dtype) in batch_shapes(cfg.model, cfg.data.batch_size, cfg.data).items()
             if k in DEVICE_FIELDS
         }
         lowered = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)).lower(state, batch)

@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from phoenix_flax.config import ExperimentConfig, LossConfig
-from phoenix_flax.data.batch import labeled_candidates
+from phoenix_flax.data.batch import is_valid, labeled_candidates
 from phoenix_flax.extensions.exposure import exposure_loss, record_exposure
 from phoenix_flax.sharding import check_divisible, use_mesh
 from phoenix_flax.step.losses import ranking_bce, sampled_softmax_loss
@@ -88,7 +88,8 @@ def compute_losses(
     model: PhoenixModel, batch: dict, cfg: LossConfig, looked_up: dict | None = None
 ) -> tuple[jax.Array, dict, dict]:
     """-> (total loss, scalar metrics, outputs). Outputs: ranker `logits [B, C, A]` and their
-    `logit_parts` (`PhoenixRanker.logit_parts`), retrieval `users [B, D]` and `positives [B, D]`.
+    `logit_parts` (`PhoenixRanker.logit_parts`), retrieval `users [N, D]` and `positives [N, D]`
+    (N = B, or a packed batch's B x G sessions).
     `looked_up`: the tables' rows of the batch, looked up beforehand (`HashEmbeddings.__call__`)."""
     metrics, outputs = {}, {}
     total = jnp.float32(0.0)
@@ -107,11 +108,14 @@ def compute_losses(
             total = total + cfg.exposure_weight * exposure
             metrics["exposure_loss"] = exposure
     if model.retrieval is not None:
+        # A vector a session: a packed batch's [B, G, D] flattened, every session a row.
         users = model.retrieval.user_from_embeddings(batch, emb)
         positives = model.retrieval.candidate_tower(emb["positive_post_embeddings"], emb["positive_author_embeddings"])
-        log_q = None if model.frequency is None else model.frequency.log_q(batch["positive_id"])
+        users, positives = users.reshape(-1, users.shape[-1]), positives.reshape(-1, positives.shape[-1])
+        positive_id, positive_valid = batch["positive_id"].reshape(-1), batch["positive_valid"].reshape(-1)
+        log_q = None if model.frequency is None else model.frequency.log_q(positive_id)
         temperature = model.retrieval.temperature()
-        ret = sampled_softmax_loss(users, positives, batch["positive_id"], batch["positive_valid"], temperature, log_q)
+        ret = sampled_softmax_loss(users, positives, positive_id, positive_valid, temperature, log_q)
         total = total + cfg.retrieval_weight * ret
         metrics["retrieval_loss"] = ret
         metrics["temperature"] = temperature
@@ -129,7 +133,7 @@ def train_step_fn(cfg: LossConfig):
             return loss, metrics
 
         if model.frequency is not None:  # before the loss: every positive of the batch has a rate
-            model.frequency.update(batch["positive_id"], batch["positive_valid"])
+            model.frequency.update(batch["positive_id"].reshape(-1), batch["positive_valid"].reshape(-1))
         if model.exposure_frequency is not None:
             record_exposure(model, batch)
         if optimizer.tables is None:
@@ -150,6 +154,7 @@ def train_step_fn(cfg: LossConfig):
             squares = optax.tree.norm(grads, squared=True) + sum(jnp.sum(jnp.square(r.sums)) for r in rows.values())
             metrics["grad_norm"] = jnp.sqrt(squares)
             optimizer.update(model, grads, grad_norm=metrics["grad_norm"], row_grads=rows)
+        metrics["sessions"] = jnp.sum(is_valid(batch["user_hashes"]).astype(jnp.int32))  # packed: several a row
         if isinstance(optimizer.opt_state, BadStepState):  # optimizer.skip_bad_steps
             metrics["skipped"] = optimizer.opt_state.skipped[...]
             metrics["bad_steps_in_a_row"] = optimizer.opt_state.in_a_row[...]

@@ -316,7 +316,7 @@ def train(
         )
         model, optimizer = create_train_state(cfg, mesh, steps_per_epoch=sessions / cfg.data.batch_size)
         report(f"{sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))):,} parameters")
-        data = iter(make_dataset(cfg.model, cfg.data, cfg.data.train_split))
+        data = iter(make_dataset(cfg.model, cfg.data, cfg.data.train_split, packed=cfg.data.packed))
         checkpoints = stack.enter_context(Checkpointer(workdir, cfg.checkpoint))
         step = _resume(checkpoints, cfg, model, optimizer, data, report)
         counts = None
@@ -395,7 +395,7 @@ def _loop(run: TrainRun, step: int, last: int) -> list[dict]:
         if "skipped" in fetched[0]:
             means["skipped_steps"] = sum(int(m["skipped"]) for m in fetched)
         means["steps_per_second"] = len(window) / elapsed
-        means["sessions_per_second"] = len(window) * cfg.data.batch_size / elapsed
+        means["sessions_per_second"] = sum(int(m["sessions"]) for m in fetched) / elapsed
         run.writer.write(window[-1][0], means)
         logged.append({"step": window[-1][0], **means})
         if too_many:
