@@ -36,14 +36,19 @@ demo-movielens: $(VENV)/.installed
 	$(VENV)/bin/phoenix-eval --workdir $(ML_RUN)/train --step best --protocol next-item \
 	  --corpus $(ML_RUN)/import/corpus.jsonl --output $(ML_RUN)/metrics.json
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), a file's tests in one: most of a test's
+# time is XLA compiling, on one core, so 2 workers on 2 cores take about 0.6 of one's time.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 # The fast tier: unit tests and small in-process integration tests (under 5 minutes on 2 cores).
 test: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 # Every test: the fast tier and the tests marked slow (subprocesses, two processes, signals and
 # kill -9, the planner, the programs end to end). What CI runs after `make lint`.
 test-all: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # ruff, configured in pyproject.toml: the tree is lint-clean and formatted.
 lint: $(VENV)/.installed

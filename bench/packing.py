@@ -29,8 +29,7 @@ from phoenix_flax.step.plan import plan_train_step
 from phoenix_flax.step.step import create_train_state, make_train_step
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from tables import ORIGINAL
-from train_step import STEPS_PER_EPOCH
+from train_step import ORIGINAL, STEPS_PER_EPOCH
 
 HISTORY, CANDIDATES, SHORTEST = 1024, 8, 16
 PACK_CANDIDATES, PACK_SESSIONS = 64, 8

@@ -26,15 +26,7 @@ from phoenix_flax.step.step import create_train_state, make_train_step
 from phoenix_flax.testing import random_batch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from train_step import STEPS_PER_EPOCH, timed
-
-ORIGINAL = [
-    "--config.model.action_bias=false",
-    "--config.model.calibration=false",
-    "--config.model.count_blend=false",
-    "--config.model.count_gate=false",
-    "--config.loss.exposure_weight=0",
-]
+from train_step import ORIGINAL, STEPS_PER_EPOCH, timed
 
 
 def measure(overrides: list[str], rows: list[int], steps: int, rounds: int) -> dict[int, float]:

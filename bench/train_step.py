@@ -30,6 +30,14 @@ from phoenix_flax.sharding import make_mesh
 from phoenix_flax.step.step import create_train_state, make_train_step, train_step_fn
 from phoenix_flax.testing import random_batch
 
+# The demo's config with its extensions off: the original architecture.
+ORIGINAL = [
+    "--config.model.action_bias=false",
+    "--config.model.calibration=false",
+    "--config.model.count_blend=false",
+    "--config.model.count_gate=false",
+    "--config.loss.exposure_weight=0",
+]
 STEPS_PER_EPOCH = 190.0  # the demo's world (its prior's weight per step; the step's cost does not depend on it)
 
 

@@ -43,7 +43,7 @@ def losses(logged):
         {},
         {
             "model": {"scan_layers": True, "remat": "full"},
-            "data": {"pack_prefix": 30, "pack_candidates": 24, "pack_sessions": 4, "batch_size": 6},
+            "data": {"pack_prefix": 30, "pack_candidates": 24, "pack_sessions": 4, "batch_size": 8},
         },
     ],
     ids=["looped", "scanned-packed"],

@@ -399,9 +399,7 @@ def candidate_attention(
     prefix part runs blockwise; its log-sum-exp is merged with the candidate's own score, as one
     softmax over both.
     """
-    over_prefix, lse = flash_attention(
-        q, prefix_k, prefix_v, q_segment, k_segment, False, multiplier, block, block, per_row
-    )
+    over_prefix, lse = _attention(q, prefix_k, prefix_v, q_segment, k_segment, False, multiplier, block, per_row)
     own = jnp.einsum("bcngk,bcnk->bngc", q, own_k, preferred_element_type=jnp.float32) * multiplier
     own = jnp.where(own_valid[:, None, None, :], softcap(own), MASKED_LOGIT)  # [B, N, G, C]
     total = jnp.logaddexp(lse, own)
