@@ -3,7 +3,9 @@
 The shape production rankers train at. Blockwise attention keeps memory linear in the history;
 scanned layers with full rematerialization keep one layer's activations at a time. Planned with
 `phoenix-plan --config configs/long_history.py --devices 8` (docs/scale.md; about a minute to
-compile on 2 CPU cores). Not trained here (no accelerator).
+compile on 2 CPU cores). Not trained here (no accelerator). Packed sessions, with two padded
+rows' tokens a row: add `--config.data.batch_size=128 --config.data.pack_prefix=1922
+--config.data.pack_candidates=256 --config.data.pack_sessions=8` (docs/packing.md).
 """
 
 import dataclasses
