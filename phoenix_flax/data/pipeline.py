@@ -242,6 +242,21 @@ def _hashed(ids, valid, num_hashes, rows):
     return hash_ids(ids, num_hashes, rows) * valid[..., None].astype(np.int32)
 
 
+def _hash_candidates(ex: Mapping[str, np.ndarray], cv: np.ndarray, pv: np.ndarray, cfg: ModelConfig) -> dict:
+    """Raw candidate and positive IDs -> the model's candidate inputs and retrieval targets, zero
+    where `cv` (candidates) and `pv` (positives) say not valid."""
+    return {
+        "candidate_post_hashes": _hashed(ex["candidate_post_id"], cv, cfg.num_post_hashes, cfg.post_vocab_rows),
+        "candidate_author_hashes": _hashed(ex["candidate_author_id"], cv, cfg.num_author_hashes, cfg.author_vocab_rows),
+        "candidate_product_surface": (ex["candidate_product_surface"] * cv).astype(np.int32),
+        "positive_post_hashes": _hashed(ex["positive_post_id"], pv, cfg.num_post_hashes, cfg.post_vocab_rows),
+        "positive_author_hashes": _hashed(ex["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows),
+        "positive_id": fingerprint(ex["positive_post_id"]) * pv,
+        "positive_valid": pv,
+        "candidate_author_fingerprint": fingerprint(ex["candidate_author_id"]) * cv,
+    }
+
+
 class SessionToExamples(grain.experimental.FlatMapTransform):
     """One session -> ceil(#candidates / C) examples, each `(session, first candidate)`: what
     `ExamplesToBatch` turns into arrays, a batch at a time."""
@@ -310,20 +325,9 @@ class HashBatch(grain.transforms.Map):
         cv, pv = ex["candidate_valid"], ex["positive_valid"]
         out = {
             **hash_prefix(ex, cfg),
-            "candidate_post_hashes": _hashed(ex["candidate_post_id"], cv, cfg.num_post_hashes, cfg.post_vocab_rows),
-            "candidate_author_hashes": _hashed(
-                ex["candidate_author_id"], cv, cfg.num_author_hashes, cfg.author_vocab_rows
-            ),
-            "candidate_product_surface": (ex["candidate_product_surface"] * cv).astype(np.int32),
+            **_hash_candidates(ex, cv, pv, cfg),
             "candidate_actions": ex["candidate_actions"],
             "labeled": ex["labeled"],
-            "positive_post_hashes": _hashed(ex["positive_post_id"], pv, cfg.num_post_hashes, cfg.post_vocab_rows),
-            "positive_author_hashes": _hashed(
-                ex["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows
-            ),
-            "positive_id": fingerprint(ex["positive_post_id"]) * pv,
-            "positive_valid": pv,
-            "candidate_author_fingerprint": fingerprint(ex["candidate_author_id"]) * cv,
             "session_id": ex["session_id"],
             "candidate_offset": ex["candidate_offset"],
             "candidate_post_id": ex["candidate_post_id"],
@@ -411,20 +415,9 @@ class HashPackedBatch(grain.transforms.Map):
             ),
             "history_actions": _multi_hot(rows["prefix_actions"], self.bits) * item[..., None],
             "history_product_surface": (rows["prefix_product_surface"] * item).astype(np.int32),
-            "candidate_post_hashes": _hashed(rows["candidate_post_id"], cv, cfg.num_post_hashes, cfg.post_vocab_rows),
-            "candidate_author_hashes": _hashed(
-                rows["candidate_author_id"], cv, cfg.num_author_hashes, cfg.author_vocab_rows
-            ),
-            "candidate_product_surface": (rows["candidate_product_surface"] * cv).astype(np.int32),
+            **_hash_candidates(rows, cv, pv, cfg),
             "candidate_actions": _multi_hot(rows["candidate_actions"], self.bits) * cv[..., None],
             "labeled": rows["labeled"] & sv,
-            "positive_post_hashes": _hashed(rows["positive_post_id"], pv, cfg.num_post_hashes, cfg.post_vocab_rows),
-            "positive_author_hashes": _hashed(
-                rows["positive_author_id"], pv, cfg.num_author_hashes, cfg.author_vocab_rows
-            ),
-            "positive_id": fingerprint(rows["positive_post_id"]) * pv,
-            "positive_valid": pv,
-            "candidate_author_fingerprint": fingerprint(rows["candidate_author_id"]) * cv,
             "prefix_segment": segment,
             "prefix_position": position,
             "candidate_segment": rows["candidate_post_id_segment_ids"],
