@@ -63,8 +63,8 @@ def test_blockwise_kernel_with_segments_equals_the_dense_mask(causal, blocks, pe
     np.testing.assert_allclose(np.asarray(got_out)[real], np.asarray(want_out)[real], atol=1e-5, rtol=1e-5)
     lse = np.moveaxis(np.asarray(got_lse), 3, 1)[real]
     np.testing.assert_allclose(lse, np.moveaxis(np.asarray(want_lse), 3, 1)[real], atol=1e-5, rtol=1e-5)
-    want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, keys, values)
-    got = jax.grad(loss(blockwise), argnums=(0, 1, 2))(q, keys, values)
+    want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, keys, values)
+    got = jax.jit(jax.grad(loss(blockwise), argnums=(0, 1, 2)))(q, keys, values)
     for x, y in zip(want, got, strict=True):
         np.testing.assert_allclose(y, x, atol=1e-5, rtol=1e-5)
 
