@@ -161,3 +161,32 @@ def flip_16_bytes(path: pathlib.Path, at: float = 0.5) -> None:
 def truncate(path: pathlib.Path) -> None:
     """The first half of the file kept."""
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def assert_blockwise_equals_dense(blockwise, q, k, v, mask, out_weights, lse_weights, real=None):
+    """`blockwise(q, k, v) -> (out [B, Tq, N, G, K], lse [B, N, G, Tq])` against dense attention
+    under `mask [B, Tq, Tk]` (logits scaled by 0.7, soft-capped at 30): the outputs and log-sum-exps
+    of the queries `real [B, Tq]` (default: all), and the gradients by q, k and v of
+    sum(out * out_weights) + sum(lse * lse_weights)."""
+    import jax
+    import jax.numpy as jnp
+
+    from phoenix_flax.model.attention import dense_attention
+
+    def dense(q, k, v):
+        logits = jnp.einsum("bqngk,bsnk->bngqs", q, k) * 0.7
+        logits = jnp.where(mask[:, None, None], 30 * jnp.tanh(logits / 30), -1e30)
+        return dense_attention(q, k, v, mask, 0.7), jax.nn.logsumexp(logits, -1)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a)[0] * out_weights) + jnp.sum(fn(*a)[1] * lse_weights)
+
+    real = np.ones(q.shape[:2], bool) if real is None else real
+    (want_out, want_lse), (got_out, got_lse) = dense(q, k, v), blockwise(q, k, v)
+    np.testing.assert_allclose(np.asarray(got_out)[real], np.asarray(want_out)[real], atol=1e-5, rtol=1e-5)
+    got_lse, want_lse = np.moveaxis(np.asarray(got_lse), 3, 1), np.moveaxis(np.asarray(want_lse), 3, 1)
+    np.testing.assert_allclose(got_lse[real], want_lse[real], atol=1e-5, rtol=1e-5)
+    want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)  # compiled once, not op by op
+    got = jax.jit(jax.grad(loss(blockwise), argnums=(0, 1, 2)))(q, k, v)
+    for x, y in zip(want, got, strict=True):
+        np.testing.assert_allclose(y, x, atol=1e-5, rtol=1e-5)

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_experiment
+from conftest import assert_blockwise_equals_dense, tiny_experiment
 from flax import nnx
 
 from phoenix_flax.config import ConfigError
 from phoenix_flax.data.batch import DEVICE_FIELDS, pad_batch
 from phoenix_flax.data.pipeline import global_batch, make_dataset
-from phoenix_flax.model.attention import causal_mask, dense_attention, flash_attention
+from phoenix_flax.model.attention import causal_mask, flash_attention
 from phoenix_flax.sharding import make_mesh, use_mesh
 from phoenix_flax.step.step import build_model, compute_losses
 
@@ -48,25 +48,10 @@ def test_blockwise_kernel_with_segments_equals_the_dense_mask(causal, blocks, pe
     out_weights = jnp.where(seg[..., None, None, None] > 0, jnp.cos(jnp.arange(k)), 0.0)
     lse_weights = jnp.where(seg[:, None, None] > 0, jnp.asarray(rng.normal(size=(b, n, g, t)), jnp.float32), 0.0)
 
-    def dense(q, k, v):
-        logits = jnp.einsum("bqngk,bsnk->bngqs", q, k) * 0.7
-        logits = jnp.where(mask[:, None, None], 30 * jnp.tanh(logits / 30), -1e30)
-        return dense_attention(q, k, v, mask, 0.7), jax.nn.logsumexp(logits, -1)
-
     def blockwise(q, k, v):
         return flash_attention(q, k, v, seg, seg, causal, 0.7, *blocks, per_row)
 
-    def loss(fn):
-        return lambda *a: jnp.sum(fn(*a)[0] * out_weights) + jnp.sum(fn(*a)[1] * lse_weights)
-
-    (want_out, want_lse), (got_out, got_lse) = dense(q, keys, values), blockwise(q, keys, values)
-    np.testing.assert_allclose(np.asarray(got_out)[real], np.asarray(want_out)[real], atol=1e-5, rtol=1e-5)
-    lse = np.moveaxis(np.asarray(got_lse), 3, 1)[real]
-    np.testing.assert_allclose(lse, np.moveaxis(np.asarray(want_lse), 3, 1)[real], atol=1e-5, rtol=1e-5)
-    want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, keys, values)
-    got = jax.jit(jax.grad(loss(blockwise), argnums=(0, 1, 2)))(q, keys, values)
-    for x, y in zip(want, got, strict=True):
-        np.testing.assert_allclose(y, x, atol=1e-5, rtol=1e-5)
+    assert_blockwise_equals_dense(blockwise, q, keys, values, mask, out_weights, lse_weights, real)
 
 
 # --- the model on packed rows ------------------------------------------------------------------

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, assert_blockwise_equals_dense
 from flax import nnx
 
 from phoenix_flax.config import ModelConfig, load, replace_fields
-from phoenix_flax.model.attention import causal_mask, dense_attention, flash_attention, ranker_attention_mask
+from phoenix_flax.model.attention import causal_mask, flash_attention, ranker_attention_mask
 from phoenix_flax.model.embeddings import sharded_lookup
 from phoenix_flax.model.ranker import PhoenixRanker
 from phoenix_flax.model.retrieval import PhoenixRetrieval
@@ -67,23 +67,10 @@ def test_blockwise_kernel_equals_dense_with_its_log_sum_exp(causal, blocks):
     mask = causal_mask(valid) if causal else jnp.broadcast_to(valid[:, None, :], (b, t, t))
     weights = jnp.asarray(rng.normal(size=(b, n, g, t)), jnp.float32)
 
-    def dense(q, k, v):
-        logits = jnp.einsum("bqngk,bsnk->bngqs", q, k) * 0.7
-        logits = jnp.where(mask[:, None, None], 30 * jnp.tanh(logits / 30), -1e30)
-        return dense_attention(q, k, v, mask, 0.7), jax.nn.logsumexp(logits, -1)
-
     def blockwise(q, k, v):
         return flash_attention(q, k, v, None, valid.astype(jnp.int32), causal, 0.7, *blocks, False)
 
-    def loss(fn):
-        return lambda *a: jnp.sum(fn(*a)[0] * jnp.cos(jnp.arange(k))) + jnp.sum(fn(*a)[1] * weights)
-
-    for x, y in zip(dense(q, keys, values), blockwise(q, keys, values), strict=True):
-        np.testing.assert_allclose(y, x, atol=1e-5, rtol=1e-5)
-    want = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, keys, values)
-    got = jax.jit(jax.grad(loss(blockwise), argnums=(0, 1, 2)))(q, keys, values)
-    for x, y in zip(want, got, strict=True):
-        np.testing.assert_allclose(y, x, atol=1e-5, rtol=1e-5)
+    assert_blockwise_equals_dense(blockwise, q, keys, values, mask, jnp.cos(jnp.arange(k)), weights)
 
 
 def test_the_ranker_mask_is_what_the_blockwise_form_computes():
