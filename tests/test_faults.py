@@ -15,6 +15,7 @@ import re
 import resource
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -67,6 +68,67 @@ def test_a_metrics_line_that_cannot_be_written_is_named(tmp_path):
         writer.jsonl = open("/dev/full", "w")  # noqa: SIM115  (every write: ENOSPC)
         with pytest.raises(OutputError, match=f"cannot write {tmp_path}/metrics.jsonl: No space left on device"):
             writer.write(1, {"loss": 1.0})
+
+
+def tensorboard_events(folder):
+    """Every event of a TensorBoard folder's event files, read from the record framing (length,
+    its CRC, the serialized Event, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            events.append(Event.FromString(data[at + 12 : at + 12 + length]))
+            at += 12 + length + 4
+    return events
+
+
+def test_tensorboard_events_hold_each_written_metric_and_a_resume_purges_later_steps(tmp_path):
+    with MetricWriter(str(tmp_path), resume_step=0) as writer:
+        for step in (1, 2, 3):
+            writer.write(step, {"loss": 1.0 / step, "auc": 0.5})
+    with MetricWriter(str(tmp_path), resume_step=1) as writer:
+        writer.write(2, {"loss": 0.25})
+    scalars = [
+        (e.step, v.tag, v.simple_value) for e in tensorboard_events(tmp_path / "tensorboard") for v in e.summary.value
+    ]
+    third = pytest.approx(1 / 3)  # stored as float32
+    first_run = [
+        (1, "loss", 1.0),
+        (1, "auc", 0.5),
+        (2, "loss", 0.5),
+        (2, "auc", 0.5),
+        (3, "loss", third),
+        (3, "auc", 0.5),
+    ]
+    assert scalars == [*first_run, (2, "loss", 0.25)]
+    starts = [e.step for e in tensorboard_events(tmp_path / "tensorboard") if e.HasField("session_log")]
+    assert starts == [1, 2]  # TensorBoard hides a run's events from these steps on when it restarts
+
+
+def test_metrics_that_cannot_be_written_fail_once_in_the_writer_and_leave_nothing_to_fail_at_exit(tmp_path):
+    """Events are written and flushed with the metrics line, in the caller's thread: a full disk
+    (here a file-size limit) is one OutputError there; no background thread or exit hook is left
+    holding unwritten events to print a traceback later."""
+    program = (
+        "import resource\n"
+        "from phoenix_flax.files import OutputError\n"
+        "from phoenix_flax.training.loop import MetricWriter\n"
+        "try:\n"
+        f"    with MetricWriter({str(tmp_path)!r}, resume_step=0) as writer:\n"
+        "        writer.write(1, {'loss': 1.0})\n"
+        "        resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))\n"
+        "        writer.write(2, {f'metric_{i}': float(i) for i in range(64)})\n"
+        "except OutputError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert result.stdout == f"cannot write {tmp_path}/metrics.jsonl: File too large\n"
+    scalars = [(e.step, v.tag) for e in tensorboard_events(tmp_path / "tensorboard") for v in e.summary.value]
+    assert scalars == [(1, "loss")]
 
 
 def test_an_output_is_written_whole_or_left_as_it_was(tmp_path):

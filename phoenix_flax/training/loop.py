@@ -100,14 +100,20 @@ class MetricWriter:
 
     A run resumed from step N continues the log: lines of later steps (written by the run that
     stopped, and trained again now) are dropped first, so no step appears twice, and so is a
-    line a crash cut short (with a notice); the complete ones are kept.
+    line a crash cut short (with a notice); the complete ones are kept. The event file starts
+    with a restart at step N + 1, from which TensorBoard hides the stopped run's events.
+
+    Events are written and flushed with each metrics line, in the caller's thread (not by
+    tensorboardX's SummaryWriter, whose thread and exit hook held unwritten events that a full
+    disk then failed a second time, after the program's one-line error).
     """
 
     def __init__(self, workdir: str, resume_step: int, name: str = "metrics", report: Callable[[str], None] = log):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, f"{name}.jsonl")
@@ -128,33 +134,45 @@ class MetricWriter:
                 f.writelines(kept)
         self.jsonl = open(self.path, "a")  # noqa: SIM115  (open for the run; closed by __exit__)
         self.tb_dir = os.path.join(workdir, "tensorboard")
-        self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
+        try:
+            os.makedirs(self.tb_dir, exist_ok=True)
+            # its name holds the time in seconds: a suffix keeps a run resumed within the same second apart
+            self.events = EventsWriter(os.path.join(self.tb_dir, "events"), f".{time.time_ns()}")
+            self.events.write_event(Event(step=resume_step + 1, session_log=SessionLog(status=SessionLog.START)))
+            self.events.flush()
+        except OSError as e:
+            self.jsonl.close()
+            raise OutputError(f"cannot write {self.tb_dir}: {e.strerror or e}") from e
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        now = time.time()
         try:
-            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self.jsonl.write(json.dumps({"step": step, "time": now, **metrics}) + "\n")
             self.jsonl.flush()
         except OSError as e:
             raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from e
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
+        try:
+            for k, v in metrics.items():
+                self.events.write_event(Event(wall_time=now, step=step, summary=scalar(k, v)))
+            self.events.flush()
+        except OSError as e:
+            raise OutputError(f"cannot write {self.tb_dir}: {e.strerror or e}") from e
 
     def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        """Closes the files; a failure to (a full disk) is raised unless an error is already on its way."""
+        """Closes the files."""
         if not self.enabled:
             return
-        try:
-            with contextlib.suppress(OSError):  # every line was flushed, or its failure raised
-                self.jsonl.close()
-            self.tb.close()
-        except OSError as e:
-            if error is None:
-                raise OutputError(f"cannot write {self.tb_dir}: {e.strerror or e}") from e
+        with contextlib.suppress(OSError):  # every line and event was flushed, or its failure raised
+            self.jsonl.close()
+            self.events.close()
 
 
 def preflight(cfg: ExperimentConfig) -> set[str]:
