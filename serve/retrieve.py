@@ -14,7 +14,6 @@ and with --then-rank each candidate also has "probs" and "score", sorted by scor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ def retrieve_top_k(args: argparse.Namespace) -> int:
     check_writable(args.output)
 
     from phoenix_flax.checkpoint.restore import restore_model  # JAX starts here
-    from phoenix_flax.serving.index import CorpusIndex, retrieve
+    from phoenix_flax.serving.index import CorpusIndex, retrieval_line, retrieve, retrieved_session
     from phoenix_flax.serving.ranking import CachedRanker, ranked_candidates
 
     restored = restore_model(args.workdir, args.step)
@@ -67,34 +66,14 @@ def retrieve_top_k(args: argparse.Namespace) -> int:
     print(f"{'built' if rebuilt else 'reused'} the index of {len(index.post_ids):,} posts", file=sys.stderr)
     hits = retrieve(model, cfg, index, sessions, args.top_k, include_seen=args.include_seen, batch_size=args.batch_size)
     if args.then_rank:
-        retrieved = [
-            dataclasses.replace(
-                s,
-                candidate_post_id=index.post_ids[[j for j, _ in h]],
-                candidate_author_id=index.author_ids[[j for j, _ in h]],
-                candidate_product_surface=np.zeros(len(h), np.int32),
-                candidate_actions=np.zeros(len(h), np.int64),
-                labeled=False,
-                candidate_in_network=None,
-            )
-            for s, h in zip(sessions, hits, strict=True)
-        ]
+        retrieved = [retrieved_session(s, index, h) for s, h in zip(sessions, hits, strict=True)]
         probs = CachedRanker(model, cfg, args.batch_size, counts=restored.counts).probabilities(retrieved)
     with replaced(args.output) as f:
         for i, (session, h) in enumerate(zip(sessions, hits, strict=True)):
-            cands = [
-                {
-                    "post_id": int(index.post_ids[j]),
-                    "author_id": int(index.author_ids[j]),
-                    "retrieval_score": round(s, 6),
-                }
-                for j, s in h
-            ]
+            ranked = None
             if args.then_rank:
-                by_post = {c["post_id"]: c for c in cands}
                 ranked = ranked_candidates(retrieved[i], probs[i], cfg.actions, weights, feed)
-                cands = [{**by_post[c["post_id"]], **c} for c in ranked]
-            f.write(json.dumps({"user_id": session.user_id, "candidates": cands}, allow_nan=False) + "\n")
+            f.write(json.dumps(retrieval_line(session, index, h, ranked), allow_nan=False) + "\n")
     print(
         f"retrieved top {args.top_k} for {len(sessions):,} sessions with step {restored.step}; {report.summary()}",
         file=sys.stderr,

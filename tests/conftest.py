@@ -158,6 +158,11 @@ def flip_16_bytes(path: pathlib.Path, at: float = 0.5) -> None:
     path.write_bytes(bytes(data))
 
 
+def largest_file(step_dir: pathlib.Path, item: str) -> pathlib.Path:
+    """The largest file of a checkpoint step's item (`model`, `optimizer`, ...): damage a restore reads."""
+    return max((p for p in (step_dir / item).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
 def truncate(path: pathlib.Path) -> None:
     """The first half of the file kept."""
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

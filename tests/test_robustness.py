@@ -21,6 +21,7 @@ from conftest import (
     assert_one_line_error,
     cli_overrides,
     flip_16_bytes,
+    largest_file,
     run_program,
     tiny_experiment,
     truncate,
@@ -63,10 +64,6 @@ def copy_of(runs, tmp_path) -> pathlib.Path:
     workdir = tmp_path / "run"
     shutil.copytree(runs["stopped"], workdir)
     return workdir
-
-
-def largest_file(step_dir: pathlib.Path, item: str) -> pathlib.Path:
-    return max((p for p in (step_dir / item).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 def truncate_stored_values(step_dir: pathlib.Path, item: str) -> None:

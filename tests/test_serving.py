@@ -1,14 +1,25 @@
 """Serving: cached ranking equals the full sequence; the rank and retrieve programs."""
 
+import concurrent.futures
+import contextlib
 import dataclasses
+import http.client
 import json
 import pathlib
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
+import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import flip_16_bytes, tiny_experiment, truncate
+from conftest import REPO, flip_16_bytes, largest_file, tiny_experiment, truncate
 
 from phoenix_flax.checkpoint.restore import restore_model
 from phoenix_flax.config import ModelConfig, apply_overrides
@@ -581,3 +592,252 @@ def test_roc_curve_by_hand_and_its_area_is_the_auc():
     scores, labels = np.round(rng.random(500), 1), rng.random(500) < 0.3  # many ties
     fpr, tpr = roc_curve(scores, labels)
     assert np.trapezoid(tpr, fpr) == pytest.approx(auc(scores, labels))
+
+
+# --- phoenix-serve --------------------------------------------------------------------------------
+
+
+def call(port: int, method: str, path: str, body=None) -> tuple[int, dict, object]:
+    """(status, headers, decoded JSON or text) of one request to the server on `port`."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    connection.request(method, path, body=data)
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    kind = response.getheader("content-type", "")
+    return response.status, dict(response.getheaders()), json.loads(text) if "json" in kind else text
+
+
+@contextlib.contextmanager
+def serving(engine):
+    """`engine`'s app on a free loopback port, in a thread; yields the port once it is ready."""
+    import uvicorn
+
+    from phoenix_flax.serving.server import make_app
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(make_app(engine), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not engine.ready:
+        assert engine.failure is None and time.monotonic() < deadline, engine.failure
+        time.sleep(0.05)
+    try:
+        yield listening.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def in_threads(port: int, requests, clients: int):
+    """Each of `requests` (path, body) posted by `clients` threads at once -> (status, headers, body), in order."""
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(lambda r: call(port, "POST", *r), requests))
+
+
+SCORING = {"weights": "report=-100,favorite=3", "author_decay": "0.5", "author_floor": "0.25"}
+SCORING_ARGS = ["--weights", "report=-100,favorite=3", "--author-decay", "0.5", "--author-floor", "0.25"]
+
+
+def assert_same_lines(served: dict, written: dict) -> None:
+    """Served and written lines agree: the same candidates in the same order, every number to the
+    output's 6 decimals (float32 in a batch of another shape may round the last one otherwise;
+    scores to 1e-5 of their size: a weight of -100 scales a probability's last digit)."""
+    assert served["user_id"] == written["user_id"]
+    assert [c["post_id"] for c in served["candidates"]] == [c["post_id"] for c in written["candidates"]]
+    for a, b in zip(served["candidates"], written["candidates"], strict=True):
+        assert a.keys() == b.keys()
+        for key in ("score", "retrieval_score", "weighted_score"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=2e-6)
+        if "probs" in a:
+            assert a["probs"] == pytest.approx(b["probs"], abs=2e-6)
+
+
+@pytest.fixture(scope="module")
+def server(trained, tiny_world):
+    from phoenix_flax.serving.server import Engine, ServeOptions
+
+    notes = []
+    engine = Engine(
+        trained["workdir"],
+        trained["step"],
+        tiny_world["corpus"],
+        ServeOptions(max_batch=8, max_wait_ms=20, max_candidates=30, max_history=64, max_top_k=50),
+        report=notes.append,
+    )
+    with serving(engine) as port:
+        yield {"engine": engine, "port": port, "notes": notes}
+
+
+def test_served_lines_equal_the_programs_and_no_request_compiles(server, trained, sessions, tiny_world, tmp_path):
+    """/rank and /retrieve (then ranked) from 8 concurrent clients, twice over the sessions (batches
+    of several sizes): phoenix-rank's and phoenix-retrieve's lines for the same checkpoint, and
+    not one compilation after warm-up."""
+    import urllib.parse
+
+    records, _ = sessions
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    ranked = tmp_path / "ranked.jsonl"
+    assert (
+        rank_cli.main(["--workdir", trained["workdir"], "--input", path, "--output", str(ranked), *SCORING_ARGS]) == 0
+    )
+    retrieved = retrieve(trained, tmp_path, tiny_world["corpus"], records, "--top-k", "5", "--then-rank", *SCORING_ARGS)
+    ranked = [json.loads(x) for x in ranked.read_text().splitlines()]
+
+    compiled = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, *_, **__: (
+            compiled.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+        )
+    )
+    query, port = urllib.parse.urlencode(SCORING), server["port"]
+    requests = [(f"/rank?{query}", r) for r in records] * 2
+    requests += [
+        (f"/retrieve?{query}", {"user_id": r["user_id"], "history": r["history"], "top_k": 5, "then_rank": True})
+        for r in records
+    ]
+    answers = in_threads(port, requests, clients=8)
+    assert compiled == []
+    assert all(status == 200 and headers["x-phoenix-step"] == str(trained["step"]) for status, headers, _ in answers)
+    for (_, _, line), want in zip(answers, [*ranked, *ranked, *retrieved], strict=True):
+        assert_same_lines(line, want)
+
+    status, _, metrics = call(port, "GET", "/metrics")
+    assert status == 200 and f"phoenix_served_step {float(trained['step'])}" in metrics
+    batches = {k: float(v) for k, v in re.findall(r"^phoenix_batch_sessions_(count|sum) (\S+)$", metrics, re.M)}
+    assert batches["sum"] >= len(requests) and batches["count"] < batches["sum"]  # some batches held several
+    assert call(port, "GET", "/healthz")[0] == 200 and call(port, "GET", "/readyz")[2]["step"] == trained["step"]
+
+
+BAD_REQUESTS = {
+    "not JSON": ("/rank", b"{'user_id': 1", 400, "body: not JSON"),
+    "not an object": ("/rank", [1, 2], 400, "expected a JSON object"),
+    "a post ID that is text": ("/rank", "post_id", 400, "field 'candidates[0].post_id': expected an integer"),
+    "an unknown action": ("/rank", "action", 400, "field 'history[0].actions[0]': unknown action"),
+    "too many candidates": ("/rank", "many", 413, "field 'candidates': 32 candidates, more than the limit 30"),
+    "unknown weights": ("/rank?weights=bogus=1", "ok", 400, "weights given for actions not in the vocabulary"),
+    "a bad feed option": ("/rank?author_decay=2", "ok", 400, "author diversity decay must lie in (0, 1]"),
+    "a top_k that is text": ("/retrieve", {"user_id": 1, "history": [], "top_k": "5"}, 400, "field 'top_k'"),
+    "too large a top_k": ("/retrieve", {"user_id": 1, "history": [], "top_k": 51}, 413, "field 'top_k': 51 posts"),
+    "no user": ("/retrieve", {"history": [], "top_k": 5}, 400, "field 'user_id': missing"),
+}
+
+
+def test_bad_requests_get_a_4xx_naming_the_field_and_the_others_their_answer(server, sessions):
+    """Bad requests sent among good ones, all at once: each bad one its own 4xx, each good one the
+    answer it gets alone."""
+    records, _ = sessions
+    good = records[1]
+    edits = {
+        "post_id": lambda r: r["candidates"][0].update(post_id="12"),
+        "action": lambda r: r["history"][0].update(actions=["favourite"]),
+        "many": lambda r: r.update(candidates=r["candidates"] * 4),
+        "ok": lambda r: None,
+    }
+    port = server["port"]
+    alone = call(port, "POST", "/rank", good)
+    requests = []
+    for path, body, _, _ in BAD_REQUESTS.values():
+        if isinstance(body, str):
+            edited = json.loads(json.dumps(good))
+            edits[body](edited)
+            body = edited
+        requests += [(path, body), ("/rank", good)]
+    answers = in_threads(port, requests, clients=8)
+    for (name, (_, _, status, fragment)), bad, ok in zip(
+        BAD_REQUESTS.items(), answers[::2], answers[1::2], strict=True
+    ):
+        assert bad[0] == status and fragment in bad[2]["error"], (name, bad)
+        assert ok[0] == 200 and ok[2] == alone[2], name
+
+
+def test_a_newer_checkpoint_is_swapped_in_under_load_and_a_damaged_one_refused(trained, sessions, tmp_path):
+    """Clients rank without pause while step 6 appears in a workdir serving step 3, then a
+    damaged step 9: every request is answered (none fails or is lost), the answers after the
+    swap are step 6's (phoenix-rank's lines), and step 9 is refused in one line, step 6 kept."""
+    from phoenix_flax.serving.server import Engine, ServeOptions
+
+    records, _ = sessions
+    workdir, held = tmp_path / "run", tmp_path / "held"
+    shutil.copytree(trained["workdir"], workdir, ignore=shutil.ignore_patterns("index"))
+    held.mkdir()
+    steps = workdir / "checkpoints"
+    (steps / "6").rename(held / "6")
+    shutil.copytree(held / "6", held / "9")
+    flip_16_bytes(largest_file(held / "9", "model"))
+    want = {}
+    for step in (3, 6):
+        out = tmp_path / f"ranked_{step}.jsonl"
+        rank_args = ["--workdir", trained["workdir"], "--step", str(step), "--output", str(out)]
+        assert rank_cli.main([*rank_args, "--input", write_jsonl(tmp_path / "in.jsonl", records)]) == 0
+        want[step] = [json.loads(x) for x in out.read_text().splitlines()]
+
+    notes = []
+    engine = Engine(str(workdir), "latest", None, ServeOptions(max_batch=4, reload_interval_s=0.1), report=notes.append)
+    answers, stop = [], threading.Event()
+    with serving(engine) as port:
+
+        def client(i: int) -> None:
+            while not stop.is_set():
+                j = (i + len(answers)) % len(records)
+                answers.append((j, call(port, "POST", "/rank", records[j])))
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            running = [pool.submit(client, i) for i in range(4)]
+            for step in (6, 9):
+                time.sleep(1.0)
+                (held / str(step)).rename(steps / str(step))  # whole at once, as Orbax finalizes a step
+                deadline = time.monotonic() + 120
+                while not any(f"step {step}" in n for n in notes[1:]):
+                    assert time.monotonic() < deadline, notes
+                    time.sleep(0.05)
+            time.sleep(1.0)
+            stop.set()
+            for f in running:
+                f.result()
+        served_after = call(port, "GET", "/readyz")[2]["step"]
+
+    assert notes[0] == f"phoenix-serve: serving step 3 of {workdir}; ready"
+    assert notes[1] == "phoenix-serve: now serving step 6 (was 3)"
+    assert len(notes) == 3 and notes[2].startswith("phoenix-serve: refused step 9: checkpoint step 9 is damaged: ")
+    assert notes[2].endswith("; still serving step 6") and served_after == 6
+    steps_seen = [int(headers["x-phoenix-step"]) for _, (status, headers, _) in answers]
+    assert all(status == 200 for _, (status, _, _) in answers)
+    assert steps_seen == sorted(steps_seen) and set(steps_seen) == {3, 6}  # swapped once, between batches
+    for j, (_, headers, line) in answers:
+        assert_same_lines(line, want[int(headers["x-phoenix-step"])][j])
+
+
+@pytest.mark.slow
+def test_sigterm_answers_the_requests_in_flight_then_exits(trained, sessions):
+    """SIGTERM while 8 requests wait for their batch (a 2-second wait): each is answered, then the
+    server exits cleanly."""
+    records, _ = sessions
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serve.serve", "--workdir", trained["workdir"], "--port", "0", "--max-wait-ms", "2000"],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = server.stderr.readline()
+        port = int(re.search(r"listening on http://127.0.0.1:(\d+);", first).group(1))
+        deadline = time.monotonic() + 300
+        while call(port, "GET", "/readyz")[0] != 200:
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.2)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            pending = [pool.submit(call, port, "POST", "/rank", records[i]) for i in range(8)]
+            time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)
+            answers = [f.result() for f in pending]
+        assert server.wait(60) == 0
+        rest = server.stderr.read()
+    finally:
+        server.kill()
+    assert [status for status, _, _ in answers] == [200] * 8
+    assert [line["user_id"] for _, _, line in answers] == [r["user_id"] for r in records[:8]]
+    assert rest.splitlines()[-1] == "phoenix-serve: stopped" and "Traceback" not in rest, rest

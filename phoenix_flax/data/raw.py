@@ -81,6 +81,14 @@ def _integers(column) -> np.ndarray | None:
     return column.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+class RecordError(PhoenixError, ValueError):
+    """A record received on its own (a server's request body), not read from a file: names the field."""
+
+    def __init__(self, field: str | None, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"field '{field}': {problem}" if field else problem)
+
+
 class _Invalid(Exception):
     def __init__(self, field: str | None, problem: str):
         self.field, self.problem = field, problem
@@ -178,6 +186,13 @@ class SessionParser:
         if self.require_candidates and len(candidates[0]) == 0:
             raise _Invalid("candidates", "empty: a session shows at least one candidate")
         return Session(session_id, user_id, *history, *candidates, labeled, None if in_network.all() else in_network)
+
+    def parse_record(self, record) -> Session:
+        """A decoded record on its own (a request): as `parse`, raising RecordError."""
+        try:
+            return self.parse(record, default_session_id=0)
+        except _Invalid as e:
+            raise RecordError(e.field, e.problem) from None
 
     def parse_columns(self, batch: pa.RecordBatch, first_session_id: int) -> list[Session] | None:
         """A Parquet record batch's sessions, all checked and converted at once, as `parse` would

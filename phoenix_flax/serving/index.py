@@ -3,6 +3,7 @@ corpus content), and exact top-K over them in chunks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -18,7 +19,7 @@ from phoenix_flax.data.hashing import hash_ids
 from phoenix_flax.data.raw import Session, read_corpus
 from phoenix_flax.files import OutputError, replaced
 from phoenix_flax.model.retrieval import top_k
-from phoenix_flax.serving.ranking import batches_of, prefix_batch
+from phoenix_flax.serving.ranking import batches_of, bucket, prefix_batch
 from phoenix_flax.step.model import PhoenixModel
 
 
@@ -52,15 +53,18 @@ class CorpusIndex:
         k: int,
         exclude: Sequence[Collection[int]] | None = None,
         chunk_size: int = 65536,
+        searched: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k of the corpus by dot product with `users [B, D]`.
 
         Posts whose ID is in `exclude[i]` are skipped for user i. Returns corpus positions
-        `[B, k]` (-1 where fewer than k remain) and their scores `[B, k]`.
+        `[B, k]` (-1 where fewer than k remain) and their scores `[B, k]`. `searched`: how many
+        are taken before the exclusions (default: k plus the most excluded; a server fixes it,
+        so that no request compiles another shape).
         """
         n = len(self.post_ids)
         extra = max((len(x) for x in exclude), default=0) if exclude is not None else 0
-        kk = min(n, k + extra)  # room for excluded posts to be dropped
+        kk = min(n, k + extra if searched is None else max(searched, k + extra))  # room for exclusions
         scores, idx = top_k(users, self.vectors, kk, chunk_size=min(chunk_size, n))
         scores, idx = np.asarray(scores), np.asarray(idx)
         out_idx, out_scores = np.full((len(users), k), -1), np.full((len(users), k), -np.inf, np.float32)
@@ -109,6 +113,9 @@ class CorpusIndex:
         return index, True
 
 
+_user_vectors = nnx.jit(lambda m, b: m.retrieval.user(b))  # compiled once per process, as the ranker's
+
+
 def retrieve(
     model: PhoenixModel,
     cfg: ModelConfig,
@@ -119,19 +126,53 @@ def retrieve(
     include_seen: bool = False,
     batch_size: int = 64,
     chunk_size: int = 65536,
+    bucketed: bool = False,
+    searched: int | None = None,
 ) -> list[list[tuple[int, float]]]:
     """Exact top-k corpus positions and scores per session; posts in the session's history are
-    excluded unless `include_seen`."""
+    excluded unless `include_seen`. `bucketed` and `searched`: fixed shapes for a server
+    (`CachedRanker`'s and `CorpusIndex.search`'s)."""
     if model.retrieval is None:
         raise ValueError("this checkpoint has no retrieval model (its loss.retrieval_weight was 0)")
-    users_fn = nnx.jit(lambda m, b: m.retrieval.user(b))
     results = []
     for group in batches_of(sessions, batch_size):
-        users = np.asarray(users_fn(model, prefix_batch(group, cfg, batch_size)))[: len(group)]
+        rows = bucket(len(group), batch_size) if bucketed else batch_size
+        users = np.asarray(_user_vectors(model, prefix_batch(group, cfg, rows)))
         seen = None if include_seen else [set(s.history_post_id.tolist()) for s in group]
-        idx, scores = index.search(users, k, seen, chunk_size)
+        seen = None if seen is None else seen + [set()] * (rows - len(group))
+        idx, scores = index.search(users, k, seen, chunk_size, searched)
+        idx, scores = idx[: len(group)], scores[: len(group)]
         results.extend(
             [(int(j), float(s)) for j, s in zip(row_idx, row_scores, strict=True) if j >= 0]
             for row_idx, row_scores in zip(idx, scores, strict=True)
         )
     return results
+
+
+def retrieved_session(session: Session, index: CorpusIndex, hits: Sequence[tuple[int, float]]) -> Session:
+    """`session` with its retrieved posts as (unlabeled) candidates, for ranking them."""
+    rows = [j for j, _ in hits]
+    return dataclasses.replace(
+        session,
+        candidate_post_id=index.post_ids[rows],
+        candidate_author_id=index.author_ids[rows],
+        candidate_product_surface=np.zeros(len(rows), np.int32),
+        candidate_actions=np.zeros(len(rows), np.int64),
+        labeled=False,
+        candidate_in_network=None,
+    )
+
+
+def retrieval_line(
+    session: Session, index: CorpusIndex, hits: Sequence[tuple[int, float]], ranked: list[dict] | None = None
+) -> dict:
+    """phoenix-retrieve's output line: the retrieved posts by retrieval score, or, with `ranked`
+    (`ranked_candidates` of the `retrieved_session`), in its order with its probabilities and score."""
+    candidates = [
+        {"post_id": int(index.post_ids[j]), "author_id": int(index.author_ids[j]), "retrieval_score": round(s, 6)}
+        for j, s in hits
+    ]
+    if ranked is not None:
+        by_post = {c["post_id"]: c for c in candidates}
+        candidates = [{**by_post[c["post_id"]], **c} for c in ranked]
+    return {"user_id": session.user_id, "candidates": candidates}

@@ -35,11 +35,27 @@ def batches_of(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def bucket(n: int, most: int) -> int:
+    """The padded size of `n` rows: the next power of two, at most `most` (a server compiles each
+    once, at warm-up)."""
+    return min(most, 1 << max(n - 1, 0).bit_length())
+
+
+# Compiled once per process (per model structure and shapes), shared by every ranker: a model
+# restored again (a server's reload) reuses them.
+_user_context = nnx.jit(lambda m, b: m.ranker.user_context(b))
+_candidate_probabilities = nnx.jit(lambda m, ctx, counted, *cands: m.ranker.probabilities(
+    m.ranker.candidate_parts(ctx, *cands), **({} if counted is None else {"count_logits": counted})
+))  # fmt: skip
+
+
 class CachedRanker:
     """Action probabilities for any number of candidates per session.
 
     Per batch of sessions, the user context (every layer's keys and values of [user, history])
-    is computed once; candidates are then scored in fixed-size chunks against it.
+    is computed once; candidates are then scored in fixed-size chunks against it. A batch is
+    padded to `batch_size` sessions, or with `bucketed` to the next power of two (a few shapes,
+    for a server's batches of any size).
     """
 
     def __init__(
@@ -49,6 +65,7 @@ class CachedRanker:
         batch_size: int = 64,
         chunk_size: int = 512,
         counts: PostCounts | None = None,
+        bucketed: bool = False,
     ):
         """`counts`: the run's post counts (`Restored.counts`), which a ranker with
         `model.count_blend` scores with."""
@@ -57,17 +74,14 @@ class CachedRanker:
         if scores_with_counts(model.ranker) and counts is None:
             raise ValueError("this ranker blends in post counts (model.count_blend): pass the run's (Restored.counts)")
         self.model, self.cfg, self.counts = model, cfg, counts
-        self.batch_size, self.chunk_size = batch_size, chunk_size
-        self._context = nnx.jit(lambda m, b: m.ranker.user_context(b))
-        self._score = nnx.jit(lambda m, ctx, counted, *cands: m.ranker.probabilities(
-            m.ranker.candidate_parts(ctx, *cands), **({} if counted is None else {"count_logits": counted})
-        ))  # fmt: skip
+        self.batch_size, self.chunk_size, self.bucketed = batch_size, chunk_size, bucketed
 
     def probabilities(self, sessions: Sequence[Session]) -> list[np.ndarray]:
         """-> one `[m_i, A]` array per session, in input order."""
         cfg, out = self.cfg, []
         for group in batches_of(sessions, self.batch_size):
-            context = self._context(self.model, prefix_batch(group, cfg, self.batch_size))
+            rows = bucket(len(group), self.batch_size) if self.bucketed else self.batch_size
+            context = _user_context(self.model, prefix_batch(group, cfg, rows))
             post_ids = np.concatenate([s.candidate_post_id for s in group])
             counted = None if self.counts is None else self.counts.log_odds(post_ids)  # [N, A]
             candidates = (  # rows (the candidate's session in the group), hashes, surfaces: [N, ...]
@@ -86,7 +100,9 @@ class CachedRanker:
                     None if counted is None else pad_rows(counted[start : start + self.chunk_size], self.chunk_size)
                 )
                 probs.append(
-                    np.asarray(self._score(self.model, context, count_chunk, *chunk))[: min(self.chunk_size, n - start)]
+                    np.asarray(_candidate_probabilities(self.model, context, count_chunk, *chunk))[
+                        : min(self.chunk_size, n - start)
+                    ]
                 )
             probs = np.concatenate(probs)
             bounds = np.cumsum([0] + [len(s.candidate_post_id) for s in group])
