@@ -26,7 +26,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from phoenix_flax.cli import ArgumentParser, add_checkpoint_args, add_debug_arg, positive_int, run
+from phoenix_flax.cli import ArgumentParser, add_checkpoint_args, add_debug_arg, count, positive_int, run
 from phoenix_flax.data.raw import InputFileError
 from phoenix_flax.errors import CheckpointError
 
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_checkpoint_args(p)
     p.add_argument("--corpus", help="JSON Lines of {post_id, author_id}: the posts /retrieve returns")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    p.add_argument("--port", type=port_number, default=8000, help="0: any free port (printed)")
     p.add_argument("--max-batch", type=positive_int, default=16, help="sessions answered together")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
     p.add_argument("--chunk-size", type=positive_int, default=512, help="candidates scored at once")
@@ -49,16 +49,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(p.prog, lambda: serve(args), args.debug)
 
 
-def serve(args: argparse.Namespace) -> int:
-    from phoenix_flax.checkpoint.manager import checkpoint_dir
+def port_number(text: str) -> int:
+    port = count(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {port}")
+    return port
 
-    if not os.path.isdir(checkpoint_dir(args.workdir)):
-        raise CheckpointError(f"no checkpoints in {args.workdir} (expected {checkpoint_dir(args.workdir)})")
+
+def serve(args: argparse.Namespace) -> int:
     if args.corpus is not None and not os.path.isfile(args.corpus):
         raise InputFileError(f"--corpus {args.corpus}: no such file")
-    listening = socket.create_server((args.host, args.port))  # a port in use fails here, in one line
+    from phoenix_flax.checkpoint.manager import Checkpointer
+    from phoenix_flax.checkpoint.restore import steps_to_restore
 
-    import uvicorn  # JAX starts below
+    with Checkpointer.open_run(args.workdir) as checkpoints:
+        steps_to_restore(checkpoints, args.step)  # no such step: one line, before listening
+    listening = socket.create_server((args.host, args.port))  # a port in use: one line too
+
+    import uvicorn
 
     from phoenix_flax.cli import log
     from phoenix_flax.serving.server import Engine, ServeOptions, make_app

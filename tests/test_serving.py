@@ -31,6 +31,7 @@ from phoenix_flax.testing import gated_blend_features
 from phoenix_flax.training.loop import train
 from serve import rank as rank_cli
 from serve import retrieve as retrieve_cli
+from serve import serve as serve_cli
 from train import evaluate as evaluate_cli
 
 
@@ -841,3 +842,33 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(trained, sessions):
     assert [status for status, _, _ in answers] == [200] * 8
     assert [line["user_id"] for _, _, line in answers] == [r["user_id"] for r in records[:8]]
     assert rest.splitlines()[-1] == "phoenix-serve: stopped" and "Traceback" not in rest, rest
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_refused_and_the_served_one_stays(trained, tiny_world, sessions, tmp_path):
+    from phoenix_flax.serving.server import Engine
+
+    other = tmp_path / "other"
+    train(tiny_experiment(tiny_world["data_dir"], model={"history_len": 12}, train={"steps": 7}), str(other))
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir, ignore=shutil.ignore_patterns("index"))
+    notes = []
+    engine = Engine(str(workdir), "latest", report=notes.append)
+    with serving(engine) as port:
+        (other / "checkpoints" / "7").rename(workdir / "checkpoints" / "7")
+        assert not engine.reload_once()
+        status, headers, _ = call(port, "POST", "/rank", sessions[0][0])
+    assert notes[1:] == ["phoenix-serve: refused step 7: it holds another model: model.history_len: 12 (serving 8); "
+                         "still serving step 6"]  # fmt: skip
+    assert status == 200 and headers["x-phoenix-step"] == "6"
+
+
+def test_serve_refuses_what_it_cannot_serve_before_listening(trained, tmp_path, capsys):
+    for args, error in [
+        (["--workdir", str(tmp_path)], f"no checkpoints in {tmp_path}"),
+        (["--workdir", trained["workdir"], "--step", "5"], "no checkpoint of step 5 in "),
+        (["--workdir", trained["workdir"], "--corpus", str(tmp_path / "posts.jsonl")], "posts.jsonl: no such file"),
+    ]:
+        assert serve_cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("phoenix-serve: error: ") and error in err and err.count("\n") == 1, err

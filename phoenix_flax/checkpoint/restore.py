@@ -102,6 +102,26 @@ class Restored(NamedTuple):
             )
 
 
+def steps_to_restore(checkpoints: Checkpointer, step: int | str | None) -> list[int]:
+    """The steps `restore_model` tries for `step` ('latest' or None: every one, newest first),
+    or CheckpointError naming why there is none."""
+    steps = checkpoints.all_steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {checkpoints.directory}")
+    if step in (None, "latest"):
+        return sorted(steps, reverse=True)
+    if step == "best":
+        best = checkpoints.best_step()
+        if best is None:
+            raise CheckpointError(
+                f"no checkpoint of {checkpoints.workdir} has the metric to choose the best by; saved: {steps}"
+            )
+        return [best]
+    if int(step) in steps:
+        return [int(step)]
+    raise CheckpointError(f"no checkpoint of step {step} in {checkpoints.directory}; saved: {steps}")
+
+
 def restore_model(
     workdir: str,
     step: int | str | None = "latest",
@@ -116,22 +136,7 @@ def restore_model(
     """
     mesh = mesh or make_mesh({"data": -1, "fsdp": 1, "model": 1})
     with Checkpointer.open_run(workdir) as checkpoints:
-        steps = checkpoints.all_steps()
-        if not steps:
-            raise CheckpointError(f"no checkpoint in {checkpoints.directory}")
-        if step in (None, "latest"):
-            candidates = sorted(steps, reverse=True)
-        elif step == "best":
-            best = checkpoints.best_step()
-            if best is None:
-                raise CheckpointError(
-                    f"no checkpoint of {workdir} has the metric to choose the best by; saved: {steps}"
-                )
-            candidates = [best]
-        elif int(step) in steps:
-            candidates = [int(step)]
-        else:
-            raise CheckpointError(f"no checkpoint of step {step} in {checkpoints.directory}; saved: {steps}")
+        candidates = steps_to_restore(checkpoints, step)
         damaged = []
         for candidate in candidates:
             try:

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from phoenix_flax.checkpoint.manager import Checkpointer
-from phoenix_flax.checkpoint.restore import Restored, config_differences, restore_model
+from phoenix_flax.checkpoint.restore import Restored, restore_model
 from phoenix_flax.data.raw import RecordError, Session, SessionParser
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.model.scoring import FeedScoring, WeightsError, action_weights, parse_weights
@@ -199,7 +199,7 @@ class Engine:
 
         def load() -> None:
             try:
-                self.served = self._load(self.step_spec)
+                self.served = self._prepare(restore_model(self.workdir, self.step_spec))
             except (PhoenixError, OSError, ValueError) as e:
                 self.failure = str(e)
                 on_failure()
@@ -229,8 +229,7 @@ class Engine:
             if thread is not threading.current_thread():
                 thread.join()
 
-    def _load(self, step: int | str) -> Served:
-        restored = restore_model(self.workdir, step)
+    def _prepare(self, restored: Restored) -> Served:
         if restored.model.ranker is None and (self.corpus is None or restored.model.retrieval is None):
             restored.require("ranker", "nothing to serve: ")
         served = Served(restored, self.corpus, self.options, self.report)
@@ -303,12 +302,12 @@ class Engine:
         if step is None or step == served.step or step in self.refused:
             return False
         try:
-            new = self._load(step)
-            differences = [
-                d for d in config_differences(served.restored.cfg, new.restored.cfg) if d.startswith("model.")
-            ]
-            if differences:
+            restored = restore_model(self.workdir, step)
+            now, then = dataclasses.asdict(served.cfg), dataclasses.asdict(restored.cfg.model)
+            differences = [f"model.{k}: {then[k]!r} (serving {now[k]!r})" for k in now if now[k] != then[k]]
+            if differences:  # other shapes or computations than the ones compiled and served
                 raise PhoenixError("it holds another model: " + "; ".join(differences))
+            new = self._prepare(restored)
         except (PhoenixError, OSError, ValueError) as e:
             self.refused.add(step)
             self.reloads.labels("refused").inc()
