@@ -73,6 +73,16 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> tuple[
     return len(latencies), time.perf_counter() - started, latencies
 
 
+def batches(port: int) -> tuple[float, float]:
+    """(batches, sessions) the server has answered, from its /metrics."""
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    connection.request("GET", "/metrics")
+    metrics = connection.getresponse().read().decode()
+    connection.close()
+    found = dict(re.findall(r"^phoenix_batch_sessions_(count|sum) (\S+)$", metrics, re.M))
+    return float(found["count"]), float(found["sum"])
+
+
 def rank_program_rate(workdir: str, records: list[dict], rounds: int = 3) -> float:
     """phoenix-rank's sessions/s on `records`, its scoring and output lines (no file, no start-up)."""
     from phoenix_flax.checkpoint.restore import restore_model
@@ -128,17 +138,15 @@ def main() -> None:
             sys.exit(f"the server did not start: {line}{server.stderr.read()}")
         print(f"phoenix-serve ready in {time.perf_counter() - started:.1f} s (restore, warm-up of every batch shape)")
         print(f"{args.candidates} candidates a request, {len(records)} distinct sessions, --max-batch {args.max_batch}")
-        print(f"{'clients':>8} {'requests':>9} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"{'clients':>8} {'requests':>9} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>11}")
         for clients in [int(c) for c in args.clients.split(",")]:
             load(port, bodies, clients, min(2.0, args.seconds))  # warm the connections and the batcher
+            before = batches(port)
             n, elapsed, latencies = load(port, bodies, clients, args.seconds)
+            after = batches(port)
             p50, p99 = np.percentile(latencies, [50, 99]) * 1000
-            print(f"{clients:>8} {n:>9} {n / elapsed:>11.1f} {p50:>8.1f} {p99:>8.1f}", flush=True)
-        connection = http.client.HTTPConnection("127.0.0.1", port)
-        connection.request("GET", "/metrics")
-        metrics = connection.getresponse().read().decode()
-        batches = dict(re.findall(r"^phoenix_batch_sessions_(count|sum) (\S+)$", metrics, re.M))
-        print(f"mean batch: {float(batches['sum']) / float(batches['count']):.2f} sessions")
+            mean_batch = (after[1] - before[1]) / (after[0] - before[0])
+            print(f"{clients:>8} {n:>9} {n / elapsed:>11.1f} {p50:>8.1f} {p99:>8.1f} {mean_batch:>11.2f}", flush=True)
     finally:
         server.terminate()
         server.wait(120)
