@@ -214,12 +214,12 @@ def random_records(rng, n, actions=DEFAULT_ACTIONS):
 def record_by_record(path, skip_invalid=False):
     """(key, Session) of a file parsed one decoded record at a time: the reference for the
     columnar Parquet reader."""
-    from phoenix_flax.data.raw import _Invalid, _records
+    from phoenix_flax.data.raw import _Invalid, _records, default_session_id
 
     parser, out = SessionParser(DEFAULT_ACTIONS), []
     for line, record, _ in _records(path):
         try:
-            out.append((f"0:{line}", parser.parse(record, default_session_id=len(out))))
+            out.append((f"0:{line}", parser.parse(record, default_session_id=default_session_id(0, line))))
         except _Invalid:
             if not skip_invalid:
                 raise

@@ -33,6 +33,14 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def pair_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`[n]` int64 >= 0: 63 bits of a mix of two int64 arrays (a user and a session's place among
+    the user's sessions). Unique in practice, and the same on any machine in any order."""
+    with np.errstate(over="ignore"):
+        z = _mix64(_mix64(np.asarray(a).astype(np.uint64)) + np.asarray(b).astype(np.uint64))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
 def hash_ids(ids, num_hashes: int, num_rows: int) -> np.ndarray:
     """Hashes int64 IDs into `num_hashes` rows each, in [1, num_rows).
 

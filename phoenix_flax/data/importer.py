@@ -33,6 +33,7 @@ from typing import Literal
 
 import numpy as np
 
+from phoenix_flax.data.hashing import pair_ids
 from phoenix_flax.data.raw import INT64_MAX, INT64_MIN, SessionFormatError, SkipReport, items_column
 from phoenix_flax.errors import PhoenixError
 from phoenix_flax.files import replaced
@@ -169,19 +170,26 @@ class Events:
 
 
 def _batches(
-    path: str, columns: Sequence[str], fmt: str, names: Sequence[str] | None = None, skip_rows: int = 0
+    path: str,
+    columns: Sequence[str],
+    fmt: str,
+    names: Sequence[str] | None = None,
+    skip_rows: int = 0,
+    stream=None,
 ) -> Iterator[tuple[np.ndarray, object, list[SessionFormatError]]]:
     """(each row's line number, pyarrow RecordBatch of `columns` as read, the rows of too few or
     too many fields left out up to the batch's end) for each block; a last batch of None may
     carry rows left out after the others. CSV and TSV: `names` name the columns of a file without
-    a header; `skip_rows` lines are skipped first; values are read as bytes (CSV: through latin-1)."""
+    a header; `skip_rows` lines are skipped first; values are read as bytes (CSV: through latin-1).
+    `stream`: the file already opened (a Beam filesystem's), read in place of `path`."""
+    source = path if stream is None else stream
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     if fmt == "parquet":
         try:
-            f = pq.ParquetFile(path, page_checksum_verification=True)
+            f = pq.ParquetFile(source, page_checksum_verification=True)
         except (pa.ArrowInvalid, OSError) as e:
             raise SessionFormatError(path, 1, None, f"not a readable Parquet file: {e}") from None
         missing = [c for c in columns if c not in f.schema_arrow.names]
@@ -196,7 +204,7 @@ def _batches(
     lines = _CsvLines(path, 1 + skip_rows + (0 if names else 1))
     try:
         reader = pacsv.open_csv(
-            path,
+            source,
             # Serial: Arrow then knows the line of a row with the wrong number of fields. Through
             # latin-1, which decodes any byte: a row of bytes that are not UTF-8 text then reaches
             # `left_out` too (Arrow fails to hand it over otherwise), and `_as_text` gets the bytes back.
@@ -348,65 +356,77 @@ def read_events(
     the file, line and column; with `skip_invalid` it is counted in `report` and left out. `names`
     and `skip_rows`: see `_batches`."""
     report = report if report is not None else SkipReport()
-    bit = {a: np.int64(1) << np.int64(i) for i, a in enumerate(spec.actions)}
     parts = []
     for path in paths:
-        path_fmt = fmt or _format_of(path)
-        for line, batch, left_out in _batches(path, spec.columns, path_fmt, names, skip_rows):
-            if batch is None:
-                _bad_rows(left_out, skip_invalid, report)
-                continue
-            n = batch.num_rows
-            bad: dict[str, tuple[np.ndarray, Callable[[int], str]]] = {}  # column -> (bad mask, problem)
-            text = {}
-            for name in spec.columns:
-                text[name], present, utf8 = _as_text(batch.column(name), latin1=path_fmt != "parquet")
-                bad[name] = (~present, lambda i, utf8=utf8: "missing" if utf8[i] else "not UTF-8 text")
-            ids = {}
-            for name in (spec.user, spec.item, spec.author):
-                if name is not None:
-                    ids[name], ok = _hashed_ids(np.where(bad[name][0], "0", text[name]))
-                    _flag(bad, name, ~ok, text[name], f"an integer ID beyond int64 ({INT64_MIN}..{INT64_MAX})")
-            time, ok = _times(text[spec.timestamp])
-            _flag(bad, spec.timestamp, ~ok, text[spec.timestamp], "not a number or an ISO date-time")
-            surface = np.zeros(n, np.int64)
-            if spec.surface is not None:
-                values, ok = _float_values(text[spec.surface])
-                ok &= (values >= 0) & (values == np.round(values)) & (values < 2**31)
-                _flag(bad, spec.surface, ~ok, text[spec.surface], "not a product surface (an integer >= 0)")
-                surface = np.where(ok, values, 0).astype(np.int64)
-            values = {}
-            for name in spec.value_columns:
-                values[name], ok = _float_values(text[name])
-                _flag(bad, name, ~ok, text[name], "not a number")
-            masks = np.zeros(n, np.int64)
-            for rule in spec.rules:
-                masks |= np.where(rule.holds(values, n), bit[rule.action], 0)
-            if spec.action is not None:
-                action_names = text[spec.action]
-                known = np.isin(action_names, list(spec.actions))
-                _flag(
-                    bad,
-                    spec.action,
-                    ~known,
-                    action_names,
-                    f"not an action of the vocabulary ({', '.join(spec.actions)})",
-                )
-                masks |= np.array([bit.get(a, 0) for a in action_names.tolist()], np.int64).reshape(n)
-            invalid, errors = np.zeros(n, bool), list(left_out)
-            for name, (mask, problem) in bad.items():
-                errors += [
-                    SessionFormatError(path, int(line[i]), name, problem(int(i)))
-                    for i in np.nonzero(mask & ~invalid)[0]
-                ]
-                invalid |= mask
+        for events, _, errors in file_events(path, spec, fmt or _format_of(path), names, skip_rows):
             _bad_rows(errors, skip_invalid, report)
-            keep = ~invalid
-            author = ids[spec.author] if spec.author is not None else np.zeros(n, np.int64)
-            parts.append(Events(ids[spec.user], ids[spec.item], author, surface, time, masks).take(np.nonzero(keep)[0]))
+            parts.append(events)
             if progress:
-                progress(n)
+                progress(len(events) + len(errors))
     return Events.concatenate(parts)
+
+
+def file_events(
+    path: str,
+    spec: ImportSpec,
+    fmt: str,
+    names: Sequence[str] | None = None,
+    skip_rows: int = 0,
+    stream=None,
+) -> Iterator[tuple[Events, np.ndarray, list[SessionFormatError]]]:
+    """Per block of the file: (its valid events, their line numbers, its bad rows). The reading
+    that `read_events` and the Beam pipeline (a file a task) share."""
+    bit = {a: np.int64(1) << np.int64(i) for i, a in enumerate(spec.actions)}
+    for line, batch, left_out in _batches(path, spec.columns, fmt, names, skip_rows, stream):
+        if batch is None:
+            yield Events.concatenate([]), np.zeros(0, np.int64), left_out
+            continue
+        n = batch.num_rows
+        bad: dict[str, tuple[np.ndarray, Callable[[int], str]]] = {}  # column -> (bad mask, problem)
+        text = {}
+        for name in spec.columns:
+            text[name], present, utf8 = _as_text(batch.column(name), latin1=fmt != "parquet")
+            bad[name] = (~present, lambda i, utf8=utf8: "missing" if utf8[i] else "not UTF-8 text")
+        ids = {}
+        for name in (spec.user, spec.item, spec.author):
+            if name is not None:
+                ids[name], ok = _hashed_ids(np.where(bad[name][0], "0", text[name]))
+                _flag(bad, name, ~ok, text[name], f"an integer ID beyond int64 ({INT64_MIN}..{INT64_MAX})")
+        time, ok = _times(text[spec.timestamp])
+        _flag(bad, spec.timestamp, ~ok, text[spec.timestamp], "not a number or an ISO date-time")
+        surface = np.zeros(n, np.int64)
+        if spec.surface is not None:
+            values, ok = _float_values(text[spec.surface])
+            ok &= (values >= 0) & (values == np.round(values)) & (values < 2**31)
+            _flag(bad, spec.surface, ~ok, text[spec.surface], "not a product surface (an integer >= 0)")
+            surface = np.where(ok, values, 0).astype(np.int64)
+        values = {}
+        for name in spec.value_columns:
+            values[name], ok = _float_values(text[name])
+            _flag(bad, name, ~ok, text[name], "not a number")
+        masks = np.zeros(n, np.int64)
+        for rule in spec.rules:
+            masks |= np.where(rule.holds(values, n), bit[rule.action], 0)
+        if spec.action is not None:
+            action_names = text[spec.action]
+            known = np.isin(action_names, list(spec.actions))
+            _flag(
+                bad,
+                spec.action,
+                ~known,
+                action_names,
+                f"not an action of the vocabulary ({', '.join(spec.actions)})",
+            )
+            masks |= np.array([bit.get(a, 0) for a in action_names.tolist()], np.int64).reshape(n)
+        invalid, errors = np.zeros(n, bool), list(left_out)
+        for name, (mask, problem) in bad.items():
+            errors += [
+                SessionFormatError(path, int(line[i]), name, problem(int(i))) for i in np.nonzero(mask & ~invalid)[0]
+            ]
+            invalid |= mask
+        keep = np.nonzero(~invalid)[0]
+        author = ids[spec.author] if spec.author is not None else np.zeros(n, np.int64)
+        yield Events(ids[spec.user], ids[spec.item], author, surface, time, masks).take(keep), line[keep], errors
 
 
 def _bad_rows(errors: list[SessionFormatError], skip_invalid: bool, report: SkipReport) -> None:
@@ -510,68 +530,70 @@ def session_groups(user: np.ndarray, split: np.ndarray, per_session: int) -> np.
     return np.cumsum(new) - 1
 
 
-def write_sessions(
-    events: Events, split: np.ndarray, spec: ImportSpec, out: str, progress: Callable[[int], None] | None = None
-) -> dict[str, int]:
-    """Writes `out/{train,validation,test}.parquet` in the raw format; returns sessions per split."""
+def session_tables(events: Events, split: np.ndarray, spec: ImportSpec) -> Iterator[tuple[int, object, int]]:
+    """(split index, an Arrow table of sessions in the raw format, its candidates) for time-ordered, split events
+    (`prepare_events`), at most SESSIONS_PER_WRITE sessions a table, each split's in order. A
+    session's ID mixes its user's ID and its place among the user's sessions (`pair_ids`): the
+    same whether all users are built at once or one at a time (the Beam pipeline)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    os.makedirs(out, exist_ok=True)
     group = session_groups(events.user, split, spec.candidates_per_session)
     n_sessions = int(group[-1]) + 1 if len(group) else 0
     starts = np.searchsorted(group, np.arange(n_sessions))  # first event of each session
     ends = np.searchsorted(group, np.arange(n_sessions), side="right")
     user_start = np.arange(len(events)) - _position_in_user(events.user)
     session_split = split[starts]
+    session_ids = pair_ids(events.user[starts], _position_in_user(events.user[starts]))
     # Training sessions keep the most recent `max_history` events; validation and test sessions
     # keep all of them, so that next-item evaluation can leave out everything the user has seen
     # (the model still reads only its own history length).
     cap = np.where(session_split == 0, spec.max_history, np.iinfo(np.int64).max // 2)
     hist_start = np.maximum(user_start[starts], starts - cap)
-    counts = {}
-    schema = None
-    for s, name in enumerate(SPLITS):
+
+    def items(idx, lengths):
+        e = events
+        return items_column(e.item[idx], e.author[idx], e.surface[idx], e.actions[idx], lengths, spec.actions)
+
+    for s in range(len(SPLITS)):
         sessions = np.nonzero(session_split == s)[0]
-        counts[name] = len(sessions)
+        for chunk in np.array_split(sessions, -(-len(sessions) // SESSIONS_PER_WRITE)) if len(sessions) else []:
+            h_len, c_len = starts[chunk] - hist_start[chunk], ends[chunk] - starts[chunk]
+            table = {
+                "session_id": pa.array(session_ids[chunk]),
+                "user_id": pa.array(events.user[starts[chunk]]),
+                "history": items(_ranges(hist_start[chunk], h_len), h_len),
+                "candidates": items(_ranges(starts[chunk], c_len), c_len),
+            }
+            yield s, pa.table(table), int(c_len.sum())
+
+
+def write_sessions(
+    events: Events, split: np.ndarray, spec: ImportSpec, out: str, progress: Callable[[int], None] | None = None
+) -> dict[str, int]:
+    """Writes `out/{train,validation,test}.parquet` in the raw format; returns sessions per split."""
+    import pyarrow.parquet as pq
+
+    os.makedirs(out, exist_ok=True)
+    tables = session_tables(events, split, spec)
+    pending = next(tables, None)
+    counts = {}
+    for s, name in enumerate(SPLITS):
+        counts[name] = 0
         with replaced(os.path.join(out, f"{name}.parquet"), "wb") as f:  # never a half-written split
-            writer = None
-            for chunk in np.array_split(sessions, max(1, -(-len(sessions) // SESSIONS_PER_WRITE))):
-                h_len, c_len = starts[chunk] - hist_start[chunk], ends[chunk] - starts[chunk]
-                h_idx = _ranges(hist_start[chunk], h_len)
-                c_idx = _ranges(starts[chunk], c_len)
-
-                def items(idx, lengths):
-                    return items_column(
-                        events.item[idx],
-                        events.author[idx],
-                        events.surface[idx],
-                        events.actions[idx],
-                        lengths,
-                        spec.actions,
-                    )
-
-                table = pa.table(
-                    {
-                        "session_id": pa.array(chunk.astype(np.int64)),
-                        "user_id": pa.array(events.user[starts[chunk]]),
-                        "history": items(h_idx, h_len),
-                        "candidates": items(c_idx, c_len),
-                    }
-                )
-                schema = schema or table.schema
-                writer = writer or pq.ParquetWriter(f, schema, write_page_checksum=True)
-                writer.write_table(table.cast(schema))
+            writer = pq.ParquetWriter(f, empty_sessions(spec.actions).schema, write_page_checksum=True)
+            while pending is not None and pending[0] == s:
+                _, table, candidates = pending
+                writer.write_table(table.cast(writer.schema))
+                counts[name] += table.num_rows
                 if progress:
-                    progress(int(c_len.sum()))
-            if writer is None:
-                pq.write_table(_empty_table(spec.actions), f, write_page_checksum=True)
-            else:
-                writer.close()
+                    progress(candidates)
+                pending = next(tables, None)
+            writer.close()
     return counts
 
 
-def _empty_table(actions: Sequence[str]):
+def empty_sessions(actions: Sequence[str]):
+    """A table of no sessions, with the raw format's schema."""
     import pyarrow as pa
 
     empty = np.zeros(0, np.int64)

@@ -379,6 +379,13 @@ def _records(path: str) -> Iterator[tuple[int, object, SessionFormatError | None
                 yield line, None, SessionFormatError(path, line, None, f"not valid JSON: {e.msg}")
 
 
+def default_session_id(file_index: int, line: int) -> int:
+    """The ID of a session given without one: from where it was read (the file's place among the
+    inputs and its line), so that it is the same whether the files are read in one process or
+    one a task (the Beam pipeline)."""
+    return (file_index << 32) + line
+
+
 def read_sessions(
     paths: Sequence[str],
     actions: Sequence[str],
@@ -387,23 +394,24 @@ def read_sessions(
     report: SkipReport | None = None,
     require_candidates: bool = True,
     surface_vocab_size: int | None = None,
+    first_file_index: int = 0,
 ) -> Iterator[tuple[str, Session]]:
     """Streams `(key, Session)` from raw files, in file and line order.
 
-    `key` ('<file index>:<line>') is unique and stable for the same inputs. A bad record raises
-    SessionFormatError, or with `skip_invalid` is counted in `report` and skipped. Without
-    `require_candidates` (retrieval input) `candidates` may be absent or empty.
+    `key` ('<file index>:<line>') is unique and stable for the same inputs (`first_file_index`:
+    the first path's place among all the inputs, where they are read one a task). A session
+    without `session_id` gets `default_session_id`. A bad record raises SessionFormatError, or
+    with `skip_invalid` is counted in `report` and skipped. Without `require_candidates`
+    (retrieval input) `candidates` may be absent or empty.
     """
     parser = SessionParser(actions, require_candidates, surface_vocab_size)
     report = report if report is not None else SkipReport()
-    ordinal = 0
 
-    def checked(path, records):
-        nonlocal ordinal
+    def checked(path, file_index, records):
         for line, record, error in records:
             if error is None:
                 try:
-                    session = parser.parse(record, default_session_id=ordinal)
+                    session = parser.parse(record, default_session_id=default_session_id(file_index, line))
                 except _Invalid as e:
                     error = SessionFormatError(path, line, e.field, e.problem)
             if error is not None:
@@ -411,23 +419,21 @@ def read_sessions(
                     raise error
                 report.add(error)
                 continue
-            ordinal += 1
             yield line, session
 
-    for file_index, path in enumerate(paths):
+    for file_index, path in enumerate(paths, start=first_file_index):
         if not path.endswith(".parquet"):
-            for line, session in checked(path, _records(path)):
+            for line, session in checked(path, file_index, _records(path)):
                 yield f"{file_index}:{line}", session
             continue
         line = 0
         for batch in _parquet_batches(path):
-            sessions = parser.parse_columns(batch, first_session_id=ordinal)
+            sessions = parser.parse_columns(batch, first_session_id=default_session_id(file_index, line + 1))
             if sessions is None:  # some record needs the per-record parser, which names its problem
                 records = ((line + i, record, None) for i, record in enumerate(batch.to_pylist(), start=1))
-                for record_line, session in checked(path, records):
+                for record_line, session in checked(path, file_index, records):
                     yield f"{file_index}:{record_line}", session
             else:
-                ordinal += len(sessions)
                 for i, session in enumerate(sessions, start=1):
                     yield f"{file_index}:{line + i}", session
             line += batch.num_rows
