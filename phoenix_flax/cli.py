@@ -4,10 +4,11 @@ arguments, step and input arguments, output checks."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -18,6 +19,24 @@ from phoenix_flax.files import OutputError
 from phoenix_flax.model.scoring import FeedScoring, parse_weights
 
 DEBUG_ENV = "PHOENIX_DEBUG"
+
+
+def add_beam_args(parser: argparse.ArgumentParser) -> None:
+    """`--runner`: run as an Apache Beam pipeline (the `beam` extra); Beam's other pipeline
+    options (`--temp_location`, `--num_workers`, `--project`, ...) pass through untouched."""
+    parser.add_argument(
+        "--runner",
+        help="run as an Apache Beam pipeline on this runner (DirectRunner, DataflowRunner, FlinkRunner, "
+        "SparkRunner; needs the beam extra); Beam's other options pass through",
+    )
+
+
+def check_beam_args(parser: argparse.ArgumentParser, args: argparse.Namespace, beam_args: Sequence[str]) -> None:
+    """Arguments left over are Beam's pipeline options: only with --runner."""
+    if beam_args and args.runner is None:
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam's options go with --runner)")
+    if args.runner is not None and importlib.util.find_spec("apache_beam") is None:
+        parser.error("--runner needs Apache Beam: pip install 'phoenix-flax[beam]'")
 
 
 def add_debug_arg(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from phoenix_flax.cli import ArgumentParser, add_debug_arg, count, positive_int, run
+from phoenix_flax.cli import ArgumentParser, add_beam_args, add_debug_arg, check_beam_args, count, positive_int, run
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.importer import (
     ActionRule,
@@ -64,12 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-history", type=positive_int, default=50, help="history items per session (the most recent)")
     p.add_argument("--candidates-per-session", type=positive_int, default=1, help="consecutive events per session")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report them")
+    add_beam_args(p)
     add_debug_arg(p)
-    args = p.parse_args(argv)
-    return run(p.prog, lambda: import_logs(args), args.debug)
+    args, beam_args = p.parse_known_args(argv)
+    check_beam_args(p, args, beam_args)
+    return run(p.prog, lambda: import_logs(args, beam_args), args.debug)
 
 
-def import_logs(args: argparse.Namespace) -> int:
+def import_logs(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> int:
     spec = ImportSpec(
         user=args.user,
         item=args.item,
@@ -86,9 +88,36 @@ def import_logs(args: argparse.Namespace) -> int:
         max_history=args.max_history,
         candidates_per_session=args.candidates_per_session,
     )
+    start = time.time()
+    if args.runner is not None:
+        from phoenix_flax.data import beam
+
+        paths = beam.expand(args.input)
+        summary = beam.import_with_beam(
+            paths,
+            spec,
+            args.out,
+            beam.pipeline_options([f"--runner={args.runner}", *beam_args]),
+            fmt=args.format,
+            names=[c.strip() for c in args.columns.split(",")] if args.columns else None,
+            skip_rows=args.skip_rows,
+            skip_invalid=args.skip_invalid,
+            args=summary_args(args),
+        )
+        counts = ", ".join(f"{k} {v:,}" for k, v in summary["sessions"].items())
+        skipped = (
+            f"; skipped {summary['rows_skipped']:,} invalid rows (invalid_rows.jsonl)"
+            if summary["rows_skipped"]
+            else ""
+        )
+        print(
+            f"imported {summary['rows'] - summary['rows_skipped']:,} rows ({summary['events']:,} events of "
+            f"{summary['users']:,} users on {summary['items']:,} items) into {counts} sessions in {args.out} "
+            f"with {args.runner} in {time.time() - start:.1f}s{skipped}"
+        )
+        return 0
     paths = expand_paths(args.input)
     os.makedirs(args.out, exist_ok=True)
-    start = time.time()
     report = SkipReport()
     total_bytes = sum(os.path.getsize(x) for x in paths)
     with tqdm(desc="read", unit=" rows", total=None, disable=total_bytes < 1 << 20, file=sys.stderr) as bar:
@@ -119,7 +148,7 @@ def import_logs(args: argparse.Namespace) -> int:
             a: round(float(((events.actions >> i) & 1).mean()), 6) if len(events) else 0.0
             for i, a in enumerate(spec.actions)
         },
-        "args": {k: v for k, v in vars(args).items() if k not in ("debug",)},
+        "args": summary_args(args),
     }
     with replaced(os.path.join(args.out, "import.json")) as f:
         json.dump(summary, f, indent=2)
@@ -129,6 +158,11 @@ def import_logs(args: argparse.Namespace) -> int:
         f"into {counts} sessions in {args.out} in {time.time() - start:.1f}s; {report.summary()}"
     )
     return 0
+
+
+def summary_args(args: argparse.Namespace) -> dict:
+    """The arguments import.json records: those that shape the sessions."""
+    return {k: v for k, v in vars(args).items() if k not in ("debug", "runner")}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from phoenix_flax.cli import ArgumentParser, add_debug_arg, run
+from phoenix_flax.cli import ArgumentParser, add_beam_args, add_debug_arg, check_beam_args, run
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.prepare import SplitSource, dataset_dir, prepare, print_statistics
 from phoenix_flax.data.raw import expand_paths
@@ -45,18 +45,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--actions", default=",".join(DEFAULT_ACTIONS), help="the action vocabulary, comma-separated")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    add_beam_args(p)
     add_debug_arg(p)
-    args = p.parse_args(argv)
+    args, beam_args = p.parse_known_args(argv)
+    check_beam_args(p, args, beam_args)
     if args.input and (args.train or args.validation or args.test):
         p.error("give either --input or --train/--validation/--test")
     if not (args.input or args.train):
         p.error("give --train FILES (with optional --validation/--test) or --input FILES")
-    return run(p.prog, lambda: prepare_from_args(args), args.debug)
+    return run(p.prog, lambda: prepare_from_args(args, beam_args), args.debug)
 
 
-def prepare_from_args(args: argparse.Namespace) -> int:
+def prepare_from_args(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> int:
+    options, expand = None, expand_paths
+    if args.runner is not None:
+        from phoenix_flax.data import beam
+
+        options, expand = beam.pipeline_options([f"--runner={args.runner}", *beam_args]), beam.expand
     if args.input:
-        paths = tuple(expand_paths(args.input))
+        paths = tuple(expand(args.input))
         sources, lo = {}, 0.0
         for name, fraction in args.fractions.items():
             sources[name] = SplitSource(paths, lo, lo + fraction, args.seed)
@@ -64,13 +71,18 @@ def prepare_from_args(args: argparse.Namespace) -> int:
         sources[name] = dataclasses.replace(sources[name], hi=1.0)  # no gap from rounding
     else:
         sources = {
-            name: SplitSource(tuple(expand_paths(files)))
+            name: SplitSource(tuple(expand(files)))
             for name, files in (("train", args.train), ("validation", args.validation), ("test", args.test))
             if files
         }
     actions = tuple(a.strip() for a in args.actions.split(",") if a.strip())
     stats, report = prepare(
-        args.data_dir, sources, actions=actions, skip_invalid=args.skip_invalid, overwrite=args.overwrite
+        args.data_dir,
+        sources,
+        actions=actions,
+        skip_invalid=args.skip_invalid,
+        overwrite=args.overwrite,
+        beam_options=options,
     )
     print_statistics(stats)
     print(report.summary())

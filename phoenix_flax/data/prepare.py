@@ -112,6 +112,19 @@ class SplitStatistics:
         if len(self._pending) == 4096:
             self._count_pending()
 
+    def merge(self, other: SplitStatistics) -> None:
+        """Adds another part's counts (the Beam pipeline counts a file a task)."""
+        self._count_pending()
+        other._count_pending()
+        self.sessions += other.sessions
+        self.labeled += other.labeled
+        self.history_items += other.history_items
+        self.candidates += other.candidates
+        self.labeled_candidates += other.labeled_candidates
+        self.history_counts += other.history_counts
+        self.candidate_counts += other.candidate_counts
+        self.max_product_surface = max(self.max_product_surface, other.max_product_surface)
+
     def _count_pending(self) -> None:
         if not self._pending:
             return
@@ -164,11 +177,13 @@ class PhoenixSessions(tfds.core.GeneratorBasedBuilder):
         sources: dict[str, SplitSource] | None = None,
         actions: Sequence[str] = DEFAULT_ACTIONS,
         skip_invalid: bool = False,
+        beam_options=None,
         **kwargs,
     ):
         self._sources = sources or {}
         self._actions = tuple(actions)
         self._skip_invalid = skip_invalid
+        self._beam_options = beam_options  # a Beam pipeline writes the splits (`data/beam.py`)
         self.statistics: dict[str, dict] = {}
         self.skip_reports: dict[tuple[str, ...], SkipReport] = {}  # one per distinct input set
         super().__init__(**kwargs)
@@ -199,7 +214,11 @@ class PhoenixSessions(tfds.core.GeneratorBasedBuilder):
     def _generate_splits(self, dl_manager, download_config) -> list[tfds.core.SplitInfo]:
         """TFDS's own generation, less its generic encoding: the examples come serialized, and
         TFDS's writer shuffles (by the hashed key, spilling to disk), shards and writes them as
-        it would have."""
+        it would have. With Beam options, a Beam pipeline does the same (`beam.beam_splits`)."""
+        if self._beam_options is not None:
+            from phoenix_flax.data.beam import beam_splits
+
+            return beam_splits(self, self._beam_options, download_config.get_shard_config())
         infos = []
         for split, examples in self._split_generators(dl_manager).items():
             template = self._get_filename_template(split)
@@ -231,14 +250,18 @@ def prepare(
     actions: Sequence[str] = DEFAULT_ACTIONS,
     skip_invalid: bool = False,
     overwrite: bool = False,
+    beam_options=None,
 ) -> tuple[dict[str, dict], SkipReport]:
-    """Writes the dataset under `data_dir`; returns per-split statistics and the skip report."""
+    """Writes the dataset under `data_dir`; returns per-split statistics and the skip report.
+    `beam_options` (Beam's PipelineOptions): written by a Beam pipeline on their runner."""
     target = dataset_dir(data_dir)
     if os.path.exists(target):
         if not overwrite:
             raise DatasetError(f"{target} already exists; pass --overwrite to replace it")
         shutil.rmtree(target)
-    builder = PhoenixSessions(data_dir=data_dir, sources=sources, actions=actions, skip_invalid=skip_invalid)
+    builder = PhoenixSessions(
+        data_dir=data_dir, sources=sources, actions=actions, skip_invalid=skip_invalid, beam_options=beam_options
+    )
     with tempfile.TemporaryDirectory() as downloads:  # TFDS wants one; nothing is downloaded
         try:
             builder.download_and_prepare(download_dir=downloads, file_format="array_record")

@@ -22,8 +22,8 @@ import glob
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -343,27 +343,35 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
-def _parquet_batches(path: str) -> Iterator[pa.RecordBatch]:
+def _open_binary(path: str) -> BinaryIO:
+    return open(path, "rb")  # the caller closes it
+
+
+def _parquet_batches(path: str, opener: Callable[[str], BinaryIO] | None = None) -> Iterator[pa.RecordBatch]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         # Page checksums (which phoenix-import and phoenix-synth write) catch altered bytes.
-        yield from pq.ParquetFile(path, page_checksum_verification=True).iter_batches(batch_size=4096)
+        source = path if opener is None else opener(path)
+        yield from pq.ParquetFile(source, page_checksum_verification=True).iter_batches(batch_size=4096)
     except (pa.ArrowException, OSError) as e:
         raise SessionFormatError(path, 1, None, f"not a readable Parquet file: {e}") from None
 
 
-def _records(path: str) -> Iterator[tuple[int, object, SessionFormatError | None]]:
-    """(line number, decoded record, decoding error) of a JSON Lines or Parquet file."""
+def _records(
+    path: str, opener: Callable[[str], BinaryIO] = _open_binary
+) -> Iterator[tuple[int, object, SessionFormatError | None]]:
+    """(line number, decoded record, decoding error) of a JSON Lines or Parquet file; `opener`
+    opens it (a Beam filesystem's, for remote paths)."""
     if path.endswith(".parquet"):
         line = 0
-        for batch in _parquet_batches(path):
+        for batch in _parquet_batches(path, opener):
             for record in batch.to_pylist():
                 line += 1
                 yield line, record, None
         return
-    with open(path, "rb") as f:  # decoded line by line: a bad byte spoils its line, not the file
+    with opener(path) as f:  # decoded line by line: a bad byte spoils its line, not the file
         for line, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8")
@@ -395,11 +403,13 @@ def read_sessions(
     require_candidates: bool = True,
     surface_vocab_size: int | None = None,
     first_file_index: int = 0,
+    opener: Callable[[str], BinaryIO] = _open_binary,
 ) -> Iterator[tuple[str, Session]]:
     """Streams `(key, Session)` from raw files, in file and line order.
 
     `key` ('<file index>:<line>') is unique and stable for the same inputs (`first_file_index`:
-    the first path's place among all the inputs, where they are read one a task). A session
+    the first path's place among all the inputs, where they are read one a task; `opener`: a
+    Beam filesystem's, for remote paths). A session
     without `session_id` gets `default_session_id`. A bad record raises SessionFormatError, or
     with `skip_invalid` is counted in `report` and skipped. Without `require_candidates`
     (retrieval input) `candidates` may be absent or empty.
@@ -423,11 +433,11 @@ def read_sessions(
 
     for file_index, path in enumerate(paths, start=first_file_index):
         if not path.endswith(".parquet"):
-            for line, session in checked(path, file_index, _records(path)):
+            for line, session in checked(path, file_index, _records(path, opener)):
                 yield f"{file_index}:{line}", session
             continue
         line = 0
-        for batch in _parquet_batches(path):
+        for batch in _parquet_batches(path, opener):
             sessions = parser.parse_columns(batch, first_session_id=default_session_id(file_index, line + 1))
             if sessions is None:  # some record needs the per-record parser, which names its problem
                 records = ((line + i, record, None) for i, record in enumerate(batch.to_pylist(), start=1))

@@ -1,0 +1,386 @@
+"""phoenix-import and phoenix-prepare as Apache Beam pipelines (the `beam` extra), for logs larger
+than one machine: DirectRunner in this process, or Dataflow, Flink or Spark with their pipeline
+options. They run the in-memory programs' own reading, session building, serialization and
+counting, a file or a user at a time, and give the same sessions, corpus, dataset and statistics.
+
+Import: a task reads a file (`file_events`) and emits each block's events grouped by user; after
+the shuffle, a task holds one user's events and builds their sessions (`prepare_events`,
+`session_tables`). Sessions go to sharded Parquet (`train-00000-of-00004.parquet`, ...), the
+corpus to `corpus.jsonl`, bad rows (with --skip-invalid) to `invalid_rows.jsonl`, the counts to
+`import.json`.
+
+Prepare: a task reads a file (`read_sessions`, keys '<file index>:<line>' as in one process) and
+serializes its sessions (`session_example`); TFDS's BeamWriter orders them by the same hashed
+keys as the in-memory writer, so the dataset's records come in the same order (its shards may
+cut them elsewhere); each split's statistics are summed over the files.
+
+Paths go through Beam's filesystems: `gs://` works where Beam's GCP extra is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from phoenix_flax.data.importer import (
+    SPLITS,
+    Events,
+    ImportSpec,
+    ImportSpecError,
+    _format_of,
+    empty_sessions,
+    file_events,
+    prepare_events,
+    session_tables,
+)
+from phoenix_flax.data.raw import InputFileError, SkipReport, read_sessions
+from phoenix_flax.errors import PhoenixError
+
+logging.getLogger().setLevel(logging.ERROR)  # before Beam: its import warns of GCP libraries it does not need here
+import apache_beam as beam  # noqa: E402
+from apache_beam.io.filesystems import FileSystems  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+
+
+def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
+    """Beam's pipeline options from the program's other arguments (`--runner`, `--temp_location`,
+    `--num_workers`, ...), passed through untouched. Beam's own notices are quieted to errors."""
+    logging.getLogger().setLevel(logging.ERROR)
+    return PipelineOptions(list(beam_args))
+
+
+def expand(patterns: Sequence[str]) -> list[str]:
+    """Globs -> sorted, de-duplicated files, through Beam's filesystems; a pattern matching nothing
+    is an error (as `expand_paths`)."""
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+        if not matches:
+            raise InputFileError(f"no input file matches {pattern!r}")
+        paths.extend(m for m in matches if m not in paths)
+    return paths
+
+
+def run(pipeline: beam.Pipeline) -> None:
+    """Runs `pipeline` to its end; an expected failure raised in a task (a bad row, a bad
+    session) comes out as itself, for the program's one-line error (Beam's log of a task's
+    failure is quieted: the failure is raised here, with its traceback where it is a bug)."""
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
+    try:
+        pipeline.run().wait_until_finish()
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, PhoenixError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+class Merged(beam.CombineFn):
+    """Combines parts that merge (`SplitStatistics`, `SkipReport`) into a fresh `make()`."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def create_accumulator(self):
+        return self.make()
+
+    def add_input(self, accumulator, part):
+        accumulator.merge(part)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        first, *rest = accumulators
+        for other in rest:
+            first.merge(other)
+        return first
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+class Summed(beam.CombineFn):
+    """Sums equal-length count arrays (None for none)."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, total, counts):
+        return counts.copy() if total is None else total + counts
+
+    def merge_accumulators(self, totals):
+        totals = [t for t in totals if t is not None]
+        return sum(totals[1:], totals[0].copy()) if totals else None
+
+    def extract_output(self, total):
+        return total
+
+
+def _write_json(value, path: str) -> None:
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(value, indent=2).encode())
+
+
+def read_json(path: str):
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+# An event on its way to its user's task: the file's place among the inputs, then [k] arrays of
+# lines, items, authors, surfaces, times and action masks.
+EventBlock = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+class ReadEvents(beam.DoFn):
+    """(file index, path) -> (user, EventBlock) for each user of each block; the count of rows
+    read to 'rows'; bad rows raised, or with `skip_invalid` to 'invalid'."""
+
+    def __init__(self, spec: ImportSpec, fmt: str | None, names, skip_rows: int, skip_invalid: bool):
+        self.spec, self.fmt, self.names, self.skip_rows, self.skip_invalid = spec, fmt, names, skip_rows, skip_invalid
+
+    def process(self, element: tuple[int, str]) -> Iterator:
+        file_index, path = element
+        with FileSystems.open(path, compression_type="uncompressed") as stream:
+            for events, lines, errors in file_events(
+                path, self.spec, self.fmt or _format_of(path), self.names, self.skip_rows, stream
+            ):
+                if errors and not self.skip_invalid:
+                    raise min(errors, key=lambda e: e.line)
+                for e in errors:
+                    yield beam.pvalue.TaggedOutput("invalid", (e.path, e.line, e.field, e.problem))
+                yield beam.pvalue.TaggedOutput("rows", len(events) + len(errors))
+                order = np.argsort(events.user, kind="stable")
+                users, starts = np.unique(events.user[order], return_index=True)
+                for user, rows in zip(users.tolist(), np.split(order, starts[1:]), strict=True):
+                    e = events.take(rows)
+                    yield user, (file_index, lines[rows], e.item, e.author, e.surface, e.time, e.actions)
+
+
+class UserSessions(beam.DoFn):
+    """(user, their EventBlocks) -> the user's sessions (raw-format records) to the splits'
+    outputs, (item, (user, author)) to 'corpus' and the user's counts to 'counts'."""
+
+    def __init__(self, spec: ImportSpec):
+        self.spec = spec
+
+    def process(self, element: tuple[int, Iterable[EventBlock]]) -> Iterator:
+        user, blocks = element
+        blocks = list(blocks)
+        file_index = np.concatenate([np.full(len(b[1]), b[0], np.int64) for b in blocks])
+        line, item, author, surface, time, actions = (np.concatenate([b[i] for b in blocks]) for i in range(1, 7))
+        in_input_order = np.lexsort((line, file_index))  # ties in time keep the input's order, as in one process
+        events = Events(np.full(len(item), user, np.int64), item, author, surface, time, actions).take(in_input_order)
+        events, split = prepare_events(events, self.spec)
+        sessions = np.zeros(len(SPLITS), np.int64)
+        for s, table, _ in session_tables(events, split, self.spec):
+            sessions[s] += table.num_rows
+            for record in table.to_pylist():
+                yield beam.pvalue.TaggedOutput(SPLITS[s], record)
+        for i, a in zip(events.item.tolist(), events.author.tolist(), strict=True):
+            yield beam.pvalue.TaggedOutput("corpus", (i, (user, a)))
+        bits = (events.actions[:, None] >> np.arange(len(self.spec.actions))) & 1
+        yield beam.pvalue.TaggedOutput("counts", np.concatenate([[1, len(events)], sessions, bits.sum(0)]))
+
+
+def _corpus_line(item_and_first: tuple[int, tuple[int, int]]) -> str:
+    item, (_, author) = item_and_first
+    return json.dumps({"post_id": item, "author_id": author})
+
+
+def _summary(_, counts, rows, skipped, items, spec: ImportSpec, paths: Sequence[str], args: dict) -> dict:
+    """import.json, as the in-memory program writes it."""
+    if counts is None:
+        counts = np.zeros(2 + len(SPLITS) + len(spec.actions), np.int64)
+    users, events, sessions, action_counts = (
+        counts[0],
+        counts[1],
+        counts[2 : 2 + len(SPLITS)],
+        counts[2 + len(SPLITS) :],
+    )
+    return {
+        "inputs": list(paths),
+        "rows": int(rows),
+        "rows_skipped": int(skipped),
+        "events": int(events),
+        "users": int(users),
+        "items": int(items),
+        "sessions": {name: int(n) for name, n in zip(SPLITS, sessions, strict=True)},
+        "action_rates": {
+            a: round(float(c) / events, 6) if events else 0.0 for a, c in zip(spec.actions, action_counts, strict=True)
+        },
+        "args": args,
+    }
+
+
+def import_with_beam(
+    paths: Sequence[str],
+    spec: ImportSpec,
+    out: str,
+    options: PipelineOptions,
+    *,
+    fmt: str | None = None,
+    names: Sequence[str] | None = None,
+    skip_rows: int = 0,
+    skip_invalid: bool = False,
+    args: dict | None = None,
+) -> dict:
+    """Runs the import pipeline; returns what it wrote to `out/import.json`."""
+    existing = [m.path for r in FileSystems.match([os.path.join(out, "*.parquet")]) for m in r.metadata_list]
+    if existing:
+        raise ImportSpecError(f"--out {out} already holds sessions ({existing[0]}, ...): give an empty folder")
+    if not FileSystems.exists(out):
+        FileSystems.mkdirs(out)
+    summary_path = os.path.join(out, "import.json")
+    p = beam.Pipeline(options=options)
+    read = (
+        p
+        | "Inputs" >> beam.Create(list(enumerate(paths)))
+        | "Read"
+        >> beam.ParDo(ReadEvents(spec, fmt, names, skip_rows, skip_invalid)).with_outputs(
+            "invalid", "rows", main="events"
+        )
+    )
+    built = (
+        read.events
+        | "ByUser" >> beam.GroupByKey()
+        | "Sessions" >> beam.ParDo(UserSessions(spec)).with_outputs(*SPLITS, "corpus", "counts")
+    )
+    schema = empty_sessions(spec.actions).schema
+    for name in SPLITS:
+        _ = built[name] | f"Write {name}" >> beam.io.WriteToParquet(
+            os.path.join(out, name), schema, file_name_suffix=".parquet"
+        )
+    corpus = built.corpus | "FirstUser" >> beam.CombinePerKey(min)
+    _ = (
+        corpus
+        | "CorpusLines" >> beam.Map(_corpus_line)
+        | "WriteCorpus" >> beam.io.WriteToText(os.path.join(out, "corpus"), ".jsonl", shard_name_template="")
+    )
+    if skip_invalid:
+        _ = (
+            read.invalid
+            | "InvalidLines" >> beam.MapTuple(_invalid_line)
+            | "WriteInvalid" >> beam.io.WriteToText(os.path.join(out, "invalid_rows"), ".jsonl", shard_name_template="")
+        )
+    _ = (
+        p
+        | "Once" >> beam.Create([None])
+        | "Summary"
+        >> beam.Map(
+            _summary,
+            counts=beam.pvalue.AsSingleton(built.counts | "Counts" >> beam.CombineGlobally(Summed())),
+            rows=beam.pvalue.AsSingleton(read.rows | "Rows" >> beam.CombineGlobally(sum)),
+            skipped=beam.pvalue.AsSingleton(read.invalid | "Skipped" >> beam.combiners.Count.Globally()),
+            items=beam.pvalue.AsSingleton(corpus | "Items" >> beam.combiners.Count.Globally()),
+            spec=spec,
+            paths=paths,
+            args=args or {},
+        )
+        | "WriteSummary" >> beam.Map(_write_json, summary_path)
+    )
+    run(p)
+    return read_json(summary_path)
+
+
+def _invalid_line(path: str, line: int, column: str | None, problem: str) -> str:
+    return json.dumps({"file": path, "line": line, "column": column, "problem": problem})
+
+
+# --- prepare --------------------------------------------------------------------------------------
+
+
+class ReadSessions(beam.DoFn):
+    """(file index, path) of a split -> (key, serialized example) of its sessions that the split
+    keeps; the file's SplitStatistics to 'statistics' and SkipReport to 'skipped'."""
+
+    def __init__(self, source, actions: Sequence[str], skip_invalid: bool):
+        self.source, self.actions, self.skip_invalid = source, tuple(actions), skip_invalid
+
+    def process(self, element: tuple[int, str]) -> Iterator:
+        from phoenix_flax.data.prepare import SplitStatistics, session_example
+
+        file_index, path = element
+        stats, report = SplitStatistics(self.actions), SkipReport()
+        sessions = read_sessions(
+            [path],
+            self.actions,
+            skip_invalid=self.skip_invalid,
+            report=report,
+            first_file_index=file_index,
+            opener=lambda p: FileSystems.open(p, compression_type="uncompressed"),
+        )
+        for key, session in sessions:
+            if self.source.keeps(key):
+                stats.add(session)
+                yield key, session_example(session)
+        yield beam.pvalue.TaggedOutput("statistics", stats)
+        yield beam.pvalue.TaggedOutput("skipped", report)
+
+
+def _split_report(stats, reports: SkipReport) -> dict:
+    return {"statistics": stats.to_dict(), "skipped": dict(reports.counts), "examples": reports.examples}
+
+
+def beam_splits(builder, options: PipelineOptions, shard_config) -> list:
+    """The splits of a `PhoenixSessions` builder written by one Beam pipeline: TFDS's BeamWriter
+    with the in-memory writer's serializer, keys and hash salt. Fills `builder.statistics` and
+    `builder.skip_reports`; returns TFDS's SplitInfos."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import writer as tfds_writer
+
+    from phoenix_flax.data.prepare import SplitStatistics, _Serialized
+
+    p = beam.Pipeline(options=options)
+    writers, side_files = {}, {}
+    for split, source in builder._sources.items():
+        template = builder._get_filename_template(split)
+        writers[split] = tfds_writer.BeamWriter(
+            serializer=_Serialized(builder.info.features.get_serialized_info()),
+            filename_template=template,
+            hash_salt=split,
+            disable_shuffling=False,
+            example_writer=builder._example_writer(),
+            shard_config=shard_config,
+        )
+        read = (
+            p
+            | f"{split}/Inputs" >> beam.Create(list(enumerate(source.paths)))
+            | f"{split}/Read"
+            >> beam.ParDo(ReadSessions(source, builder._actions, builder._skip_invalid)).with_outputs(
+                "statistics", "skipped", main="examples"
+            )
+        )
+        _ = read.examples | f"{split}/Write" >> beam.ptransform_fn(writers[split].write_from_pcollection)()
+        side_files[split] = os.path.join(os.fspath(template.data_dir), f"{split}.phoenix_statistics.json")
+        skipped = read.skipped | f"{split}/Skipped" >> beam.CombineGlobally(Merged(SkipReport))
+        _ = (
+            read.statistics
+            | f"{split}/Statistics"
+            >> beam.CombineGlobally(Merged(functools.partial(SplitStatistics, builder._actions)))
+            | f"{split}/Report" >> beam.Map(_split_report, reports=beam.pvalue.AsSingleton(skipped))
+            | f"{split}/WriteStatistics" >> beam.Map(_write_json, side_files[split])
+        )
+    run(p)
+    infos = []
+    for split, writer in writers.items():
+        side = read_json(side_files[split])
+        FileSystems.delete([side_files[split]])
+        builder.statistics[split] = side["statistics"]
+        report = SkipReport()
+        report.counts.update(side["skipped"])
+        report.examples.update(side["examples"])
+        builder.skip_reports[builder._sources[split].paths] = report
+        shard_lengths, size = writer.finalize()
+        template = builder._get_filename_template(split)
+        infos.append(
+            tfds.core.SplitInfo(name=split, shard_lengths=shard_lengths, num_bytes=size, filename_template=template)
+        )
+    return infos
