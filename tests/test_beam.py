@@ -152,3 +152,27 @@ def test_beam_prepare_writes_the_in_memory_dataset_record_for_record(tmp_path, b
     assert beam_stats == memory_stats and memory_stats["skipped"]
     assert memory.keys() == beam.keys() and all(beam[s] == memory[s] for s in memory)
     assert sum(map(len, memory.values())) == 99  # nothing lost but the bad record
+
+
+@pytest.mark.slow
+def test_a_user_with_100000_events_is_one_task_and_keeps_its_last_history(tmp_path):
+    """One user's 10^5 events (and a few other users') on Beam: the in-memory sessions, each
+    training session's history the 50 events before it."""
+    rng = np.random.default_rng(6)
+    n = 100_000
+    table = pa.table(
+        {
+            "uid": np.where(np.arange(n) < n - 500, 1, rng.integers(2, 6, n)),
+            "iid": rng.integers(0, 20_000, n),
+            "ts": rng.integers(0, 10**9, n),
+            "rating": rng.integers(1, 6, n),
+        }
+    )
+    pq.write_table(table, tmp_path / "log.parquet")
+    inputs = [str(tmp_path / "log.parquet")]
+    assert run_import(tmp_path / "memory", inputs)[0] == 0
+    assert run_import(tmp_path / "beam", inputs, *BEAM)[0] == 0
+    memory, beam = tmp_path / "memory" / "imported", tmp_path / "beam" / "imported"
+    assert_same_import(memory, beam)
+    heavy = [s for s in sessions_of(beam, "train") if s["user_id"] == 1]
+    assert len(heavy) > 10_000 and {len(s["history"]) for s in heavy[-100:]} == {50}
