@@ -23,11 +23,14 @@ import functools
 import json
 import logging
 import os
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from phoenix_flax.data.importer import (
+    SESSIONS_PER_WRITE,
     SPLITS,
     Events,
     ImportSpec,
@@ -178,11 +181,40 @@ class ReadEvents(beam.DoFn):
 
 
 class UserSessions(beam.DoFn):
-    """(user, their EVENT bytes) -> the user's sessions (Arrow tables of the raw format) to the
-    splits' outputs, (item, (user, author)) to 'corpus' and the user's counts to 'counts'."""
+    """(user, their EVENT bytes) -> the user's sessions, written by this task to its own Parquet
+    files in `temp_dir` (SESSIONS_PER_WRITE a row group, as the in-memory writer's: no session
+    passes through the runner), their paths to 'written' at the bundle's end; (item, (user,
+    author)) to 'corpus' and the user's counts to 'counts'."""
 
-    def __init__(self, spec: ImportSpec):
-        self.spec = spec
+    def __init__(self, spec: ImportSpec, temp_dir: str):
+        self.spec, self.temp_dir = spec, temp_dir
+
+    def start_bundle(self) -> None:
+        self.pending: list[list] = [[] for _ in SPLITS]  # tables of users' sessions, per split
+        self.pending_rows = [0] * len(SPLITS)
+        self.writers: dict[int, tuple[str, object, object]] = {}  # split -> (path, file, ParquetWriter)
+
+    def _write(self, s: int) -> None:
+        import pyarrow.parquet as pq
+
+        if not self.pending[s]:
+            return
+        if s not in self.writers:
+            path = os.path.join(self.temp_dir, f"{SPLITS[s]}-{uuid.uuid4().hex}.parquet")
+            f = FileSystems.create(path)
+            schema = empty_sessions(self.spec.actions).schema
+            self.writers[s] = (path, f, pq.ParquetWriter(f, schema, write_page_checksum=True))
+        writer = self.writers[s][2]
+        writer.write_table(pa.concat_tables([t.cast(writer.schema) for t in self.pending[s]]))  # a row group
+        self.pending[s], self.pending_rows[s] = [], 0
+
+    def finish_bundle(self) -> Iterator:
+        for s in range(len(SPLITS)):
+            self._write(s)
+        for s, (path, f, writer) in self.writers.items():
+            writer.close()
+            f.close()
+            yield beam.pvalue.TaggedOutput("written", beam.transforms.window.GlobalWindows.windowed_value((s, path)))
 
     def process(self, element: tuple[int, Iterable[bytes]]) -> Iterator:
         user, blocks = element
@@ -195,11 +227,31 @@ class UserSessions(beam.DoFn):
         sessions = np.zeros(len(SPLITS), np.int64)
         for s, table, _ in session_tables(events, split, self.spec):
             sessions[s] += table.num_rows
-            yield beam.pvalue.TaggedOutput(SPLITS[s], table)
+            self.pending[s].append(table)
+            self.pending_rows[s] += table.num_rows
+            if self.pending_rows[s] >= SESSIONS_PER_WRITE:
+                self._write(s)
         for i, a in zip(events.item.tolist(), events.author.tolist(), strict=True):
             yield beam.pvalue.TaggedOutput("corpus", (i, (user, a)))
         bits = (events.actions[:, None] >> np.arange(len(self.spec.actions))) & 1
         yield beam.pvalue.TaggedOutput("counts", np.concatenate([[1, len(events)], sessions, bits.sum(0)]))
+
+
+def _name_shards(written: list[tuple[int, str]], out: str, temp_dir: str, actions: Sequence[str]) -> None:
+    """Moves the sessions' files of the tasks that succeeded to `out/SPLIT-00000-of-0000N.parquet`
+    (an empty one for a split without sessions) and removes the temporary folder (with the files
+    of tasks that failed and were retried)."""
+    import pyarrow.parquet as pq
+
+    for s, name in enumerate(SPLITS):
+        paths = sorted(path for split, path in written if split == s)
+        if not paths:
+            with FileSystems.create(os.path.join(out, f"{name}-00000-of-00001.parquet")) as f:
+                pq.write_table(empty_sessions(actions), f, write_page_checksum=True)
+        for i, path in enumerate(paths):
+            FileSystems.rename([path], [os.path.join(out, f"{name}-{i:05d}-of-{len(paths):05d}.parquet")])
+    if FileSystems.exists(temp_dir):
+        FileSystems.delete([temp_dir])
 
 
 def _corpus_line(item_and_first: tuple[int, tuple[int, int]]) -> str:
@@ -260,16 +312,17 @@ def import_with_beam(
             "invalid", "rows", main="events"
         )
     )
+    temp_dir = os.path.join(out, f".beam-temp-{uuid.uuid4().hex}")
     built = (
         read.events
         | "ByUser" >> beam.GroupByKey()
-        | "Sessions" >> beam.ParDo(UserSessions(spec)).with_outputs(*SPLITS, "corpus", "counts")
+        | "Sessions" >> beam.ParDo(UserSessions(spec, temp_dir)).with_outputs("written", "corpus", "counts")
     )
-    schema = empty_sessions(spec.actions).schema
-    for name in SPLITS:
-        _ = built[name] | f"Write {name}" >> beam.io.WriteToParquetBatched(
-            os.path.join(out, name), schema, codec="snappy", use_compliant_nested_type=True, file_name_suffix=".parquet"
-        )
+    _ = (
+        built.written
+        | "AllWritten" >> beam.combiners.ToList()
+        | "Shards" >> beam.Map(_name_shards, out=out, temp_dir=temp_dir, actions=spec.actions)
+    )
     corpus = built.corpus | "FirstUser" >> beam.CombinePerKey(min)
     _ = (
         corpus
