@@ -195,3 +195,41 @@ def assert_blockwise_equals_dense(blockwise, q, k, v, mask, out_weights, lse_wei
     got = jax.jit(jax.grad(loss(blockwise), argnums=(0, 1, 2)))(q, k, v)
     for x, y in zip(want, got, strict=True):
         np.testing.assert_allclose(y, x, atol=1e-5, rtol=1e-5)
+
+
+# --- interaction logs (phoenix-import, in one process and on Beam) ---------------------------------
+
+
+def random_log(seed=0, users=12, items=30, events=200):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(events):
+        rows.append(
+            {
+                "uid": int(rng.integers(1, users + 1)),
+                "iid": f"item-{int(rng.integers(items))}",  # string IDs: hashed
+                "ts": int(rng.integers(0, 50)),  # many ties
+                "rating": int(rng.integers(1, 6)),
+                "kind": str(rng.choice(["view", "reply"])),
+            }
+        )
+    return rows
+
+
+def write_csv(path, rows, sep=","):
+    cols = list(rows[0])
+    with open(path, "w") as f:
+        f.write(sep.join(cols) + "\n")
+        for r in rows:
+            f.write(sep.join(str(r[c]) for c in cols) + "\n")
+    return str(path)
+
+
+def run_import(tmp_path, inputs, *extra):
+    """phoenix-import on `inputs` into `tmp_path/imported`, labels from the rating -> (exit code, out)."""
+    from train import import_logs
+
+    out = tmp_path / "imported"
+    argv = ["--input", *inputs, "--out", str(out), "--user", "uid", "--item", "iid", "--timestamp", "ts"]
+    argv += ["--rule", "click:*", "--rule", "favorite:rating>=4", "--rule", "not_interested:rating<=2"]
+    return import_logs.main([*argv, *extra]), out

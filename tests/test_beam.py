@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_import import random_log, run_import, write_csv
+from conftest import random_log, run_import, write_csv
 
 from phoenix_flax.data.prepare import STATISTICS_FILE, dataset_dir
 from train import prepare as prepare_cli

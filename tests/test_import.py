@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import random_log, run_import, write_csv
 
 from phoenix_flax.config import DEFAULT_ACTIONS
 from phoenix_flax.data.importer import ActionRule, Implication, ImportSpec, ImportSpecError
@@ -13,31 +14,6 @@ from phoenix_flax.data.raw import read_corpus, read_sessions
 from train import import_logs
 
 ACTIONS = ("favorite", "reply", "click", "dwell", "not_interested")
-
-
-def random_log(seed=0, users=12, items=30, events=200):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(events):
-        rows.append(
-            {
-                "uid": int(rng.integers(1, users + 1)),
-                "iid": f"item-{int(rng.integers(items))}",  # string IDs: hashed
-                "ts": int(rng.integers(0, 50)),  # many ties
-                "rating": int(rng.integers(1, 6)),
-                "kind": str(rng.choice(["view", "reply"])),
-            }
-        )
-    return rows
-
-
-def write_csv(path, rows, sep=","):
-    cols = list(rows[0])
-    with open(path, "w") as f:
-        f.write(sep.join(cols) + "\n")
-        for r in rows:
-            f.write(sep.join(str(r[c]) for c in cols) + "\n")
-    return str(path)
 
 
 def expected_sessions(rows, max_history, implied=True):
@@ -87,13 +63,6 @@ def as_tuples(path, item_ids):
         assert len(s.candidate_post_id) == 1
         out.append((s.user_id, history, name[s.candidate_post_id[0]], acts(s.candidate_actions[0])))
     return out
-
-
-def run_import(tmp_path, inputs, *extra):
-    out = tmp_path / "imported"
-    argv = ["--input", *inputs, "--out", str(out), "--user", "uid", "--item", "iid", "--timestamp", "ts"]
-    argv += ["--rule", "click:*", "--rule", "favorite:rating>=4", "--rule", "not_interested:rating<=2"]
-    return import_logs.main([*argv, *extra]), out
 
 
 def item_ids(out):

@@ -35,9 +35,9 @@ from phoenix_flax.data.importer import (
     Events,
     ImportSpec,
     ImportSpecError,
-    _format_of,
     empty_sessions,
     file_events,
+    format_of,
     prepare_events,
     session_tables,
 )
@@ -163,7 +163,7 @@ class ReadEvents(beam.DoFn):
         file_index, path = element
         with FileSystems.open(path, compression_type="uncompressed") as stream:
             for events, lines, errors in file_events(
-                path, self.spec, self.fmt or _format_of(path), self.names, self.skip_rows, stream
+                path, self.spec, self.fmt or format_of(path), self.names, self.skip_rows, stream
             ):
                 if errors and not self.skip_invalid:
                     raise min(errors, key=lambda e: e.line)

@@ -358,7 +358,7 @@ def read_events(
     report = report if report is not None else SkipReport()
     parts = []
     for path in paths:
-        for events, _, errors in file_events(path, spec, fmt or _format_of(path), names, skip_rows):
+        for events, _, errors in file_events(path, spec, fmt or format_of(path), names, skip_rows):
             _bad_rows(errors, skip_invalid, report)
             parts.append(events)
             if progress:
@@ -459,7 +459,8 @@ FORMAT_OF_EXTENSION = {
 }
 
 
-def _format_of(path: str) -> str:
+def format_of(path: str) -> str:
+    """A log file's format (csv, tsv or parquet) from its name, or ImportSpecError."""
     lower = path.lower()
     for ext, fmt in FORMAT_OF_EXTENSION.items():
         if lower.endswith(ext):
