@@ -88,7 +88,7 @@ def rank_program_rate(workdir: str, records: list[dict], rounds: int = 3) -> flo
     from phoenix_flax.checkpoint.restore import restore_model
     from phoenix_flax.data.raw import SessionParser
     from phoenix_flax.model.scoring import action_weights
-    from phoenix_flax.serving.ranking import CachedRanker, ranked_candidates
+    from phoenix_flax.serving.ranking import CachedRanker, ranking_line
 
     restored = restore_model(workdir)
     cfg = restored.cfg.model
@@ -97,7 +97,7 @@ def rank_program_rate(workdir: str, records: list[dict], rounds: int = 3) -> flo
 
     def rank() -> None:
         for s, p in zip(sessions, ranker.probabilities(sessions), strict=True):
-            json.dumps({"user_id": s.user_id, "candidates": ranked_candidates(s, p, cfg.actions, weights)})
+            json.dumps(ranking_line(s, p, cfg.actions, weights))
 
     rank()  # compiles
     best = float("inf")

@@ -48,7 +48,7 @@ def rank(args: argparse.Namespace) -> int:
     check_writable(args.output)
 
     from phoenix_flax.checkpoint.restore import restore_model  # JAX starts here
-    from phoenix_flax.serving.ranking import CachedRanker, ranked_candidates
+    from phoenix_flax.serving.ranking import CachedRanker, ranking_line
 
     restored = restore_model(args.workdir, args.step)
     restored.require("ranker")
@@ -58,11 +58,7 @@ def rank(args: argparse.Namespace) -> int:
     probs = CachedRanker(restored.model, cfg, args.batch_size, args.chunk_size, restored.counts).probabilities(sessions)
     with replaced(args.output) as f:
         for session, p_session in zip(sessions, probs, strict=True):
-            line = {
-                "user_id": session.user_id,
-                "candidates": ranked_candidates(session, p_session, cfg.actions, weights, feed),
-            }
-            f.write(json.dumps(line, allow_nan=False) + "\n")
+            f.write(json.dumps(ranking_line(session, p_session, cfg.actions, weights, feed), allow_nan=False) + "\n")
     print(
         f"ranked {sum(len(x) for x in probs):,} candidates of {len(sessions):,} sessions with step {restored.step}; "
         f"{report.summary()}",

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from phoenix_flax.cli import ArgumentParser, add_beam_args, add_debug_arg, check_beam_args, count, positive_int, run
@@ -29,6 +30,7 @@ from phoenix_flax.data.importer import (
     ActionRule,
     Implication,
     ImportSpec,
+    import_summary,
     prepare_events,
     read_events,
     write_corpus,
@@ -136,20 +138,18 @@ def import_logs(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> int:
     with tqdm(desc="write", unit=" events", total=len(events), disable=len(events) < 100_000, file=sys.stderr) as bar:
         sessions = write_sessions(events, split, spec, args.out, progress=bar.update)
     items = write_corpus(events, os.path.join(args.out, "corpus.jsonl"))
-    summary = {
-        "inputs": paths,
-        "rows": rows + report.total,
-        "rows_skipped": report.total,
-        "events": len(events),  # after merging a user's events on one item
-        "users": len(set(events.user.tolist())),
-        "items": items,
-        "sessions": sessions,
-        "action_rates": {
-            a: round(float(((events.actions >> i) & 1).mean()), 6) if len(events) else 0.0
-            for i, a in enumerate(spec.actions)
-        },
-        "args": summary_args(args),
-    }
+    summary = import_summary(
+        paths,
+        rows=rows + report.total,
+        skipped=report.total,
+        events=len(events),
+        users=len(np.unique(events.user)),
+        items=items,
+        sessions=sessions,
+        action_counts=((events.actions[:, None] >> np.arange(len(spec.actions))) & 1).sum(0),
+        spec=spec,
+        args=summary_args(args),
+    )
     with replaced(os.path.join(args.out, "import.json")) as f:
         json.dump(summary, f, indent=2)
     counts = ", ".join(f"{k} {v:,}" for k, v in sessions.items())

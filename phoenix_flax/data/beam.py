@@ -38,6 +38,7 @@ from phoenix_flax.data.importer import (
     empty_sessions,
     file_events,
     format_of,
+    import_summary,
     prepare_events,
     session_tables,
 )
@@ -260,28 +261,20 @@ def _corpus_line(item_and_first: tuple[int, tuple[int, int]]) -> str:
 
 
 def _summary(_, counts, rows, skipped, items, spec: ImportSpec, paths: Sequence[str], args: dict) -> dict:
-    """import.json, as the in-memory program writes it."""
-    if counts is None:
+    if counts is None:  # no events
         counts = np.zeros(2 + len(SPLITS) + len(spec.actions), np.int64)
-    users, events, sessions, action_counts = (
-        counts[0],
-        counts[1],
-        counts[2 : 2 + len(SPLITS)],
-        counts[2 + len(SPLITS) :],
+    return import_summary(
+        paths,
+        rows=rows,
+        skipped=skipped,
+        events=counts[1],
+        users=counts[0],
+        items=items,
+        sessions=dict(zip(SPLITS, counts[2 : 2 + len(SPLITS)], strict=True)),
+        action_counts=counts[2 + len(SPLITS) :],
+        spec=spec,
+        args=args,
     )
-    return {
-        "inputs": list(paths),
-        "rows": int(rows),
-        "rows_skipped": int(skipped),
-        "events": int(events),
-        "users": int(users),
-        "items": int(items),
-        "sessions": {name: int(n) for name, n in zip(SPLITS, sessions, strict=True)},
-        "action_rates": {
-            a: round(float(c) / events, 6) if events else 0.0 for a, c in zip(spec.actions, action_counts, strict=True)
-        },
-        "args": args,
-    }
 
 
 def import_with_beam(

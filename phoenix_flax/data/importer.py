@@ -609,6 +609,36 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total) + offsets
 
 
+def import_summary(
+    paths: Sequence[str],
+    *,
+    rows: int,
+    skipped: int,
+    events: int,
+    users: int,
+    items: int,
+    sessions: dict[str, int],
+    action_counts: Sequence[int],
+    spec: ImportSpec,
+    args: dict,
+) -> dict:
+    """`import.json`: what an import read and made (`events`: after merging a user's events on
+    one item; `action_counts`: those events with each action), whichever engine made it."""
+    return {
+        "inputs": list(paths),
+        "rows": int(rows),
+        "rows_skipped": int(skipped),
+        "events": int(events),
+        "users": int(users),
+        "items": int(items),
+        "sessions": {name: int(n) for name, n in sessions.items()},
+        "action_rates": {
+            a: round(float(c) / events, 6) if events else 0.0 for a, c in zip(spec.actions, action_counts, strict=True)
+        },
+        "args": args,
+    }
+
+
 def write_corpus(events: Events, path: str) -> int:
     """Every item once, with its (first seen) author, as the corpus file of `phoenix-retrieve`."""
     items, first = np.unique(events.item, return_index=True)

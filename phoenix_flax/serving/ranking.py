@@ -134,3 +134,10 @@ def ranked_candidates(
         }
         for post_id, row, w, score in zip(post_ids, rows, plain, final, strict=True)
     ]
+
+
+def ranking_line(
+    session: Session, probs: np.ndarray, actions: Sequence[str], weights: np.ndarray, feed: FeedScoring | None = None
+) -> dict:
+    """phoenix-rank's output line: the session's user and its `ranked_candidates`."""
+    return {"user_id": session.user_id, "candidates": ranked_candidates(session, probs, actions, weights, feed)}

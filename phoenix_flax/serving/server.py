@@ -9,6 +9,7 @@ sessions, waiting at most `max_wait_ms` after the first, and answers them togeth
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -30,11 +31,12 @@ from starlette.routing import Route
 
 from phoenix_flax.checkpoint.manager import Checkpointer
 from phoenix_flax.checkpoint.restore import Restored, restore_model
+from phoenix_flax.cli import scoring_from_args
 from phoenix_flax.data.raw import RecordError, Session, SessionParser
 from phoenix_flax.errors import PhoenixError
-from phoenix_flax.model.scoring import FeedScoring, WeightsError, action_weights, parse_weights
+from phoenix_flax.model.scoring import FeedScoring, WeightsError, action_weights
 from phoenix_flax.serving.index import CorpusIndex, retrieval_line, retrieve, retrieved_session
-from phoenix_flax.serving.ranking import CachedRanker, bucket, ranked_candidates
+from phoenix_flax.serving.ranking import CachedRanker, bucket, ranked_candidates, ranking_line
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -143,12 +145,12 @@ def answer(served: Served, jobs: Sequence[Job]) -> list[dict]:
     probs = dict(zip(to_rank, ranked_probs, strict=True))
     lines = []
     for job in jobs:
-        ranked = None
-        if id(job) in to_rank:
-            ranked = ranked_candidates(to_rank[id(job)], probs[id(job)], actions, job.weights, job.feed)
         if job.kind == "rank":
-            lines.append({"user_id": job.session.user_id, "candidates": ranked})
+            lines.append(ranking_line(job.session, probs[id(job)], actions, job.weights, job.feed))
         else:
+            ranked = None
+            if job.then_rank:
+                ranked = ranked_candidates(to_rank[id(job)], probs[id(job)], actions, job.weights, job.feed)
             lines.append(retrieval_line(job.session, served.index, hits[id(job)], ranked))
     return lines
 
@@ -349,16 +351,19 @@ def _float_param(request: Request, name: str) -> float | None:
 
 
 def _scoring(request: Request, served: Served) -> tuple[np.ndarray, FeedScoring]:
-    """The feed scorer's options from the query (phoenix-rank's options: weights=favorite=1,report=-20,
-    offset_negatives, author_decay, author_floor, out_of_network_factor)."""
+    """The feed scorer's options from the query, phoenix-rank's options by their names
+    (weights=favorite=1,report=-20, offset_negatives, author_decay, author_floor,
+    out_of_network_factor)."""
+    options = argparse.Namespace(
+        weights=request.query_params.get("weights"),
+        offset_negatives=_float_param(request, "offset_negatives"),
+        author_decay=_float_param(request, "author_decay"),
+        author_floor=_float_param(request, "author_floor") or 0.0,
+        out_of_network_factor=1.0 if (f := _float_param(request, "out_of_network_factor")) is None else f,
+    )
     try:
-        feed = FeedScoring(
-            _float_param(request, "offset_negatives"),
-            _float_param(request, "author_decay"),
-            _float_param(request, "author_floor") or 0.0,
-            1.0 if (f := _float_param(request, "out_of_network_factor")) is None else f,
-        )
-        weights = action_weights(served.cfg.actions, parse_weights(request.query_params.get("weights")))
+        overrides, feed = scoring_from_args(options)
+        weights = action_weights(served.cfg.actions, overrides)
     except WeightsError as e:
         raise RequestError(400, f"query: {e}") from None
     return weights.astype(np.float64), feed
